@@ -1,0 +1,321 @@
+"""Reading and writing NIfTI images and label maps (via nibabel), keeping affine, spacing and dtype.
+
+Conventions
+-----------
+* A :class:`Volume` holds an image as ``(C, *S)`` float32 (channels first) or a label map as
+  ``(*S,)`` integers, where ``S`` is the grid shape in the file's voxel order.
+* ``H x W x 1`` files are 2D images: ``S = (H, W)``; they are written back as ``H x W x 1``.
+* 4D files ``X x Y x Z x T`` (cine MRI) have ``S = (X, Y, Z, T)``; they are accepted only where
+  a caller allows time (``expect_ndim=4``), otherwise "4D where 3D is expected" is an error.
+* ``affine`` is the 4 x 4 voxel-index -> world (mm) matrix of the NIfTI header. A label map
+  written by inrseg carries its source image's affine, so it overlays in 3D Slicer / ITK-SNAP.
+* All writes are atomic: a temporary file in the target directory, renamed on success.
+
+Every problem with a file raises :class:`~inrseg.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from inrseg.errors import InputError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class Volume:
+    """An image or a label map on a voxel grid.
+
+    Attributes:
+        data: image ``(C, *S)`` float32, or label map ``(*S,)`` integer.
+        affine: ``(4, 4)`` float64, voxel index -> world coordinates in mm.
+        spatial_ndim: number of grid axes ``len(S)``: 2 (slice), 3 (volume) or 4 (3D + time).
+        time_step: seconds (or the file's time unit) between frames for 4D data, else ``None``.
+        dtype: the on-disk data type, reused when the volume is written back.
+        path: the file it was read from (the first channel's for multi-channel images).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    spatial_ndim: int
+    time_step: float | None = None
+    dtype: np.dtype | None = None
+    path: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Grid shape ``S`` (no channel axis)."""
+        return tuple(self.data.shape[-self.spatial_ndim:])
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each spatial grid axis (time excluded), from the affine."""
+        n = min(self.spatial_ndim, 3)
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :n], axis=0))
+
+    @property
+    def is_label(self) -> bool:
+        return self.data.ndim == self.spatial_ndim
+
+    def with_data(self, data: np.ndarray, affine: np.ndarray | None = None) -> "Volume":
+        """A copy carrying ``data`` (and optionally a new affine) with the same metadata."""
+        grid_ndim = self.spatial_ndim
+        return Volume(data=data, affine=self.affine.copy() if affine is None else affine,
+                      spatial_ndim=grid_ndim, time_step=self.time_step, dtype=None, path=self.path,
+                      meta=dict(self.meta))
+
+
+def is_nifti(path: str | Path) -> bool:
+    """Whether ``path`` has a NIfTI file name (``.nii`` or ``.nii.gz``)."""
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``"case_0000.nii.gz"`` -> ``"case_0000"``."""
+    for suf in NIFTI_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Load a NIfTI file fully into memory (float32 via the header's scaling), with clear errors."""
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a directory, expected a NIfTI file")
+    if not is_nifti(path):
+        raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(path, f"not a NIfTI file (nibabel read it as {type(img).__name__})")
+        data = np.asanyarray(img.dataobj)
+    except InputError:
+        raise
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(path, f"corrupt or truncated gzip data ({exc})") from None
+    except nib.filebasedimages.ImageFileError:
+        raise InputError(path, "not a NIfTI file (no valid NIfTI header)") from None
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "gzip" in msg.lower() or "compressed" in msg.lower() or "crc" in msg.lower():
+            raise InputError(path, f"corrupt or truncated gzip data ({msg})") from None
+        raise InputError(path, f"unreadable NIfTI file ({msg})") from None
+    return data, img
+
+
+def _grid_ndim(path: Path, shape: tuple[int, ...], expect_ndim: int | None) -> int:
+    """Number of grid axes of a file of ``shape``; checks it against ``expect_ndim``.
+
+    ``H x W x 1`` (and ``H x W``) count as 2D; ``X x Y x Z x 1`` as 3D.
+    """
+    squeezed = list(shape)
+    while len(squeezed) > 2 and squeezed[-1] == 1:
+        squeezed.pop()
+    nd = len(squeezed)
+    if nd < 2 or nd > 4:
+        raise InputError(path, f"has shape {shape}: expected a 2D (H x W x 1), 3D or 3D+t image")
+    if expect_ndim is not None and nd != expect_ndim:
+        names = {2: "2D (H x W x 1)", 3: "3D", 4: "4D (3D + time)"}
+        raise InputError(path, f"is {names.get(nd, f'{nd}D')} with shape {shape}, "
+                               f"expected {names.get(expect_ndim, f'{expect_ndim}D')}")
+    return nd
+
+
+def _check_finite(path: Path, data: np.ndarray) -> None:
+    if np.issubdtype(data.dtype, np.floating):
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise InputError(path, f"contains {int(bad.sum())} NaN/Inf voxels")
+
+
+def load_image(paths: str | Path | Sequence[str | Path], expect_ndim: int | None = None) -> Volume:
+    """Read an image, one NIfTI file per channel, into a ``(C, *S)`` float32 :class:`Volume`.
+
+    Args:
+        paths: one file, or one file per channel (nnU-Net ``_0000``, ``_0001``, ...).
+        expect_ndim: required number of grid axes (2, 3 or 4); ``None`` accepts 2-4.
+
+    Raises:
+        InputError: missing / corrupt / non-NIfTI file, NaN or Inf voxels, wrong dimensionality,
+            channels whose shapes or affines differ.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError(None, "no image files given")
+    channels: list[np.ndarray] = []
+    first: nib.Nifti1Image | None = None
+    nd = None
+    for p in paths:
+        data, img = _read(p)
+        nd_p = _grid_ndim(p, data.shape, expect_ndim)
+        # H x W x 1 -> H x W; X x Y x Z x 1 -> X x Y x Z
+        data = np.asarray(data, dtype=np.float32).reshape(data.shape[:nd_p])
+        _check_finite(p, data)
+        if first is None:
+            first, nd = img, nd_p
+        else:
+            if data.shape != channels[0].shape:
+                raise InputError(p, f"channel shape {data.shape} differs from {paths[0].name} "
+                                    f"{channels[0].shape}")
+            if not np.allclose(img.affine, first.affine, atol=1e-3):
+                raise InputError(p, f"channel affine differs from {paths[0].name}")
+        channels.append(data)
+    assert first is not None and nd is not None
+    zooms = first.header.get_zooms()
+    return Volume(data=np.stack(channels, 0), affine=np.asarray(first.affine, dtype=np.float64),
+                  spatial_ndim=nd, time_step=float(zooms[3]) if nd == 4 and len(zooms) > 3 else None,
+                  dtype=first.get_data_dtype(), path=paths[0])
+
+
+def load_labels(path: str | Path, expect_ndim: int | None = None,
+                allowed: Sequence[int] | None = None) -> Volume:
+    """Read a label map as an integer ``(*S,)`` :class:`Volume`.
+
+    Args:
+        path: the NIfTI label file.
+        expect_ndim: required number of grid axes; ``None`` accepts 2-4.
+        allowed: the label values permitted (e.g. those of ``dataset.json``); ``None`` = any.
+
+    Raises:
+        InputError: unreadable file, non-integer values, values outside ``allowed``.
+    """
+    path = Path(path)
+    data, img = _read(path)
+    nd = _grid_ndim(path, data.shape, expect_ndim)
+    data = np.asarray(data).reshape(data.shape[:nd])
+    if np.issubdtype(data.dtype, np.floating):
+        _check_finite(path, data)
+        rounded = np.rint(data)
+        if np.abs(data - rounded).max(initial=0.0) > 1e-3:
+            raise InputError(path, "label map holds non-integer values")
+        data = rounded
+    if data.size and data.min() < 0:
+        raise InputError(path, f"label map holds negative value {int(data.min())}")
+    data = data.astype(np.int64)
+    if allowed is not None:
+        present = np.unique(data)
+        extra = sorted(set(present.tolist()) - set(int(a) for a in allowed))
+        if extra:
+            raise InputError(path, f"label values {extra} are not in the dataset's labels "
+                                   f"{sorted(int(a) for a in allowed)}")
+    zooms = img.header.get_zooms()
+    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), spatial_ndim=nd,
+                  time_step=float(zooms[3]) if nd == 4 and len(zooms) > 3 else None,
+                  dtype=img.get_data_dtype(), path=path)
+
+
+def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:
+    """Raise :class:`InputError` (naming the label file) if the grids of image and labels differ."""
+    if image.shape != labels.shape:
+        raise InputError(labels.path, f"label shape {labels.shape} does not match image "
+                                      f"{image.path.name if image.path else ''} shape {image.shape}")
+    if not np.allclose(image.affine, labels.affine, atol=atol):
+        raise InputError(labels.path, "label affine does not match image "
+                                      f"{image.path.name if image.path else ''} affine")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name keeps the suffix (``.nii.gz``, ``.json``...) so writers that choose the
+    format from the extension behave. On error the temporary file is removed: nothing
+    half-written is ever left at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _to_file_array(data: np.ndarray, spatial_ndim: int) -> np.ndarray:
+    """Grid array -> array as stored: 2D slices get their trailing singleton axis back."""
+    return data[..., None] if spatial_ndim == 2 else data
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path, dtype, time_step: float | None,
+          header: nib.Nifti1Header | None = None) -> None:
+    img = nib.Nifti1Image(array, affine, header=header)
+    img.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    if time_step is not None and array.ndim == 4:
+        zooms = list(img.header.get_zooms())
+        zooms[3] = time_step
+        img.header.set_zooms(zooms)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def save_labels(labels: np.ndarray, path: str | Path, like: Volume) -> Path:
+    """Write a label map ``(*S,)`` onto the grid of ``like`` (its affine, 2D-ness, time step).
+
+    ``like`` may be a :class:`Volume` on a different grid than ``labels`` only if the caller has
+    already set a matching affine (see :func:`inrseg.data.grids.resampled_affine`). Values are
+    stored as uint8 when they fit, else int16. Atomic.
+    """
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.shape != like.shape:
+        raise ValueError(f"labels of shape {labels.shape} do not match the reference grid {like.shape}")
+    dtype = np.uint8 if labels.size == 0 or labels.max() < 256 else np.int16
+    _save(_to_file_array(labels.astype(dtype), like.spatial_ndim), like.affine, path, dtype,
+          like.time_step)
+    return path
+
+
+def save_image(image: Volume | np.ndarray, path: str | Path, like: Volume | None = None,
+               affine: np.ndarray | None = None, spatial_ndim: int | None = None,
+               dtype=np.float32) -> Path:
+    """Write a single-channel image ``(*S,)`` or ``(1, *S)`` to NIfTI. Atomic.
+
+    Args:
+        image: a :class:`Volume` (its affine, dtype and time step are kept) or an array.
+        like: reference volume giving the affine when ``image`` is an array.
+        affine: explicit affine when neither ``image`` nor ``like`` carries one (default identity).
+        spatial_ndim: grid axes of an array without ``like`` (default ``image.ndim``; 2 writes
+            an ``H x W x 1`` file).
+        dtype: on-disk type when ``image`` is an array; integer types get a scale slope.
+    """
+    if isinstance(image, Volume):
+        like, data = image, image.data
+        dtype = image.dtype if image.dtype is not None else dtype
+    else:
+        data = np.asarray(image)
+    if like is not None:
+        affine, nd, ts = like.affine, like.spatial_ndim, like.time_step
+    else:
+        affine = np.eye(4) if affine is None else affine
+        nd, ts = (spatial_ndim or data.ndim), None
+    if data.ndim == nd + 1:
+        if data.shape[0] != 1:
+            raise ValueError("save_image writes one channel at a time")
+        data = data[0]
+    _save(_to_file_array(np.asarray(data, dtype=np.float32), nd), affine, Path(path), dtype, ts)
+    return Path(path)

@@ -1,0 +1,452 @@
+"""Dataset layouts: nnU-Net raw, neurite-OASIS and UK Biobank cine; subject-wise splits.
+
+A dataset is a list of :class:`Case` objects (paths only; nothing is read until asked) plus
+its label names and channel names. Three layouts are understood:
+
+* **nnU-Net raw** (the layout of ``shared/data``)::
+
+      dataset.json                      {"channel_names": {"0": "T1"}, "labels": {"background": 0, ...}}
+      imagesTr/CASE_0000.nii.gz         one file per channel (suffix _XXXX)
+      labelsTr/CASE.nii.gz
+      imagesTs/ labelsTs/               optional test split
+
+* **neurite-OASIS**: one folder per subject with ``slice_norm``, ``slice_seg4``,
+  ``slice_seg24`` (2D) and ``aligned_norm``, ``aligned_seg4``, ``aligned_seg35`` (3D) NIfTI
+  files; pick the task with ``task=("2d"|"3d", "seg4"|"seg24"|"seg35")``.
+* **UK Biobank cine** (Bai et al.): one folder per subject with ``sa.nii.gz`` and
+  ``seg_sa.nii.gz``, 4D (X x Y x Z x T, time last); labels 0 background, 1 LV blood pool,
+  2 LV myocardium, 3 RV blood pool.
+
+Subjects
+--------
+Splits are always by **subject**, never by case, so slices of one subject never straddle
+train and validation. The subject id of a case is, by default, **the case id up to its first
+underscore** (``sub01_cor+00`` -> ``sub01``, ``pat0003_z060`` -> ``pat0003``,
+``sub01`` -> ``sub01``). A splits JSON overrides both the rule and the split::
+
+    {"subjects": {"case_id": "subject_id", ...},      # optional: case -> subject map
+     "train": ["sub01", ...], "val": ["sub02", ...],  # optional: explicit subject lists
+     "test": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from inrseg.data.io import Volume, check_same_grid, is_nifti, load_image, load_labels, strip_nifti_suffix
+from inrseg.errors import InputError
+
+CARDIAC_LABEL_NAMES = ["background", "lv-blood-pool", "lv-myocardium", "rv-blood-pool"]
+OASIS_SEG4 = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf"]
+OASIS_SEG24 = [
+    "background", "L-white-matter", "L-cortex", "L-lateral-ventricle", "L-inferior-lateral-ventricle",
+    "L-thalamus", "L-caudate", "L-putamen", "L-pallidum", "3rd-ventricle", "brain-stem",
+    "L-hippocampus", "L-ventral-DC", "L-choroid-plexus", "R-white-matter", "R-cortex",
+    "R-lateral-ventricle", "R-inferior-lateral-ventricle", "R-thalamus", "R-caudate", "R-putamen",
+    "R-pallidum", "R-hippocampus", "R-ventral-DC", "R-choroid-plexus",
+]
+OASIS_SEG35 = [
+    "background", "L-cerebral-white-matter", "L-cerebral-cortex", "L-lateral-ventricle",
+    "L-inf-lat-ventricle", "L-cerebellum-white-matter", "L-cerebellum-cortex", "L-thalamus",
+    "L-caudate", "L-putamen", "L-pallidum", "3rd-ventricle", "4th-ventricle", "brain-stem",
+    "L-hippocampus", "L-amygdala", "L-accumbens", "L-ventral-DC", "L-vessel", "L-choroid-plexus",
+    "R-cerebral-white-matter", "R-cerebral-cortex", "R-lateral-ventricle", "R-inf-lat-ventricle",
+    "R-cerebellum-white-matter", "R-cerebellum-cortex", "R-thalamus", "R-caudate", "R-putamen",
+    "R-pallidum", "R-hippocampus", "R-amygdala", "R-accumbens", "R-ventral-DC", "R-vessel",
+    "R-choroid-plexus",
+]
+
+
+def subject_of(case_id: str) -> str:
+    """Default subject id of a case: the case id up to its first underscore."""
+    return case_id.split("_", 1)[0]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image (all channels) and, when known, its label map. Paths only.
+
+    Attributes:
+        case_id: e.g. ``sub01_cor+00``.
+        subject_id: the subject the case belongs to (the split unit).
+        image_paths: one NIfTI file per channel, in channel order.
+        label_path: the label map, or ``None`` for unlabelled cases.
+        spatial_ndim: expected grid axes (2, 3 or 4), or ``None`` to accept what is found.
+        label_values: the values a label map may hold (from ``dataset.json``), or ``None``.
+    """
+
+    case_id: str
+    subject_id: str
+    image_paths: tuple[Path, ...]
+    label_path: Path | None = None
+    spatial_ndim: int | None = None
+    label_values: tuple[int, ...] | None = None
+
+    def load_image(self) -> Volume:
+        """The image as a ``(C, *S)`` float32 :class:`Volume`."""
+        return load_image(self.image_paths, expect_ndim=self.spatial_ndim)
+
+    def load_labels(self) -> Volume:
+        """The label map as an integer ``(*S,)`` :class:`Volume`."""
+        if self.label_path is None:
+            raise InputError(self.image_paths[0], f"case {self.case_id} has no label map")
+        return load_labels(self.label_path, expect_ndim=self.spatial_ndim, allowed=self.label_values)
+
+    def load(self) -> tuple[Volume, Volume | None]:
+        """Image and label map (``None`` if unlabelled), checked to share one grid."""
+        image = self.load_image()
+        if self.label_path is None:
+            return image, None
+        labels = self.load_labels()
+        check_same_grid(image, labels)
+        return image, labels
+
+
+@dataclass
+class Dataset:
+    """A labelled dataset: training and test cases, label and channel names.
+
+    Attributes:
+        root: the dataset directory.
+        name: dataset name.
+        layout: ``"nnunet"``, ``"oasis"`` or ``"ukbb"``.
+        label_names: class names indexed by label value (``label_names[0]`` is background).
+        channel_names: image channel names in channel order.
+        train: training cases (``imagesTr`` / all subjects when no test split exists).
+        test: held-out test cases (``imagesTs``), possibly empty.
+        spatial_ndim: grid axes of every case (2, 3 or 4).
+    """
+
+    root: Path
+    name: str
+    layout: str
+    label_names: list[str]
+    channel_names: list[str]
+    train: list[Case]
+    test: list[Case] = field(default_factory=list)
+    spatial_ndim: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def info(self) -> dict:
+        return {"name": self.name, "layout": self.layout, "root": str(self.root),
+                "labels": self.label_names, "channels": self.channel_names,
+                "spatial_ndim": self.spatial_ndim, "n_train": len(self.train),
+                "n_test": len(self.test),
+                "n_train_subjects": len({c.subject_id for c in self.train}),
+                "n_test_subjects": len({c.subject_id for c in self.test})}
+
+
+# --------------------------------------------------------------------------------------------
+# nnU-Net raw
+# --------------------------------------------------------------------------------------------
+
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise InputError(path, f"{what} does not exist")
+    if not path.is_dir():
+        raise InputError(path, f"{what} is not a directory")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(path, "expected a JSON object")
+    return obj
+
+
+def label_names_from_json(labels: dict, path: Path) -> list[str]:
+    """nnU-Net ``labels`` ({name: value}) -> names indexed by value; values must be 0..C-1."""
+    try:
+        by_value = {int(v): str(k) for k, v in labels.items()}
+    except (TypeError, ValueError):
+        raise InputError(path, "'labels' must map names to integer values "
+                               "(region-based labels are not supported)") from None
+    if sorted(by_value) != list(range(len(by_value))) or 0 not in by_value:
+        raise InputError(path, f"label values {sorted(by_value)} must be consecutive from 0")
+    return [by_value[i] for i in range(len(by_value))]
+
+
+def _nnunet_cases(images_dir: Path, labels_dir: Path | None, n_channels: int,
+                  label_values: tuple[int, ...], subject_map: dict[str, str],
+                  ending: str) -> list[Case]:
+    files = sorted(p for p in images_dir.iterdir() if p.name.endswith(ending))
+    groups: dict[str, dict[int, Path]] = {}
+    for p in files:
+        m = _CHANNEL_RE.match(p.name[: -len(ending)])
+        if m is None:
+            raise InputError(p, "image file name lacks the nnU-Net channel suffix _XXXX")
+        groups.setdefault(m["case"], {})[int(m["ch"])] = p
+    cases = []
+    for case_id, chans in sorted(groups.items()):
+        missing = [c for c in range(n_channels) if c not in chans]
+        if missing:
+            raise InputError(images_dir / f"{case_id}_{missing[0]:04d}{ending}",
+                             f"missing channel file (case {case_id} needs {n_channels} channels)")
+        extra = sorted(set(chans) - set(range(n_channels)))
+        if extra:
+            raise InputError(chans[extra[0]], f"channel {extra[0]} is not in dataset.json's "
+                                              f"{n_channels} channel_names")
+        label_path = None
+        if labels_dir is not None:
+            lp = labels_dir / f"{case_id}{ending}"
+            if not lp.exists():
+                raise InputError(lp, f"label map of case {case_id} is missing")
+            label_path = lp
+        cases.append(Case(case_id, subject_map.get(case_id, subject_of(case_id)),
+                          tuple(chans[c] for c in range(n_channels)), label_path,
+                          None, label_values))
+    return cases
+
+
+def load_nnunet(root: str | Path, splits_file: str | Path | None = None) -> Dataset:
+    """Open an nnU-Net raw dataset directory (``dataset.json``, ``imagesTr``, ``labelsTr``...).
+
+    The dimensionality (2D ``H x W x 1`` or 3D) is read from the first training image's header
+    and then required of every case. Nothing else is read until a case is loaded.
+    """
+    root = Path(root)
+    _require_dir(root, "dataset directory")
+    meta_path = root / "dataset.json"
+    if not meta_path.exists():
+        raise InputError(meta_path, "missing: an nnU-Net dataset needs dataset.json")
+    meta = _read_json(meta_path)
+    if "labels" not in meta or "channel_names" not in meta:
+        raise InputError(meta_path, "needs 'labels' and 'channel_names'")
+    label_names = label_names_from_json(meta["labels"], meta_path)
+    channel_names = [str(meta["channel_names"][k]) for k in sorted(meta["channel_names"], key=int)]
+    ending = meta.get("file_ending", ".nii.gz")
+    values = tuple(range(len(label_names)))
+    subject_map = {}
+    if splits_file is not None:
+        subject_map = {str(k): str(v) for k, v in _read_json(Path(splits_file)).get("subjects", {}).items()}
+    _require_dir(root / "imagesTr", "imagesTr")
+    _require_dir(root / "labelsTr", "labelsTr")
+    train = _nnunet_cases(root / "imagesTr", root / "labelsTr", len(channel_names), values,
+                          subject_map, ending)
+    if not train:
+        raise InputError(root / "imagesTr", f"empty: no *{ending} images")
+    test: list[Case] = []
+    if (root / "imagesTs").is_dir():
+        labels_ts = root / "labelsTs" if (root / "labelsTs").is_dir() else None
+        test = _nnunet_cases(root / "imagesTs", labels_ts, len(channel_names), values,
+                             subject_map, ending)
+    nd = _peek_ndim(train[0].image_paths[0])
+    if nd == 4:
+        nd_ok = bool(meta.get("time_axis", False))
+        if not nd_ok:
+            raise InputError(train[0].image_paths[0], "is 4D, expected 2D (H x W x 1) or 3D images "
+                                                      "(set \"time_axis\": true in dataset.json for 3D+t)")
+    train = [_with_ndim(c, nd) for c in train]
+    test = [_with_ndim(c, nd) for c in test]
+    return Dataset(root, str(meta.get("name", root.name)), "nnunet", label_names, channel_names,
+                   train, test, nd)
+
+
+def _with_ndim(case: Case, nd: int) -> Case:
+    return Case(case.case_id, case.subject_id, case.image_paths, case.label_path, nd, case.label_values)
+
+
+def _peek_ndim(path: Path) -> int:
+    """Grid axes of a NIfTI file from its header only (cheap)."""
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception as exc:  # noqa: BLE001 - any reader failure is reported as a bad file
+        raise InputError(path, f"unreadable NIfTI header ({type(exc).__name__})") from None
+    dims = list(shape)
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    return len(dims)
+
+
+# --------------------------------------------------------------------------------------------
+# neurite-OASIS
+# --------------------------------------------------------------------------------------------
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for suf in (".nii.gz", ".nii"):
+        if (folder / f"{stem}{suf}").exists():
+            return folder / f"{stem}{suf}"
+    return None
+
+
+def load_oasis(root: str | Path, dim: int = 2, seg: str = "seg4",
+               splits_file: str | Path | None = None) -> Dataset:
+    """Open a neurite-OASIS directory: one folder per subject.
+
+    Args:
+        dim: 2 for ``slice_norm`` / ``slice_seg{4,24}``, 3 for ``aligned_norm`` /
+            ``aligned_seg{4,35}``.
+        seg: ``"seg4"``, ``"seg24"`` (2D) or ``"seg35"`` (3D).
+    """
+    root = Path(root)
+    _require_dir(root, "dataset directory")
+    prefix = {2: "slice", 3: "aligned"}[dim]
+    names = {"seg4": OASIS_SEG4, "seg24": OASIS_SEG24, "seg35": OASIS_SEG35}.get(seg)
+    if names is None or (dim == 2 and seg == "seg35") or (dim == 3 and seg == "seg24"):
+        raise ValueError(f"neurite-OASIS has no {dim}D {seg} labels")
+    subject_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _find(p, f"{prefix}_norm"))
+    if not subject_dirs:
+        raise InputError(root, f"empty: no subject folders with {prefix}_norm.nii.gz")
+    values = tuple(range(len(names)))
+    cases = []
+    for d in subject_dirs:
+        seg_path = _find(d, f"{prefix}_{seg}")
+        if seg_path is None:
+            raise InputError(d / f"{prefix}_{seg}.nii.gz", "missing label map")
+        cases.append(Case(d.name, d.name, (_find(d, f"{prefix}_norm"),), seg_path, dim, values))
+    return _apply_splits(Dataset(root, root.name, "oasis", list(names), ["T1"], cases, [], dim),
+                         splits_file)
+
+
+# --------------------------------------------------------------------------------------------
+# UK Biobank cine
+# --------------------------------------------------------------------------------------------
+
+def load_ukbb(root: str | Path, splits_file: str | Path | None = None) -> Dataset:
+    """Open a UK Biobank cine directory: per subject ``sa.nii.gz`` + ``seg_sa.nii.gz`` (4D)."""
+    root = Path(root)
+    _require_dir(root, "dataset directory")
+    subject_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _find(p, "sa"))
+    if not subject_dirs:
+        raise InputError(root, "empty: no subject folders with sa.nii.gz")
+    values = tuple(range(len(CARDIAC_LABEL_NAMES)))
+    cases = []
+    for d in subject_dirs:
+        seg_path = _find(d, "seg_sa")
+        if seg_path is None:
+            raise InputError(d / "seg_sa.nii.gz", "missing label map")
+        cases.append(Case(d.name, d.name, (_find(d, "sa"),), seg_path, 4, values))
+    return _apply_splits(Dataset(root, root.name, "ukbb", list(CARDIAC_LABEL_NAMES), ["cine"],
+                                 cases, [], 4), splits_file)
+
+
+def _apply_splits(ds: Dataset, splits_file: str | Path | None) -> Dataset:
+    """Move the subjects a splits JSON lists under "test" into ``ds.test``."""
+    if splits_file is None:
+        return ds
+    spec = _read_json(Path(splits_file))
+    test_subjects = set(map(str, spec.get("test", [])))
+    if test_subjects:
+        everything = ds.train + ds.test
+        ds.train = [c for c in everything if c.subject_id not in test_subjects]
+        ds.test = [c for c in everything if c.subject_id in test_subjects]
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch and splitting
+# --------------------------------------------------------------------------------------------
+
+def detect_layout(root: str | Path) -> str:
+    """``"nnunet"`` if ``dataset.json`` is present, ``"ukbb"`` for ``*/sa.nii.gz``,
+    ``"oasis"`` for ``*/slice_norm.nii.gz`` or ``*/aligned_norm.nii.gz``."""
+    root = Path(root)
+    _require_dir(root, "dataset directory")
+    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
+        return "nnunet"
+    for d in sorted(root.iterdir()):
+        if d.is_dir():
+            if _find(d, "sa"):
+                return "ukbb"
+            if _find(d, "slice_norm") or _find(d, "aligned_norm"):
+                return "oasis"
+    raise InputError(root, "not a dataset: no dataset.json (nnU-Net), no subject folders with "
+                           "sa.nii.gz (UK Biobank) or slice_norm/aligned_norm (neurite-OASIS)")
+
+
+def open_dataset(root: str | Path, layout: str = "auto", splits_file: str | Path | None = None,
+                 oasis_dim: int = 2, oasis_seg: str = "seg4") -> Dataset:
+    """Open a dataset directory of any supported layout (``layout="auto"`` detects it)."""
+    layout = detect_layout(root) if layout == "auto" else layout
+    if layout == "nnunet":
+        ds = load_nnunet(root, splits_file)
+        return _apply_splits(ds, splits_file)
+    if layout == "oasis":
+        return load_oasis(root, oasis_dim, oasis_seg, splits_file)
+    if layout == "ukbb":
+        return load_ukbb(root, splits_file)
+    raise ValueError(f"unknown layout {layout!r} (nnunet, oasis, ukbb)")
+
+
+def split_by_subject(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0,
+                     splits_file: str | Path | None = None) -> tuple[list[Case], list[Case]]:
+    """Carve a validation split out of training cases, by subject.
+
+    With a splits JSON that lists ``"val"`` (and optionally ``"train"``) subjects, those are
+    used. Otherwise ``ceil(val_fraction * n_subjects)`` subjects (at least 1 when there are 2 or
+    more subjects and ``val_fraction > 0``) are drawn with a seeded shuffle of the sorted subject
+    ids, so the split is deterministic.
+
+    Returns:
+        ``(train_cases, val_cases)``; no subject appears in both.
+    """
+    subjects = sorted({c.subject_id for c in cases})
+    if splits_file is not None:
+        spec = _read_json(Path(splits_file))
+        if "val" in spec:
+            val_s = set(map(str, spec["val"]))
+            train_s = set(map(str, spec.get("train", []))) or (set(subjects) - val_s)
+            unknown = (val_s | train_s) - set(subjects)
+            if unknown:
+                raise InputError(Path(splits_file), f"subjects {sorted(unknown)[:5]} are not in the dataset")
+            return ([c for c in cases if c.subject_id in train_s],
+                    [c for c in cases if c.subject_id in val_s])
+    n_val = 0
+    if val_fraction > 0 and len(subjects) >= 2:
+        n_val = min(len(subjects) - 1, max(1, math.ceil(val_fraction * len(subjects))))
+    order = list(subjects)
+    random.Random(seed).shuffle(order)
+    val_s = set(order[:n_val])
+    return ([c for c in cases if c.subject_id not in val_s], [c for c in cases if c.subject_id in val_s])
+
+
+def image_files(path: str | Path) -> list[list[Path]]:
+    """Inputs for ``inrseg segment``: a file, or a directory of NIfTI files.
+
+    In a directory, nnU-Net channel files (``CASE_0000``, ``CASE_0001``) are grouped per case;
+    other files are one case each. Returns one list of channel files per case, sorted.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or directory")
+    if path.is_file():
+        return [[path]]
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+    if not files:
+        raise InputError(path, "empty: no .nii or .nii.gz files")
+    groups: dict[str, list[Path]] = {}
+    for p in files:
+        stem = strip_nifti_suffix(p.name)
+        m = _CHANNEL_RE.match(stem)
+        groups.setdefault(m["case"] if m else stem, []).append(p)
+    return [sorted(g) for _, g in sorted(groups.items())]
+
+
+def case_id_of(files: Iterable[Path]) -> str:
+    """Case id of a group of channel files: the name without NIfTI suffix and channel suffix."""
+    stem = strip_nifti_suffix(Path(next(iter(files))).name)
+    m = _CHANNEL_RE.match(stem)
+    return m["case"] if m else stem
+

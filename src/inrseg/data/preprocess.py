@@ -1,0 +1,35 @@
+"""Intensity normalisation shared by all methods.
+
+Written by hand (a few lines) rather than with MONAI transforms because the methods work on
+whole in-memory arrays and need the exact inverse-free mapping stored in their checkpoints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def normalize(image: np.ndarray, mode: str = "zscore") -> np.ndarray:
+    """Normalise each channel of an image ``(C, *S)`` independently; returns float32.
+
+    Modes:
+        ``"zscore"``: zero mean, unit std over the non-zero voxels of the channel (the whole
+            channel when it has no zeros) - nnU-Net's MRI scheme for skull-stripped images;
+            the statistics ignore the background, which is mapped like any voxel.
+        ``"minmax"``: linear map of the 0.5 / 99.5 percentiles onto [0, 1], clipped (NISF and
+            MetaSeg fit intensities in [0, 1]).
+    """
+    out = np.empty(image.shape, dtype=np.float32)
+    for c in range(image.shape[0]):
+        x = image[c].astype(np.float32)
+        if mode == "zscore":
+            mask = x != 0
+            vals = x[mask] if mask.sum() > 0.05 * x.size else x.ravel()
+            mu, sd = float(vals.mean()), float(vals.std())
+            out[c] = (x - mu) / (sd if sd > 1e-8 else 1.0)
+        elif mode == "minmax":
+            lo, hi = np.percentile(x, [0.5, 99.5])
+            out[c] = np.clip((x - lo) / (hi - lo if hi - lo > 1e-8 else 1.0), 0.0, 1.0)
+        else:
+            raise ValueError(f"unknown normalisation {mode!r} (zscore, minmax)")
+    return out

@@ -1,0 +1,83 @@
+"""The one interface every method implements, and the registry that finds a method by name.
+
+Every method turns a training set of (image, label map) pairs into a model that labels a new
+image; they differ only in the per-image work at test time (see ``shared/DESIGN.md``). The CLI,
+the benchmark harness and the reports speak only this protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import ClassVar, Protocol, Sequence, runtime_checkable
+
+from inrseg.checkpoints import read_metadata
+from inrseg.data.io import Volume
+from inrseg.data.layouts import Case
+from inrseg.errors import InputError
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """A trainable segmentation model.
+
+    Attributes:
+        method: registry name, stored in checkpoints (``"unet"``, ``"metaseg"``...).
+        label_names: class names indexed by label value.
+        spatial_ndim: grid axes of the images it labels (2, 3 or 4 for 3D + t).
+    """
+
+    method: ClassVar[str]
+    label_names: list[str]
+    spatial_ndim: int
+
+    def fit(self, train: Sequence[Case], val: Sequence[Case] | None = None,
+            state_path: Path | None = None) -> None:
+        """Train on ``train``; select models / step counts on ``val`` (never on test data).
+
+        ``state_path``: where a resumable training state is written periodically; if the file
+        exists, training continues from it.
+        """
+
+    def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """Label map ``(*S',)`` of ``image`` (``(C, *S)``) with an affine that overlays it.
+
+        ``scale`` != 1 predicts on a finer/coarser grid of the same field of view
+        (``S' = round(S * scale)``) where the method supports it.
+        """
+
+    def save(self, path: str | Path) -> None:
+        """Write a checkpoint (safetensors + JSON header), atomically."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Segmenter":
+        """Read a checkpoint written by :meth:`save` of this method."""
+
+
+#: method name -> "module:Class". Imported lazily so that `inrseg --help` stays fast.
+REGISTRY: dict[str, str] = {
+    "unet": "inrseg.methods.supervised:SupervisedSegmenter",
+    "segresnet": "inrseg.methods.supervised:SegResNetSegmenter",
+}
+
+
+def segmenter_class(method: str, path: Path | None = None) -> type:
+    """The class registered for ``method``."""
+    target = REGISTRY.get(method)
+    if target is None:
+        raise InputError(path, f"method {method!r} is not available in this version of inrseg "
+                               f"(known: {', '.join(sorted(REGISTRY))})")
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_segmenter(path: str | Path, method: str | None = None) -> Segmenter:
+    """Load any inrseg checkpoint; with ``method``, refuse a checkpoint of another method."""
+    path = Path(path)
+    meta = read_metadata(path)
+    found = meta.get("method")
+    if meta.get("kind") == "train-state":
+        raise InputError(path, "is a training-state file, not a model checkpoint")
+    if method is not None and found != method:
+        raise InputError(path, f"is a {found!r} checkpoint, not {method!r}")
+    return segmenter_class(found, path).load(path)
