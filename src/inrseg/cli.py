@@ -1,0 +1,324 @@
+"""The ``inrseg`` command line.
+
+    inrseg data phantom --kind brain2d --n 6 --out X      # embedded synthetic datasets
+    inrseg data check DIR                                 # validate a dataset, print a summary
+    inrseg train unet --data DIR --out model.safetensors  # train a method
+    inrseg segment --model model.safetensors --input DIR --output PRED
+    inrseg evaluate --pred PRED --gt DIR/labelsTs --out REPORT
+    inrseg info model.safetensors
+    inrseg demo
+
+Errors about the user's files are one line (``error: <file>: <problem>``), exit code 2, no
+traceback unless ``--debug``. ``--quiet`` silences progress bars and status lines.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from inrseg import __version__
+from inrseg.errors import InputError, InrsegError
+from inrseg.progress import progress, set_quiet, status
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Medical image segmentation with implicit neural representations.")
+data_app = typer.Typer(no_args_is_help=True, help="Make and check datasets.")
+train_app = typer.Typer(no_args_is_help=True, help="Train a method on a dataset.")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"inrseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+          threads: Optional[int] = typer.Option(None, help="CPU threads for PyTorch (default: all)."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    set_quiet(quiet)
+    _state["debug"] = debug
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------- data
+class PhantomKind(str, Enum):
+    brain2d = "brain2d"
+    brain3d = "brain3d"
+    cardiac = "cardiac"
+
+
+class Layout(str, Enum):
+    nnunet = "nnunet"
+    ukbb = "ukbb"
+
+
+def _parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a shape like 160,192") from None
+    if any(v < 4 for v in shape):
+        raise typer.BadParameter("every axis needs at least 4 voxels")
+    return shape
+
+
+@data_app.command("phantom")
+def data_phantom(kind: PhantomKind = typer.Option(..., help="Which phantom."),
+                 n: int = typer.Option(6, "--n", min=1, help="Training subjects (imagesTr)."),
+                 n_test: int = typer.Option(0, "--n-test", min=0, help="Test subjects (imagesTs)."),
+                 seed: int = typer.Option(0, help="Seed: the same seed gives the same data."),
+                 out: Path = typer.Option(..., help="Output dataset directory."),
+                 layout: Layout = typer.Option(Layout.nnunet, help="nnunet, or ukbb (cardiac only)."),
+                 shape: Optional[str] = typer.Option(None, help="Grid shape, e.g. 160,192 (2D), 80,96,112 "
+                                                              "(3D) or 96,96,10 (cardiac X,Y,Z)."),
+                 frames: int = typer.Option(12, min=2, help="Cardiac: frames per cycle."),
+                 force: bool = typer.Option(False, help="Replace an existing output directory.")) -> None:
+    """Write a synthetic dataset (brain 2D/3D, or 3D+t cardiac cine) in nnU-Net or UK Biobank layout."""
+    from inrseg.data.phantoms import write_phantom_dataset
+
+    if layout is Layout.ukbb and kind is not PhantomKind.cardiac:
+        raise InputError(out, "--layout ukbb is for --kind cardiac only")
+    _check_output_dir(out, force)
+    write_phantom_dataset(kind.value, out, n_train=n, n_test=n_test, seed=seed, layout=layout.value,
+                          shape=_parse_shape(shape), frames=frames)
+    status(f"wrote {n} training + {n_test} test {kind.value} phantoms to {out} ({layout.value} layout)")
+
+
+def _check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise InputError(out, "exists and is not empty (use --force to replace it)")
+
+
+@data_app.command("check")
+def data_check(root: Path = typer.Argument(..., help="Dataset directory."),
+               layout: str = typer.Option("auto", help="auto, nnunet, oasis or ukbb."),
+               splits: Optional[Path] = typer.Option(None, help="Splits JSON (subjects / train / val / test).")) -> None:
+    """Load every case of a dataset, validate it (readable, finite, matching grids, known label
+    values) and print a summary."""
+    from inrseg.data.layouts import open_dataset
+
+    ds = open_dataset(root, layout, splits)
+    for case in progress(ds.train + ds.test, desc="checking cases"):
+        case.load()
+    print(json.dumps(ds.info(), indent=2))
+
+
+# ----------------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label maps."),
+             gt: Path = typer.Option(..., help="Directory of ground-truth label maps (same names)."),
+             out: Path = typer.Option(..., help="Report directory: per_case.csv, summary.json."),
+             labels: Optional[Path] = typer.Option(None, help="dataset.json giving the label names "
+                                                             "(default: found next to --gt)."),
+             distances: bool = typer.Option(True, help="Compute HD95 / ASD (slower in 3D).")) -> None:
+    """Score predictions against ground truth: Dice, Jaccard, generalized Dice, HD95 and ASD (mm)."""
+    from inrseg.report import evaluate_dirs, format_table, write_report
+
+    per_case, summary, names = evaluate_dirs(pred, gt, labels, distances)
+    csv_path, json_path = write_report(out, per_case, summary, names)
+    print(format_table(summary))
+    status(f"wrote {csv_path} and {json_path}")
+
+
+# ----------------------------------------------------------------------------------- segment
+@app.command()
+def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of any method."),
+            input: Path = typer.Option(..., "--input", help="A NIfTI file or a directory of them "
+                                                           "(nnU-Net channel files are grouped)."),
+            output: Path = typer.Option(..., help="Output directory for the label maps."),
+            scale: float = typer.Option(1.0, help="Resolution factor of the output grid (2 = twice as fine)."),
+            method: Optional[str] = typer.Option(None, help="Refuse a checkpoint of another method."),
+            overlays: bool = typer.Option(False, help="Also write a PNG overlay per case.")) -> None:
+    """Label images with a trained model; label maps carry the input's affine (or its resampled
+    version for --scale != 1)."""
+    from inrseg.data.io import load_image, save_labels
+    from inrseg.data.layouts import case_id_of, image_files
+    from inrseg.report import save_overlay
+    from inrseg.segmenter import load_segmenter
+
+    seg = load_segmenter(model, method)
+    groups = image_files(input)
+    # Validate every input before writing anything, so a bad file leaves no partial output.
+    for files in progress(groups, desc="checking inputs"):
+        load_image(files, expect_ndim=seg.spatial_ndim)
+    output.mkdir(parents=True, exist_ok=True)
+    for files in progress(groups, desc=f"segmenting ({seg.method})"):
+        image = load_image(files, expect_ndim=seg.spatial_ndim)
+        labels = seg.predict(image, scale=scale)
+        cid = case_id_of(files)
+        save_labels(labels.data, output / f"{cid}.nii.gz", like=labels)
+        if overlays and scale == 1.0:
+            save_overlay(image, labels.data, output / f"{cid}.png", title=cid)
+    status(f"wrote {len(groups)} label maps to {output}")
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="Checkpoint file.")) -> None:
+    """Print a checkpoint's JSON description (method, version, config, classes, step counts)."""
+    from inrseg.checkpoints import read_metadata
+
+    meta = read_metadata(model)
+    meta.pop("history", None)
+    print(json.dumps(meta, indent=2))
+
+
+# ----------------------------------------------------------------------------------- train
+def _open_train_data(data: Path, splits: Optional[Path], val_fraction: float, seed: int):
+    from inrseg.data.layouts import open_dataset, split_by_subject
+
+    ds = open_dataset(data, splits_file=splits)
+    train, val = split_by_subject(ds.train, val_fraction, seed, splits)
+    status(f"{ds.name}: {len(train)} training cases, {len(val)} validation cases "
+           f"({len({c.subject_id for c in val})} subjects), {len(ds.test)} test cases untouched")
+    return ds, train, val
+
+
+def _state_path(out: Path, resume: bool) -> Path:
+    state = out.with_name(out.name + ".train-state")
+    if state.exists() and not resume:
+        state.unlink()
+    return state
+
+
+def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Optional[int],
+                      batch_size: Optional[int], budget_minutes: Optional[float], val_fraction: float,
+                      splits: Optional[Path], seed: int, resume: bool) -> None:
+    from dataclasses import replace
+
+    from inrseg.methods.supervised import PRESETS, SupervisedConfig
+    from inrseg.segmenter import segmenter_class
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
+    ds, train, val = _open_train_data(data, splits, val_fraction, seed)
+    cfg = SupervisedConfig(**PRESETS[preset], seed=seed)
+    if ds.spatial_ndim == 3:
+        cfg = replace(cfg, batch_size=2)
+    if steps is not None:
+        cfg = replace(cfg, steps=steps, val_every=max(1, min(cfg.val_every, steps)))
+    if batch_size is not None:
+        cfg = replace(cfg, batch_size=batch_size)
+    cfg = replace(cfg, budget_minutes=budget_minutes)
+    cls = segmenter_class(method)
+    model = cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
+    status(f"{method}: {model.num_params / 1e6:.2f}M parameters")
+    model.fit(train, val, state_path=_state_path(out, resume))
+    model.save(out)
+    status(f"saved {out} (best validation step {model.best_step})")
+
+
+_DATA = typer.Option(..., help="Dataset directory (nnU-Net, neurite-OASIS or UK Biobank layout).")
+_OUT = typer.Option(..., help="Checkpoint to write (.safetensors).")
+_VAL = typer.Option(0.2, help="Fraction of training subjects held out for validation.")
+_SPLITS = typer.Option(None, help="Splits JSON overriding subjects / validation split.")
+_RESUME = typer.Option(False, help="Continue from OUT.train-state if a killed run left one.")
+_BUDGET = typer.Option(None, help="Stop training after this many minutes (best-on-validation kept).")
+
+
+@train_app.command("unet")
+def train_unet(data: Path = _DATA, out: Path = _OUT,
+               preset: str = typer.Option("unet-small", help="unet-small (1.6M) or unet-paper (6.5M)."),
+               steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 2000)."),
+               batch_size: Optional[int] = typer.Option(None, help="Slices / patches per step."),
+               budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
+               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+    """Train the MONAI U-Net baseline (2D or 3D, from the data)."""
+    _train_supervised("unet", data, out, preset, steps, batch_size, budget_minutes, val_fraction,
+                      splits, seed, resume)
+
+
+@train_app.command("segresnet")
+def train_segresnet(data: Path = _DATA, out: Path = _OUT,
+                    steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 2000)."),
+                    batch_size: Optional[int] = typer.Option(None, help="Slices / patches per step."),
+                    budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
+                    splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+    """Train the MONAI SegResNet baseline (4.7M parameters)."""
+    _train_supervised("segresnet", data, out, "segresnet", steps, batch_size, budget_minutes,
+                      val_fraction, splits, seed, resume)
+
+
+# ----------------------------------------------------------------------------------- demo
+@app.command()
+def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is written."),
+         minutes: float = typer.Option(3.0, help="Training budget in minutes."),
+         force: bool = typer.Option(True, help="Replace an earlier demo's output.")) -> None:
+    """The whole pipeline on embedded data: phantoms -> train -> segment -> evaluate -> overlays."""
+    from inrseg.data.io import load_labels
+    from inrseg.data.layouts import open_dataset
+    from inrseg.data.phantoms import write_phantom_dataset
+    from inrseg.report import evaluate_dirs, format_table, save_overlay, write_report
+
+    if out.exists() and force:
+        shutil.rmtree(out)
+    _check_output_dir(out, False)
+    data = out / "data"
+    status("1/4 writing a brain2d phantom dataset (12 training + 4 test subjects)")
+    write_phantom_dataset("brain2d", data, n_train=12, n_test=4, seed=0, shape=(128, 128))
+    status(f"2/4 training a U-Net baseline ({minutes} min budget)")
+    ckpt = out / "model.safetensors"
+    _train_supervised("unet", data, ckpt, "unet-small", 400, 8, minutes, 0.25, None, 0, False)
+    status("3/4 segmenting the test images")
+    from inrseg.segmenter import load_segmenter
+
+    seg = load_segmenter(ckpt)
+    ds = open_dataset(data)
+    pred_dir = out / "predictions"
+    from inrseg.data.io import save_labels
+
+    for case in progress(ds.test, desc="segmenting"):
+        image = case.load_image()
+        labels = seg.predict(image)
+        save_labels(labels.data, pred_dir / f"{case.case_id}.nii.gz", like=labels)
+        save_overlay(image, labels.data, out / "overlays" / f"{case.case_id}.png",
+                     gt=load_labels(case.label_path).data, title=case.case_id)
+    status("4/4 evaluating")
+    per_case, summary, names = evaluate_dirs(pred_dir, data / "labelsTs")
+    write_report(out / "report", per_case, summary, names)
+    print(format_table(summary))
+    status(f"demo finished: {out}/ (predictions/, overlays/, report/, model.safetensors)")
+
+
+# ----------------------------------------------------------------------------------- entry
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point; returns the exit code (0 ok, 2 bad input or usage, 130 interrupted)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in args
+    try:
+        app(args=args, prog_name="inrseg", standalone_mode=True)
+    except SystemExit as exc:  # standalone mode exits after printing usage errors itself
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except InrsegError as exc:
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Evaluation reports (``per_case.csv``, ``summary.json``, a printed table) and PNG overlays."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from inrseg.data.io import Volume, atomic_path, load_labels, strip_nifti_suffix, is_nifti
+from inrseg.data.layouts import _read_json, label_names_from_json
+from inrseg.errors import InputError
+from inrseg.metrics import CaseMetrics, case_metrics, summarize
+from inrseg.progress import progress
+
+
+def _label_files(folder: Path, what: str) -> dict[str, Path]:
+    if not folder.exists():
+        raise InputError(folder, f"{what} directory does not exist")
+    if not folder.is_dir():
+        raise InputError(folder, f"{what} is not a directory")
+    files = {strip_nifti_suffix(p.name): p for p in sorted(folder.iterdir())
+             if p.is_file() and is_nifti(p)}
+    if not files:
+        raise InputError(folder, f"empty: no .nii or .nii.gz {what} files")
+    return files
+
+
+def find_label_names(gt_dir: Path, labels_json: Path | None) -> list[str] | None:
+    """Label names from an explicit ``dataset.json`` or one in the GT folder or its parent."""
+    candidates = [labels_json] if labels_json else [gt_dir / "dataset.json", gt_dir.parent / "dataset.json"]
+    for c in candidates:
+        if c is not None and c.exists():
+            meta = _read_json(c)
+            if "labels" not in meta:
+                raise InputError(c, "has no 'labels'")
+            return label_names_from_json(meta["labels"], c)
+    if labels_json is not None:
+        raise InputError(labels_json, "no such file")
+    return None
+
+
+def _metrics_4d(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing: Sequence[float],
+                distances: bool) -> CaseMetrics:
+    """3D + t label maps: metrics per frame, averaged over frames (NaN-aware)."""
+    frames = [case_metrics(pred[..., t], gt[..., t], num_classes, spacing, distances)
+              for t in range(gt.shape[-1])]
+    with warnings.catch_warnings():  # nanmean of all-NaN columns (class absent in every frame)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = {k: np.nanmean(np.stack([getattr(f, k) for f in frames]), 0)
+                for k in ("dice", "jaccard", "hd95_mm", "asd_mm")}
+        gd = float(np.nanmean([f.generalized_dice for f in frames]))
+        mfd = float(np.nanmean(mean["dice"][1:]))
+    return CaseMetrics(mean["dice"], mean["jaccard"], mean["hd95_mm"], mean["asd_mm"], gd, mfd)
+
+
+def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | Path | None = None,
+                  distances: bool = True) -> tuple[list[tuple[str, CaseMetrics]], dict, list[str]]:
+    """Score every ground-truth case of ``gt_dir`` against the same-named file in ``pred_dir``.
+
+    Distances are in mm from the ground truth's affine. The class list comes from a
+    ``dataset.json`` (given, or found in ``gt_dir`` / its parent), else from the largest label
+    value present. A prediction whose grid (shape or affine) differs from its ground truth, or a
+    missing prediction, is an error naming the file.
+
+    Returns:
+        ``(per_case, summary, label_names)`` with ``per_case = [(case_id, CaseMetrics)]``.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    gts = _label_files(gt_dir, "ground-truth")
+    preds = _label_files(pred_dir, "prediction")
+    missing = sorted(set(gts) - set(preds))
+    if missing:
+        raise InputError(pred_dir / f"{missing[0]}.nii.gz",
+                         f"missing prediction ({len(missing)} of {len(gts)} ground-truth cases have none)")
+    names = find_label_names(gt_dir, Path(labels_json) if labels_json else None)
+    allowed = None if names is None else range(len(names))
+    loaded = []
+    for cid in progress(sorted(gts), desc="reading label maps"):
+        gt = load_labels(gts[cid], allowed=allowed)
+        pred = load_labels(preds[cid], allowed=allowed)
+        if pred.shape != gt.shape:
+            raise InputError(preds[cid], f"prediction shape {pred.shape} does not match ground truth "
+                                         f"{gts[cid].name} shape {gt.shape}")
+        if not np.allclose(pred.affine, gt.affine, atol=1e-3):
+            raise InputError(preds[cid], f"prediction affine does not match ground truth {gts[cid].name}")
+        loaded.append((cid, pred, gt))
+    if names is None:
+        top = max(int(max(p.data.max(), g.data.max())) for _, p, g in loaded)
+        names = ["background"] + [f"class-{i}" for i in range(1, top + 1)]
+    per_case = []
+    for cid, pred, gt in progress(loaded, desc="scoring"):
+        if gt.spatial_ndim == 4:
+            m = _metrics_4d(pred.data, gt.data, len(names), gt.spacing, distances)
+        else:
+            m = case_metrics(pred.data, gt.data, len(names), gt.spacing, distances)
+        per_case.append((cid, m))
+    summary = summarize([m for _, m in per_case], names)
+    return per_case, summary, names
+
+
+def _clean(x):
+    """JSON-safe: NaN -> null, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_json(obj: dict, path: str | Path) -> Path:
+    """Atomically write ``obj`` as indented JSON (NaN written as null)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    return Path(path)
+
+
+def write_report(out_dir: str | Path, per_case: list[tuple[str, CaseMetrics]], summary: dict,
+                 names: Sequence[str]) -> tuple[Path, Path]:
+    """Write ``per_case.csv`` and ``summary.json`` into ``out_dir`` (atomically, each)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"case": cid, **m.to_row(names)} for cid, m in per_case]
+    csv_path = out_dir / "per_case.csv"
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return csv_path, write_json(summary, out_dir / "summary.json")
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table of the per-class and headline figures."""
+    def f(v, nd=4):
+        return "   nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
+
+    lines = [f"{'class':<28} {'Dice':>7} {'Jaccard':>8} {'HD95 mm':>9} {'ASD mm':>8} {'cases':>6}"]
+    for name, m in summary["per_class"].items():
+        lines.append(f"{name:<28} {f(m['dice']):>7} {f(m['jaccard']):>8} {f(m['hd95_mm'], 2):>9} "
+                     f"{f(m['asd_mm'], 2):>8} {m['n_cases']:>6}")
+    lines.append("-" * 70)
+    lines.append(f"{'mean foreground':<28} {f(summary['mean_foreground_dice']):>7} "
+                 f"{f(summary['jaccard']):>8} {f(summary['hd95_mm'], 2):>9} {f(summary['asd_mm'], 2):>8} "
+                 f"{summary['n_cases']:>6}")
+    lines.append(f"generalized Dice (MetaSeg's, bg incl.): {f(summary['generalized_dice'])}")
+    return "\n".join(lines)
+
+
+def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarray | None = None,
+                 title: str = "") -> Path:
+    """PNG: image | prediction overlay | ground-truth overlay (middle slice for 3D / 3D+t).
+
+    ``pred`` and ``gt`` are label maps on the image grid ``S``. Atomic write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mid(a: np.ndarray) -> np.ndarray:
+        while a.ndim > 2:
+            a = a[..., a.shape[-1] // 2] if a.ndim == 3 else a[..., 0]
+        return a
+
+    img = mid(image.data[0])
+    panels = [("image", None), ("prediction", mid(pred))] + ([("ground truth", mid(gt))] if gt is not None else [])
+    n_classes = int(max(pred.max(), gt.max() if gt is not None else 0)) + 1
+    cmap = plt.get_cmap("tab10" if n_classes <= 10 else "tab20", max(n_classes, 2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (name, lab) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(img.T, cmap="gray", origin="lower")
+        if lab is not None:
+            ax.imshow(np.ma.masked_equal(lab, 0).T, cmap=cmap, vmin=0, vmax=max(n_classes - 1, 1),
+                      alpha=0.45, origin="lower", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return Path(path)
