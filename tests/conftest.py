@@ -53,3 +53,27 @@ def write_nnunet(root: Path, n: int = 4, shape=(24, 20), channels: int = 1, seed
         "name": "tiny", "channel_names": {str(c): f"ch{c}" for c in range(channels)},
         "labels": names, "file_ending": ".nii.gz", "numTraining": n}))
     return root
+
+
+def write_blobs(root: Path, n: int = 6, shape=(32, 32), seed: int = 0, spacing=1.0) -> Path:
+    """A learnable nnU-Net dataset: noisy images of a bright disk/ball (class 1) and a darker
+    ring/shell around it (class 2). Cases ``subNN_x``, one subject each."""
+    from inrseg.data.io import Volume, save_image, save_labels
+
+    rng = np.random.default_rng(seed)
+    d = len(shape)
+    affine = np.diag([spacing] * 3 + [1.0])
+    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    for i in range(n):
+        centre = [rng.uniform(0.35, 0.65) * s for s in shape]
+        r = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
+        r0 = rng.uniform(0.15, 0.25) * min(shape)
+        lab = np.where(r < r0, 1, np.where(r < 1.5 * r0, 2, 0)).astype(np.uint8)
+        img = np.choose(lab, [0.1, 0.9, 0.5]).astype(np.float32) + rng.normal(0, 0.05, shape).astype(np.float32)
+        like = Volume(lab, affine, d)
+        save_image(img, root / "imagesTr" / f"sub{i:02d}_x_0000.nii.gz", like=like)
+        save_labels(lab, root / "labelsTr" / f"sub{i:02d}_x.nii.gz", like=like)
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "blobs", "channel_names": {"0": "img"}, "labels": {"background": 0, "core": 1, "rim": 2},
+        "file_ending": ".nii.gz", "numTraining": n}))
+    return root
