@@ -22,10 +22,18 @@ Conventions
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from inrseg.data.io import Volume, save_image, save_labels
+from inrseg.progress import progress
 
 __all__ = ["BRAIN_LABELS", "CARDIAC_LABELS", "brain_phantom", "cardiac_phantom"]
 
@@ -122,15 +130,15 @@ _BRAIN_FOV = (150.0, 184.0, 136.0)  # field of view used to choose the spacing w
 _CORTEX_MM = 2.6  # cortical thickness
 _OUTER_CSF_MM = 1.6  # subarachnoid CSF layer outside the pial envelope
 _SULCUS_DEPTH_MM = 20.0  # maximal depth of a sulcus (below the WM crown level)
-_SULCUS_HALF_WIDTH_MM = 3.0  # Gaussian half-width of the white-matter groove of a sulcus
+_SULCUS_HALF_WIDTH_MM = 4.5  # half-width of the white-matter groove of a sulcus
 _FOLD_SIGMA_MM = 3.5  # correlation length of the folding field (sets the gyral wavelength)
 _LATTICE_HALF_MM = 110.0  # random lattices cover [-110, 110] mm
 #: Deep structures: (label, centre mm, radii mm, in-plane tilt rad, mirrored left/right).
 _DEEP = (
     # lateral ventricles ("banana" shaped, see _brain_labels), then grey nuclei, then 3rd ventricle
-    ("thalamus", 2, (10.5, -13.0, 2.0), (8.0, 13.0, 9.0), 0.0),
-    ("lentiform", 2, (24.0, 3.0, 0.0), (5.5, 15.0, 11.0), 0.28),
-    ("caudate", 2, (15.5, 17.0, 7.0), (5.0, 8.0, 10.0), 0.35),
+    ("thalamus", 2, (10.5, -13.0, -6.0), (8.5, 13.5, 10.0), 0.0),
+    ("lentiform", 2, (24.0, 3.0, -8.0), (5.5, 15.0, 11.0), 0.28),
+    ("caudate", 2, (15.5, 17.0, -1.0), (5.0, 8.0, 10.0), 0.35),
 )
 _TISSUE_MEANS = {1: 0.25, 2: 0.30, 3: 0.38, 4: 0.20}  # T1-weighted means per label
 
@@ -173,8 +181,7 @@ def brain_phantom(
     if ndim not in (2, 3):
         raise ValueError(f"brain_phantom needs a 2D or 3D shape, got {shape}")
     if spacing is None:
-        iso = max(f / n for f, n in zip(_BRAIN_FOV[:ndim], shape))
-        spacing = (iso,) * ndim
+        spacing = brain_spacing(shape)
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != ndim:
         raise ValueError(f"spacing {spacing} does not match shape {shape}")
@@ -212,8 +219,8 @@ def _brain_labels(
     rot = _rotation(ndim, angles if ndim == 3 else angles[:1])
     q = [sum(rot[i, j] * (p[j] - shift[j]) for j in range(ndim)) for i in range(ndim)]
     q = [np.broadcast_to(qi, shape) for qi in q]
-    # smooth random deformation: ~4 mm std, 40 mm control spacing (cubic B-spline)
-    q = [qi + 4.0 * _sample(deform_lat[i], _LATTICE_HALF_MM, p, order=3) for i, qi in enumerate(q)]
+    # smooth random deformation: ~3 mm std, 40 mm control spacing (cubic B-spline)
+    q = [qi + 3.0 * _sample(deform_lat[i], _LATTICE_HALF_MM, p, order=3) for i, qi in enumerate(q)]
 
     # ---- pial envelope: depth below an egg-shaped ellipsoid surface (mm, >0 inside) ---------
     widen = 1.0 - egg * q[1] / radii[1]  # wider posteriorly
@@ -228,16 +235,19 @@ def _brain_labels(
     f_b = ndi.gaussian_filter(fold_lat[1], sig)
     fold = f_a + f_a[::-1] + f_b  # partly left-right symmetric
     gnorm = np.sqrt(sum(g**2 for g in np.gradient(fold, 2.0)))
-    # ~ signed distance (mm) to the nodal set; the floor avoids wide grooves at saddle points
-    nodal_dist = fold / np.maximum(gnorm, 0.7 * np.sqrt(np.mean(gnorm**2)))
+    nodal_dist = fold / (gnorm + 1e-6 * gnorm.max())  # ~ signed distance (mm) to the nodal set
     nodal = _sample(nodal_dist, _LATTICE_HALF_MM, q, order=1)
     depth_mod = np.clip(0.9 + 0.3 * _sample(depth_lat, _LATTICE_HALF_MM, q, order=3), 0.5, 1.2)
-    groove = sulcus_depth * depth_mod * np.exp(-0.5 * (nodal / _SULCUS_HALF_WIDTH_MM) ** 2)
-    # interhemispheric fissure (stops at the corpus callosum; superior/ant./post. only in 3D)
-    fissure_depth = 47.0 if ndim == 2 else 37.0
-    fissure = fissure_depth * np.exp(-0.5 * (q[0] / 3.0) ** 2)
+    # compactly supported (biweight) groove profile: V/U-shaped sulci, flat gyral crowns
+    profile = np.clip(1.0 - (nodal / _SULCUS_HALF_WIDTH_MM) ** 2, 0.0, None) ** 2
+    groove = sulcus_depth * depth_mod * profile
+    # interhemispheric fissure: a deep midline groove, blocked around the ventricles (corpus
+    # callosum, septum, diencephalon) and, in 3D, absent at the base of the brain
+    callosal = ((q[1] + 4.0) / 36.0) ** 2 + (((q[2] + 2.0) / 22.0) ** 2 if ndim == 3 else 0.0)
+    fissure = 60.0 * np.clip(1.0 - (q[0] / 5.0) ** 2, 0.0, None) ** 2
+    fissure = fissure * np.clip((np.sqrt(callosal) - 1.0) / 0.1, 0.0, 1.0)
     if ndim == 3:
-        fissure = fissure / (1.0 + np.exp(-(q[2] + 8.0) / 3.0))
+        fissure = fissure / (1.0 + np.exp(-(q[2] + 20.0) / 3.0))
     crown = cortex_mm + 0.4  # WM crown depth below the pial envelope
     wm = depth > crown + np.maximum(groove, fissure)
 
@@ -261,7 +271,7 @@ def _brain_labels(
 
     csf = BRAIN_LABELS["csf"]
     for side, sgn in enumerate((-1.0, 1.0)):  # lateral ventricles: bent (banana) ellipsoids
-        c = np.array([sgn * 5.5, -4.0, 11.0]) + vent_jitter[side]
+        c = np.array([sgn * 5.5, -4.0, 3.0]) + vent_jitter[side]
         y = q[1] - c[1]
         # medial wall along the septum; frontal horn widens anteriorly, atrium/occipital horn
         # bends laterally posteriorly (butterfly shape in axial and coronal views)
@@ -276,9 +286,10 @@ def _brain_labels(
     for k, (_, lab, centre, rad, tilt) in enumerate(_DEEP):
         for side, sgn in enumerate((-1.0, 1.0)):
             c = np.array(centre) * np.array([sgn, 1.0, 1.0]) + deep_jitter[k, side]
-            mask = _ellipsoid(local(c[:ndim], -sgn * tilt), [0.0] * ndim, np.array(rad[:ndim]) * deep_scale)
+            radii_k = np.array(rad[:ndim]) * deep_scale
+            mask = _ellipsoid(local(c[:ndim], -sgn * tilt), [0.0] * ndim, radii_k)
             labels[mask] = lab
-    third = _ellipsoid(q, (0.0, -10.0, 0.0)[:ndim], (1.6 * vent_scale, 10.0, 8.0)[:ndim])
+    third = _ellipsoid(q, (0.0, -10.0, -8.0)[:ndim], (1.6 * vent_scale, 10.0, 8.0)[:ndim])
     labels[third] = csf
     return labels, head
 
@@ -342,7 +353,7 @@ def cardiac_phantom(
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or frames < 1:
-        raise ValueError(f"cardiac_phantom needs shape (X, Y, Z) and frames >= 1, got {shape}, {frames}")
+        raise ValueError(f"cardiac_phantom needs shape (X, Y, Z) and frames >= 1: {shape}, {frames}")
     sx, sy, sz = (float(s) for s in spacing)
     rng = np.random.default_rng(seed)
 
@@ -350,10 +361,10 @@ def cardiac_phantom(
     size = 1.0 + 0.08 * rng.standard_normal()
     r_endo_ed = 25.0 * size  # basal LV cavity radius at end-diastole
     wall = float(np.clip(8.0 + 0.8 * rng.standard_normal(), 6.0, 10.0))  # myocardial thickness
-    length = 74.0 * size  # base -> endocardial apex
+    length = 76.0 * size  # base -> endocardial apex
     centre = 6.0 * rng.standard_normal(2)  # LV axis position in the base plane
     tilt = 0.12 * rng.standard_normal(2)  # drift of the LV axis per mm along the long axis
-    base_z = -40.0 + 2.0 * rng.standard_normal()  # base plane (mm, slice 0 is near -Z*sz/2)
+    base_z = min(-40.0 + 1.5 * rng.standard_normal(), -37.0)  # base plane, mm (default slice 0: -36)
     theta = np.deg2rad(200.0 + 12.0 * rng.standard_normal())  # direction of the RV from the LV
     contraction = rng.uniform(0.25, 0.35)  # cavity radius shortening at end-systole
     t_es = 0.35 + 0.02 * rng.standard_normal()
@@ -363,7 +374,7 @@ def cardiac_phantom(
     papillary_angles = np.deg2rad([-40.0, 60.0]) + 0.2 * rng.standard_normal(2)
     texture_lat = _random_grid(rng, 3, 120.0, 6.0, 2)  # tissue texture, fat
     bias_lat = _random_grid(rng, 2, 120.0, 50.0, 1)[0]
-    lung_lat = _random_grid(rng, 2, 120.0, 30.0, 1)[0]
+    lung_lat = _random_grid(rng, 2, 120.0, 20.0, 1)[0]
     means = {
         "blood": 0.8 * (1 + 0.03 * rng.standard_normal()),
         "myo": 0.3 * (1 + 0.05 * rng.standard_normal()),
@@ -374,16 +385,16 @@ def cardiac_phantom(
     x, y, z = _voxel_centres_mm(shape, (sx, sy, sz))  # (X,1,1), (1,Y,1), (1,1,Z)
     zeta = (z - base_z)[..., None]  # depth below the base plane, (1, 1, Z, 1)
     phase = np.arange(frames, dtype=np.float64) / frames  # (T,)
-    sys = 0.5 * (1.0 - np.cos(np.pi * np.clip(phase / t_es, 0.0, 1.0)))
-    dia = 0.5 * (1.0 + np.cos(np.pi * np.clip((phase - t_es) / (1.0 - t_es), 0.0, 1.0) ** 0.6))
-    c_t = np.where(phase <= t_es, sys, dia)  # 0 at ED, 1 at ES, (T,)
+    systole = 0.5 * (1.0 - np.cos(np.pi * np.clip(phase / t_es, 0.0, 1.0)))
+    diastole = 0.5 * (1.0 + np.cos(np.pi * np.clip((phase - t_es) / (1.0 - t_es), 0.0, 1.0) ** 0.6))
+    c_t = np.where(phase <= t_es, systole, diastole)  # 0 at ED, 1 at ES, (T,)
 
     # LV: truncated ellipsoid along z; long-axis shortening of 10 % moves the apex up
     length_t = length * (1.0 - 0.1 * c_t)  # (T,)
     shape_ed = np.sqrt(np.clip(1.0 - (zeta / length) ** 2, 0.0, None)) * (zeta >= 0)
     endo_ed = r_endo_ed * shape_ed  # (1,1,Z,1)
-    epi_ed = (r_endo_ed + wall) * np.sqrt(np.clip(1.0 - (zeta / (length + 0.9 * wall)) ** 2, 0, None))
-    epi_ed = epi_ed * (zeta >= 0)
+    epi_shape = np.sqrt(np.clip(1.0 - (zeta / (length + 0.9 * wall)) ** 2, 0, None)) * (zeta >= 0)
+    epi_ed = (r_endo_ed + wall) * epi_shape
     endo = r_endo_ed * np.sqrt(np.clip(1.0 - (zeta / length_t) ** 2, 0.0, None)) * (zeta >= 0)
     endo = endo * (1.0 - contraction * c_t)  # (1,1,Z,T)
     endo = np.minimum(endo, endo_ed)
@@ -400,8 +411,8 @@ def cardiac_phantom(
     lv_myo = (rn >= endo) & (rn < epi)
 
     # RV: an ellipse pushed out towards theta that wraps the septal side of the LV; its pool is
-    # the part outside the LV epicardium. Thickness h (mm) tapers to 0 at ~70 % of the length.
-    rv_taper = np.sqrt(np.clip(1.0 - (zeta / (0.7 * length)) ** 2, 0.0, None)) * (zeta >= 0)
+    # the part outside the LV epicardium. Thickness h (mm) tapers to 0 at ~80 % of the length.
+    rv_taper = np.sqrt(np.clip(1.0 - (zeta / (0.8 * length)) ** 2, 0.0, None)) * (zeta >= 0)
     h = rv_thick * rv_taper * (1.0 - rv_contraction * c_t)  # (1,1,Z,T)
     rv_a = 0.75 * (epi + h)
     rv_s = epi + h - rv_a  # centre offset: far free wall at epi + h from the LV axis
@@ -424,18 +435,18 @@ def cardiac_phantom(
     # ---- image ----------------------------------------------------------------------------------
     pts = np.broadcast_arrays(x, y, z)
     tex = _sample(ndi.gaussian_filter(texture_lat[0], 1.0), 120.0, pts, order=1)
-    fat_field = _sample(ndi.gaussian_filter(texture_lat[1], 0.8), 120.0, pts, order=1)
+    fat_field = _normalised(_sample(ndi.gaussian_filter(texture_lat[1], 1.5), 120.0, pts, order=1))
     tissue = means["tissue"] * (1.0 + 0.25 * tex / max(float(np.abs(tex).max()), 1e-9))
     img = np.broadcast_to(tissue[..., None], labels.shape).astype(np.float32)
 
     # lungs: lateral to the LV and beyond the RV, boundaries perturbed by a smooth field
-    lung_pert = 10.0 * _sample(lung_lat, 120.0, [x, y], order=3)  # (X,Y,1)
+    lung_pert = 9.0 * _normalised(_sample(lung_lat, 120.0, [x, y], order=3))  # (X,Y,1) mm
     lung = np.zeros(shape, bool)
     for ang_off, dist, rad in ((np.pi, 75.0, 45.0), (-0.4, 85.0, 40.0)):
         lx = centre[0] + dist * np.cos(theta + ang_off)
         ly = centre[1] + dist * np.sin(theta + ang_off)
         lung |= np.sqrt((x - lx) ** 2 + (y - ly) ** 2) + lung_pert < rad
-    lung &= (rn[..., 0] > epi_ed[..., 0] + 8.0) & (rv_rho[..., 0] > 1.3)  # static, around the ED heart
+    lung &= (rn[..., 0] > epi_ed[..., 0] + 8.0) & (rv_rho[..., 0] > 1.3)  # around the ED heart
     img = np.where(lung[..., None], np.float32(0.06), img)
     # descending aorta, posterior to the heart
     ao = centre + (re0 + 22.0) * np.array([np.cos(theta + 2.3), np.sin(theta + 2.3)])
@@ -443,7 +454,7 @@ def cardiac_phantom(
     img = np.where(aorta[..., None], np.float32(0.75), img)
     # epicardial fat: bright patches in a 4 mm band around the heart
     band = (rn >= epi) & (rn < epi + 4.0) & ~rv_pool & ~rv_wall & (epi > 0)
-    img = np.where(band & (fat_field[..., None] > 0.15), np.float32(0.7), img)
+    img = np.where(band & (fat_field[..., None] > 0.45), np.float32(0.7), img)
     img = np.where(rv_wall, np.float32(means["myo"]), img)
     img = np.where(lv_myo, np.float32(means["myo"]), img)
     img = np.where(lv_pool | rv_pool, np.float32(means["blood"]), img)
@@ -453,7 +464,8 @@ def cardiac_phantom(
         px = np.cos(a + theta) * pr
         py = np.sin(a + theta) * pr
         pap = (dx[..., None] - px) ** 2 + (dy[..., None] - py) ** 2 < (0.13 * endo) ** 2
-        img = np.where(pap & lv_pool & (zeta > 15.0) & (zeta < 0.75 * length), np.float32(means["myo"] + 0.03), img)
+        pap &= lv_pool & (zeta > 15.0) & (zeta < 0.75 * length)
+        img = np.where(pap, np.float32(means["myo"] + 0.03), img)
 
     img = ndi.gaussian_filter(img, (0.6, 0.6, 0.0, 0.0))  # in-plane point-spread function
     bias = 1.0 + 0.1 * _normalised(_sample(bias_lat, 120.0, [x, y], order=3))  # coil sensitivity
@@ -463,3 +475,106 @@ def cardiac_phantom(
     n2 = rng.standard_normal(img.shape, dtype=np.float32)
     img = np.sqrt((img + sigma * n1) ** 2 + (sigma * n2) ** 2)  # Rician magnitude noise
     return np.clip(img, 0.0, 1.0).astype(np.float32), labels
+
+
+# --------------------------------------------------------------------------------------------
+# Writing phantom datasets (nnU-Net raw or UK Biobank layout)
+# --------------------------------------------------------------------------------------------
+
+#: default grid shape per phantom kind (brain2d/3d: the benchmark data's shapes)
+PHANTOM_SHAPES: dict[str, tuple[int, ...]] = {
+    "brain2d": (160, 192),
+    "brain3d": (80, 96, 112),
+    "cardiac": (96, 96, 10),
+}
+_CARDIAC_SPACING = (1.8, 1.8, 8.0)  # mm at the default cardiac shape
+
+
+def brain_spacing(shape: Sequence[int]) -> tuple[float, ...]:
+    """Isotropic spacing (mm) at which the brain phantom's field of view fills ``shape``."""
+    iso = max(f / n for f, n in zip(_BRAIN_FOV[: len(shape)], shape))
+    return (iso,) * len(shape)
+
+
+def phantom_spacing(kind: str, shape: Sequence[int]) -> tuple[float, ...]:
+    """Voxel spacing (mm) used for ``kind`` at grid ``shape``: the field of view stays the same
+    at any size (a 2x larger grid samples the same anatomy twice as finely). Cardiac grids of
+    the default shape (96, 96, 10) get 1.8 x 1.8 x 8 mm voxels."""
+    if kind == "cardiac":
+        return tuple(s * d / n for s, d, n in zip(_CARDIAC_SPACING, PHANTOM_SHAPES["cardiac"], shape))
+    return brain_spacing(shape)
+
+
+def subject_seed(seed: int, index: int) -> int:
+    """Seed of subject ``index`` of a dataset made with ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def write_phantom_dataset(kind: str, out: str | Path, n_train: int, n_test: int = 0, seed: int = 0,
+                          layout: str = "nnunet", shape: Sequence[int] | None = None,
+                          frames: int = 12) -> Path:
+    """Write ``n_train`` training and ``n_test`` test phantom subjects to ``out``.
+
+    Layouts:
+        ``"nnunet"``: ``dataset.json``, ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz``
+            (+ ``imagesTs`` / ``labelsTs``). Brain cases are ``phantomNNN`` (one case per
+            subject); cardiac cases are one 3D volume per frame, ``heartNNN_tTT``, so the subject
+            rule (case id up to the first underscore) groups a subject's frames.
+        ``"ukbb"`` (cardiac only): ``train/heartNNN/{sa,seg_sa}.nii.gz`` 4D (X, Y, Z, T), and
+            ``test/...`` when ``n_test > 0``; without test subjects the subject folders sit
+            directly in ``out``.
+
+    The dataset is assembled in a temporary sibling directory and renamed onto ``out`` at the
+    end, so an interrupted run leaves nothing half-written. An existing ``out`` is replaced.
+    """
+    if kind not in PHANTOM_SHAPES:
+        raise ValueError(f"unknown phantom kind {kind!r} ({', '.join(PHANTOM_SHAPES)})")
+    if layout == "ukbb" and kind != "cardiac":
+        raise ValueError("the UK Biobank layout holds cardiac cine data only")
+    default_shape = PHANTOM_SHAPES[kind]
+    shape = tuple(shape) if shape is not None else default_shape
+    if len(shape) != len(default_shape):
+        raise ValueError(f"{kind} needs a {len(default_shape)}-axis shape, got {shape}")
+    spacing = phantom_spacing(kind, shape)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
+    try:
+        names = CARDIAC_LABELS if kind == "cardiac" else BRAIN_LABELS
+        for index in progress(range(n_train + n_test), desc=f"writing {kind} phantoms"):
+            split = "Tr" if index < n_train else "Ts"
+            s = subject_seed(seed, index)
+            if kind == "cardiac":
+                image, labels = cardiac_phantom(shape, frames, s, spacing)
+                case = f"heart{index:03d}"
+                if layout == "ukbb":
+                    folder = tmp / (("train" if split == "Tr" else "test") if n_test else "") / case
+                    like = Volume(labels, affine, 4, time_step=1.0 / frames)
+                    save_image(image, folder / "sa.nii.gz", like=like)
+                    save_labels(labels, folder / "seg_sa.nii.gz", like=like)
+                    continue
+                for t in range(frames):
+                    like = Volume(labels[..., t], affine, 3)
+                    save_image(image[..., t], tmp / f"images{split}" / f"{case}_t{t:02d}_0000.nii.gz", like=like)
+                    save_labels(labels[..., t], tmp / f"labels{split}" / f"{case}_t{t:02d}.nii.gz", like=like)
+            else:
+                image, labels = brain_phantom(shape, s, spacing)
+                case = f"phantom{index:03d}"
+                like = Volume(labels, affine, len(shape))
+                save_image(image, tmp / f"images{split}" / f"{case}_0000.nii.gz", like=like)
+                save_labels(labels, tmp / f"labels{split}" / f"{case}.nii.gz", like=like)
+        if layout == "nnunet":
+            meta = {"name": f"phantom-{kind}", "channel_names": {"0": "cine" if kind == "cardiac" else "T1"},
+                    "labels": dict(names), "file_ending": ".nii.gz",
+                    "numTraining": n_train * (frames if kind == "cardiac" else 1),
+                    "description": f"inrseg synthetic {kind} phantom, seed {seed}, shape {list(shape)}, "
+                                   f"spacing {list(spacing)} mm"}
+            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
