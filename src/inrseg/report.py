@@ -165,6 +165,7 @@ def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarr
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
     def mid(a: np.ndarray) -> np.ndarray:
         while a.ndim > 2:
@@ -174,13 +175,15 @@ def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarr
     img = mid(image.data[0])
     panels = [("image", None), ("prediction", mid(pred))] + ([("ground truth", mid(gt))] if gt is not None else [])
     n_classes = int(max(pred.max(), gt.max() if gt is not None else 0)) + 1
-    cmap = plt.get_cmap("tab10" if n_classes <= 10 else "tab20", max(n_classes, 2))
+    base = plt.get_cmap("tab10" if n_classes <= 11 else "tab20")
+    # label c gets the palette's colour c - 1 (background is masked out), same in every panel
+    cmap = ListedColormap([base((c - 1) % base.N) for c in range(max(n_classes, 2))])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
     for ax, (name, lab) in zip(np.atleast_1d(axes), panels):
         ax.imshow(img.T, cmap="gray", origin="lower")
         if lab is not None:
-            ax.imshow(np.ma.masked_equal(lab, 0).T, cmap=cmap, vmin=0, vmax=max(n_classes - 1, 1),
-                      alpha=0.45, origin="lower", interpolation="nearest")
+            ax.imshow(np.ma.masked_equal(lab, 0).T, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5,
+                      alpha=0.5, origin="lower", interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     if title:

@@ -58,6 +58,9 @@ class Segmenter(Protocol):
 REGISTRY: dict[str, str] = {
     "unet": "inrseg.methods.supervised:SupervisedSegmenter",
     "segresnet": "inrseg.methods.supervised:SegResNetSegmenter",
+    "morse": "inrseg.methods.morse:MORSE",
+    "nisf": "inrseg.methods.nisf:NISF",
+    "metaseg": "inrseg.methods.metaseg:MetaSeg",
 }
 
 

@@ -98,6 +98,36 @@ def pad_to_multiple(x: torch.Tensor, k: int, spatial_ndim: int) -> tuple[torch.T
     return F.pad(x, flat), crop
 
 
+def sample_patch_batch(images: list[torch.Tensor], labels: list[torch.Tensor],
+                       patch: tuple[int, ...], batch_size: int, rng: np.random.Generator,
+                       augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random training batch: ``(B, C, *patch)`` images and ``(B, 1, *patch)`` labels.
+
+    Each item is a random training case (``images[i]``: ``(C, *S_i)``, ``labels[i]``: ``(*S_i)``),
+    zero-padded (symmetrically) up to ``patch`` where smaller, then randomly cropped to ``patch``;
+    with ``augment``, intensities get a random scale (0.9-1.1) and shift (+-0.1).
+    """
+    xs, ys = [], []
+    for _ in range(batch_size):
+        i = int(rng.integers(len(images)))
+        x, y = images[i], labels[i][None]
+        # pad up to the patch, then take a random crop of it
+        pad = [max(0, p - n) for p, n in zip(patch, x.shape[1:])]
+        if any(pad):
+            flat = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
+            x, y = F.pad(x, flat), F.pad(y, flat)
+        starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(x.shape[1:], patch)]
+        sl = tuple(slice(s, s + p) for s, p in zip(starts, patch))
+        x, y = x[(slice(None),) + sl], y[(slice(None),) + sl]
+        if augment:
+            scale = float(rng.uniform(0.9, 1.1))
+            shift = float(rng.uniform(-0.1, 0.1))
+            x = x * scale + shift
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
+
+
 class SupervisedSegmenter:
     """A supervised CNN baseline (MONAI U-Net or SegResNet), 2D or 3D."""
 
@@ -136,25 +166,8 @@ class SupervisedSegmenter:
 
     def _sample_batch(self, images: list[torch.Tensor], labels: list[torch.Tensor],
                       patch: tuple[int, ...], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
-        for _ in range(self.config.batch_size):
-            i = int(rng.integers(len(images)))
-            x, y = images[i], labels[i][None]
-            # pad up to the patch, then take a random crop of it
-            pad = [max(0, p - n) for p, n in zip(patch, x.shape[1:])]
-            if any(pad):
-                flat = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
-                x, y = F.pad(x, flat), F.pad(y, flat)
-            starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(x.shape[1:], patch)]
-            sl = tuple(slice(s, s + p) for s, p in zip(starts, patch))
-            x, y = x[(slice(None),) + sl], y[(slice(None),) + sl]
-            if self.config.augment:
-                scale = float(rng.uniform(0.9, 1.1))
-                shift = float(rng.uniform(-0.1, 0.1))
-                x = x * scale + shift
-            xs.append(x)
-            ys.append(y)
-        return torch.stack(xs), torch.stack(ys)
+        return sample_patch_batch(images, labels, patch, self.config.batch_size, rng,
+                                  self.config.augment)
 
     # ------------------------------------------------------------------ training
     def fit(self, train: Sequence[Case], val: Sequence[Case] | None = None,
