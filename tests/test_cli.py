@@ -92,3 +92,31 @@ def test_phantom_layouts(cli, tmp_path):
     assert cli("data", "phantom", "--kind", "brain2d", "--n", "1", "--shape", "40,48", "--force",
                "--out", tmp_path / "N").code == 0
     assert open_dataset(tmp_path / "N").train[0].load_image().shape == (40, 48)
+
+
+def test_quiet_silences_progress(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("INRSEG_PROGRESS", "1")  # force bars even though stderr is not a terminal
+    loud = cli("data", "phantom", "--kind", "brain2d", "--n", "2", "--shape", "32,32", "--out", tmp_path / "a")
+    assert loud.code == 0 and "writing brain2d phantoms" in loud.err
+    quiet = cli("--quiet", "data", "phantom", "--kind", "brain2d", "--n", "2", "--shape", "32,32",
+                "--out", tmp_path / "b")
+    assert quiet.code == 0 and quiet.err == ""
+
+
+def test_evaluate_cine_4d_per_frame(cli, tmp_path):
+    assert cli("data", "phantom", "--kind", "cardiac", "--n", "2", "--layout", "ukbb", "--shape", "32,32,4",
+               "--frames", "3", "--out", tmp_path / "C").code == 0
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    for d in sorted((tmp_path / "C").iterdir()):
+        seg = nib.load(d / "seg_sa.nii.gz")
+        nib.save(seg, gt / f"{d.name}.nii.gz")
+        arr = np.asarray(seg.dataobj).copy()
+        arr[..., 1][arr[..., 1] == 3] = 0  # frame 1: the RV is missed
+        nib.save(nib.Nifti1Image(arr, seg.affine, seg.header), pred / f"{d.name}.nii.gz")
+    res = cli("evaluate", "--pred", pred, "--gt", gt, "--out", tmp_path / "E")
+    assert res.code == 0, res.err
+    pc = json.loads((tmp_path / "E" / "summary.json").read_text())["per_class"]
+    assert pc["class-1"]["dice"] == 1.0 and pc["class-2"]["dice"] == 1.0
+    # RV Dice is 1, 0, 1 over the three frames where present -> 2/3 per subject
+    assert pc["class-3"]["dice"] == pytest.approx(2 / 3)
