@@ -1,0 +1,153 @@
+"""Benchmark harness: methods x datasets through the Segmenter protocol only.
+
+A benchmark script builds models with factories and calls :func:`run_method` for each; the
+harness trains on the training subjects (validation carved out by subject), times test-time
+inference per case with ``time.perf_counter`` (median over cases), scores the test cases with
+:mod:`inrseg.metrics`, and :func:`write_results` stores the markdown table under
+``benchmarks/results/`` with date, commit, machine and command.
+
+Run methods one after the other in one process (never two CPU-heavy jobs at once): the
+machines are shared and noisy, so methods are compared side by side in one run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from inrseg.data.layouts import Case, Dataset
+from inrseg.metrics import case_metrics, summarize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(os.environ.get("INRSEG_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@dataclass
+class MethodResult:
+    """One row of a benchmark table."""
+
+    method: str
+    dataset: str
+    summary: dict
+    params: int
+    train_seconds: float
+    infer_seconds_median: float
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        s = self.summary
+        return {"dataset": self.dataset, "method": self.method,
+                "mean fg Dice": s["mean_foreground_dice"], "gen. Dice": s["generalized_dice"],
+                "Jaccard": s["jaccard"], "HD95 mm": s["hd95_mm"], "ASD mm": s["asd_mm"],
+                "params": self.params, "train s": self.train_seconds,
+                "infer s/case": self.infer_seconds_median, **self.extra}
+
+
+def num_params(model) -> int:
+    """Trainable + frozen parameters of a segmenter (sums every nn.Module attribute)."""
+    seen, total = set(), 0
+    for value in vars(model).values():
+        if isinstance(value, torch.nn.Module):
+            for p in value.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+    return total
+
+
+def evaluate_cases(model, cases: Sequence[Case], num_classes: int, scale: float = 1.0,
+                   distances: bool = True) -> tuple[dict, list[float]]:
+    """Predict every case (timed) and score it; returns ``(summary, seconds_per_case)``."""
+    metrics, seconds = [], []
+    for case in cases:
+        image, labels = case.load()
+        t0 = time.perf_counter()
+        pred = model.predict(image, scale=scale)
+        seconds.append(time.perf_counter() - t0)
+        metrics.append(case_metrics(pred.data, labels.data, num_classes, labels.spacing, distances))
+    names = [f"c{i}" for i in range(num_classes)]
+    return summarize(metrics, names), seconds
+
+
+def run_method(name: str, make_model: Callable[[Dataset], object], ds: Dataset, train: Sequence[Case],
+               val: Sequence[Case], test: Sequence[Case] | None = None,
+               state_path: Path | None = None) -> tuple[object, MethodResult]:
+    """Train ``make_model(ds)`` on ``train`` (selecting on ``val``) and score it on ``test``."""
+    model = make_model(ds)
+    t0 = time.perf_counter()
+    model.fit(train, val, state_path=state_path)
+    train_s = time.perf_counter() - t0
+    summary, secs = evaluate_cases(model, test if test is not None else ds.test, ds.num_classes)
+    summary["per_class"] = {ds.label_names[int(k[1:])]: v for k, v in summary["per_class"].items()}
+    return model, MethodResult(name, ds.name, summary, num_params(model), train_s, statistics.median(secs))
+
+
+def machine() -> str:
+    """A one-line description of the machine the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, {dev}")
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Rows of dicts -> a GitHub markdown table (floats to 4 significant decimals)."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "nan" if not np.isfinite(v) else (f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}")
+        if isinstance(v, int) and v >= 10000:
+            return f"{v / 1e6:.3f}M"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, sections: dict[str, str], notes: str = "") -> Path:
+    """Write ``benchmarks/results/<date>-<name>.md`` with header (date, commit, machine, command)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    path = RESULTS / f"{now:%Y-%m-%d}-{name}.md"
+    body = [f"# {name}", "", f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {commit()}",
+            f"- machine: {machine()}", f"- command: `{' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", ""]
+    if notes:
+        body += [notes, ""]
+    for title, table in sections.items():
+        body += [f"## {title}", "", table, ""]
+    path.write_text("\n".join(body))
+    return path
