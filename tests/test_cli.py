@@ -53,7 +53,7 @@ def test_evaluate_shifted_labels_matches_hand_calculation(cli, tmp_path):
 def test_train_segment_evaluate_info(cli, tmp_path):
     data = write_blobs(tmp_path / "ds", n=6)
     ckpt = tmp_path / "m.safetensors"
-    res = cli("--quiet", "train", "unet", "--data", data, "--out", ckpt, "--steps", "40", "--batch-size", "4")
+    res = cli("--quiet", "train", "unet", "--data", data, "--out", ckpt, "--steps", "10", "--batch-size", "2")
     assert res.code == 0, res.err
     meta = json.loads(cli("info", ckpt).out)
     assert meta["method"] == "unet" and meta["label_names"] == ["background", "core", "rim"]

@@ -1,0 +1,645 @@
+"""MetaSeg ("Fit Pixels, Get Labels"): meta-learned SIREN + segmentation head.
+
+A SIREN ``f_theta`` maps coordinates to intensities; a shallow head ``g_phi`` reads labels off
+``f``'s last sine-layer features (``inrseg.nn.siren``). Training (:meth:`MetaSeg.fit`):
+
+1. **Meta-training** (second-order MAML, :func:`meta_loss`): per task (one training image) a
+   differentiable Adam adapts ``(theta, phi)`` for ``inner_steps`` steps on MSE + focal loss,
+   the outer Adam minimises the same loss after adaptation. Random coordinate subsets per
+   inner / outer step (``points_per_task``), meta-batch >= 1, first-order option and
+   first-order warm-up, Meta-SGD option (learned per-parameter inner learning rates).
+   Validation every ``val_every`` steps fits ``theta`` to the validation images' pixels
+   (head frozen, MSE only, exactly as at test time) and scores Dice with that adapted
+   network; the best meta-parameters are kept. Resumable (``state_path``).
+2. **Phase 2 + choice of T_f**: ``theta*`` is fitted (MSE only) to training and validation
+   images; the penultimate features at each candidate step count ``t`` in ``tf_candidates``
+   are stored on random pixel subsets. For every ``t`` a head is retrained from ``phi*`` on
+   the training features (focal loss, best on validation kept), and scored on the validation
+   features; the ``(t, head)`` with the best validation Dice becomes ``(T_f, phi)``. The
+   Dice-vs-steps curve is stored in the checkpoint (``tf_curve``). Validation Dice here is
+   computed on ``val_points`` random pixels per image (an estimate; full images in step 1).
+3. **Test time** (:meth:`MetaSeg.predict`): copy ``theta*``, Adam on MSE only for ``T_f``
+   steps (head frozen), labels = argmax of the head on any coordinates: the image grid, a
+   finer/coarser grid (``scale``), or given points (:meth:`MetaSeg.predict_points`).
+   Several images are fitted at once with stacked parameters (one batched matmul per layer,
+   :meth:`MetaSeg.predict_batch`); Adam is element-wise, so this equals one-at-a-time fitting.
+
+Deviations from the paper / official code, and why (CPU budget):
+
+* test-time and validation fitting use ``fit_points`` random pixels per Adam step instead of
+  the whole image (``fit_points=None`` restores whole-image steps);
+* inner / test Adam lr 1e-3 instead of 1e-4 (faster adaptation, so a small ``T_f`` suffices);
+* the head is retrained per candidate ``T_f`` (phase 2 of the paper, generalised) so the
+  head always matches the step count it is used with.
+
+Findings (brain2d-seg4, 2 CPU threads; see ``benchmarks/metaseg_quick.py``) are summarised
+in :data:`FINDINGS`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inrseg.checkpoints import load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from inrseg.data.grids import coordinate_grid, resampled_affine, resampled_shape
+from inrseg.data.io import Volume
+from inrseg.data.layouts import Case
+from inrseg.data.preprocess import normalize
+from inrseg.errors import InputError
+from inrseg.metrics import case_metrics
+from inrseg.nn.siren import Params, full_forward, head_forward, init_params, siren_features, siren_forward
+from inrseg.progress import progress, status
+
+FINDINGS = """(filled in from the benchmark runs)"""
+
+PRESETS: dict[str, dict] = {
+    # 2D, 5 classes: 6 linear layers x 128 (83K parameters with the head), focal gamma 1.
+    "2d-seg4": dict(hidden=128, layers=6, focal_gamma=1.0),
+    # 2D, 24 classes + background: 5 layers x 512 (1.06M), focal gamma 2.
+    "2d-seg24": dict(hidden=512, layers=5, focal_gamma=2.0),
+    # 3D, 5 classes: 6 layers x 256 (330K), focal gamma 3, MSE weight 0.1 on background voxels.
+    "3d-seg4": dict(hidden=256, layers=6, focal_gamma=3.0, bg_mse_weight=0.1,
+                    tf_candidates=(10, 25, 50, 100, 200, 300)),
+}
+
+
+@dataclass
+class MetaSegConfig:
+    """Hyper-parameters of MetaSeg (saved in the checkpoint)."""
+
+    # network
+    hidden: int = 128                      # width of f and of the head's hidden layer
+    layers: int = 6                        # linear layers of f (layers - 1 sine layers)
+    w0: float = 30.0
+    # loss: MSE(pixels) + seg_weight * focal(labels)
+    focal_gamma: float = 1.0
+    seg_weight: float = 1.0
+    bg_mse_weight: float = 1.0             # MSE weight of background pixels (intensity == 0)
+    # meta-training
+    steps: int = 2000                      # outer steps
+    meta_batch: int = 1                    # images per outer step
+    inner_steps: int = 2
+    inner_loss: str = "pixels"             # "pixels": MSE, theta only (= test time); "joint": paper
+    inner_lr: float = 1e-3                 # inner Adam lr (init value of the learned lrs with meta_sgd)
+    outer_lr: float = 1e-4
+    first_order: bool = False              # first-order MAML throughout
+    first_order_steps: int = 0             # warm-up: this many first-order outer steps first
+    meta_sgd: bool = False                 # learn per-parameter inner learning rates
+    points_per_task: int | None = 2048     # random pixels per inner/outer step (None: all)
+    grad_clip: float | None = 10.0         # outer gradient-norm clip (None: off)
+    val_every: int = 50
+    val_fit_steps: int = 25                # test-time steps used by the meta-training validation
+    val_max_cases: int = 4                 # validation images scored during meta-training
+    budget_minutes: float | None = None    # wall-time limit of the meta-training loop
+    # test time
+    test_lr: float | None = None           # test-time Adam lr (None: inner_lr)
+    tf_candidates: tuple[int, ...] = (10, 25, 50, 100)
+    default_tf: int = 25                   # T_f when there is no validation data
+    fit_points: int | None = 4096          # random pixels per test-time Adam step (None: all)
+    fit_batch: int = 1                     # images fitted at once (stacked; 1 is fastest on CPU)
+    # phase 2: head retraining on fitted features, per candidate T_f
+    phase2_steps: int = 300                # 0: keep the meta-learned head
+    phase2_lr: float = 1e-3
+    phase2_points: int = 4096              # pixels per training image whose features are kept
+    phase2_max_cases: int | None = 24      # training images fitted for phase 2
+    phase2_batch: int = 8192               # feature vectors per head step
+    phase2_val_every: int = 50
+    val_points: int = 4096                 # pixels per validation image for T_f / head selection
+    # misc
+    normalization: str = "minmax"
+    keep_aspect: bool = False
+    chunk: int = 16384                     # points per forward chunk
+    seed: int = 0
+
+
+# ============================================================================================
+# Losses, inner loop (pure functions of parameter dicts)
+# ============================================================================================
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mean focal loss ``-(1 - p_t)^gamma log p_t``; logits ``(..., C)``, target ``(...)`` int64."""
+    logp = F.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    if gamma == 0:
+        return -logp.mean()
+    return -(((1 - logp.exp()).clamp_min(0) ** gamma) * logp).mean()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean over points (and channels) of ``weight * (pred - target)^2``; ``pred``/``target``
+    ``(..., N, C)``, ``weight`` ``(..., N)`` or ``None``. Returns the mean over all leading axes."""
+    err = (pred - target).pow(2).mean(-1)
+    if weight is not None:
+        err = err * weight
+    return err.mean()
+
+
+@dataclass
+class Task:
+    """Pixels of one image (or a subset of them).
+
+    Attributes:
+        coords: ``(N, d)`` coordinates in [-1, 1].
+        pixels: ``(N, C)`` intensities in [0, 1].
+        labels: ``(N,)`` int64 class indices.
+        weight: ``(N,)`` MSE weights (background down-weighting), or ``None``.
+    """
+
+    coords: torch.Tensor
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    def subset(self, n: int | None, gen: torch.Generator) -> "Task":
+        """``n`` random points (without replacement), or ``self`` when ``n`` is None / >= N."""
+        N = self.coords.shape[0]
+        if n is None or n >= N:
+            return self
+        idx = torch.randperm(N, generator=gen)[:n]
+        return Task(self.coords[idx], self.pixels[idx], self.labels[idx],
+                    None if self.weight is None else self.weight[idx])
+
+
+def task_loss(params: Params, task: Task, cfg: MetaSegConfig) -> torch.Tensor:
+    """MSE on pixels + ``seg_weight`` x focal loss on labels (scalar)."""
+    out, logits = full_forward(params, task.coords, cfg.w0)
+    return weighted_mse(out, task.pixels, task.weight) + cfg.seg_weight * focal_loss(
+        logits, task.labels, cfg.focal_gamma)
+
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def inner_adapt(params: Params, support: Sequence[Task], cfg: MetaSegConfig,
+                lrs: Params | None = None, create_graph: bool = True) -> dict[str, torch.Tensor]:
+    """Differentiable Adam, one step per support task; moments start at 0.
+
+    ``cfg.inner_loss == "pixels"``: MSE on the pixels, ``theta`` only (exactly the test-time
+    procedure, so the outer loss measures what test time gets); ``"joint"``: MSE + focal loss,
+    ``theta`` and ``phi`` (the paper's code).
+
+    With ``create_graph`` the result is differentiable to second order in ``params`` (MAML);
+    without it the gradients are constants (first-order MAML: the result still depends on
+    ``params`` through the identity, and on ``lrs`` through the update).
+
+    Returns:
+        adapted parameters (same keys and shapes as ``params``).
+    """
+    b1, b2 = ADAM_BETAS
+    if cfg.inner_loss not in ("pixels", "joint"):
+        raise ValueError(f"unknown inner_loss {cfg.inner_loss!r} (pixels, joint)")
+    joint = cfg.inner_loss == "joint"
+    keys = [k for k in params if joint or k.startswith("f.")]
+    m = {k: torch.zeros_like(params[k]) for k in keys}
+    v = {k: torch.zeros_like(params[k]) for k in keys}
+    cur = dict(params)
+    for t, task in enumerate(support, 1):
+        if joint:
+            loss = task_loss(cur, task, cfg)
+        else:
+            loss = weighted_mse(siren_forward(cur, task.coords, cfg.w0)[0], task.pixels, task.weight)
+        grads = torch.autograd.grad(loss, [cur[k] for k in keys], create_graph=create_graph)
+        new = dict(cur)
+        for k, g in zip(keys, grads):
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            # + 1e-30 inside the sqrt keeps its derivative finite where a gradient is exactly 0
+            step = (m[k] / (1 - b1 ** t)) / ((v[k] / (1 - b2 ** t) + 1e-30).sqrt() + ADAM_EPS)
+            new[k] = cur[k] - (lrs[k] if lrs is not None else cfg.inner_lr) * step
+        cur = new
+    return cur
+
+
+def meta_loss(params: Params, support: Sequence[Task], query: Task, cfg: MetaSegConfig,
+              lrs: Params | None = None, create_graph: bool = True) -> torch.Tensor:
+    """Outer (query) loss after adapting on ``support``: the MAML objective of one task."""
+    return task_loss(inner_adapt(params, support, cfg, lrs, create_graph), query, cfg)
+
+
+# ============================================================================================
+# The segmenter
+# ============================================================================================
+
+@dataclass
+class _Image:
+    """A prepared image: pixels on its grid, flattened. ``labels`` is None for unlabelled."""
+
+    shape: tuple[int, ...]
+    coords: torch.Tensor                 # (N, d)
+    pixels: torch.Tensor                 # (N, C)
+    weight: torch.Tensor | None          # (N,)
+    labels: torch.Tensor | None = None   # (N,) int64
+
+    def task(self) -> Task:
+        assert self.labels is not None
+        return Task(self.coords, self.pixels, self.labels, self.weight)
+
+
+class MetaSeg:
+    """MetaSeg segmenter (any number of grid axes; 2D and 3D presets)."""
+
+    method: ClassVar[str] = "metaseg"
+
+    def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int = 1,
+                 config: MetaSegConfig | None = None) -> None:
+        self.config = config or MetaSegConfig()
+        self.label_names = list(label_names)
+        self.spatial_ndim = spatial_ndim
+        self.in_channels = in_channels
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.params: dict[str, torch.Tensor] = init_params(
+            spatial_ndim, in_channels, cfg.hidden, cfg.layers, len(self.label_names), cfg.w0, gen)
+        self.lrs: dict[str, torch.Tensor] | None = (
+            {k: torch.full_like(v, cfg.inner_lr) for k, v in self.params.items()} if cfg.meta_sgd else None)
+        self.t_f: int = cfg.default_tf
+        self.history: list[dict] = []
+        self.tf_curve: list[dict] = []
+        self.best_step: int | None = None
+        self.start_step: int = 0          # outer step the last fit() started from (resume)
+        self.timings: dict[str, float] = {}
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of f and the head (learned learning rates not counted)."""
+        return sum(v.numel() for v in self.params.values())
+
+    @property
+    def theta_keys(self) -> list[str]:
+        return [k for k in self.params if k.startswith("f.")]
+
+    # ------------------------------------------------------------------ data
+    def _prepare(self, image: Volume, labels: Volume | None = None) -> _Image:
+        if image.data.shape[0] != self.in_channels:
+            raise InputError(image.path, f"has {image.data.shape[0]} channels, the model expects "
+                                         f"{self.in_channels}")
+        if image.spatial_ndim != self.spatial_ndim:
+            raise InputError(image.path, f"is {image.spatial_ndim}D, the model is {self.spatial_ndim}D")
+        cfg = self.config
+        x = torch.from_numpy(normalize(image.data, cfg.normalization))       # (C, *S)
+        pixels = x.reshape(x.shape[0], -1).T.contiguous()                    # (N, C)
+        coords = coordinate_grid(image.shape, image.spacing, cfg.keep_aspect)
+        weight = None
+        if cfg.bg_mse_weight != 1.0:
+            weight = torch.where(pixels.abs().sum(1) == 0, cfg.bg_mse_weight, 1.0)
+        lab = None if labels is None else torch.from_numpy(labels.data.astype(np.int64).reshape(-1))
+        return _Image(tuple(image.shape), coords, pixels, weight, lab)
+
+    def _query_coords(self, image: Volume, scale: float | Sequence[float]) -> torch.Tensor:
+        return coordinate_grid(image.shape, image.spacing, self.config.keep_aspect, scale=scale)
+
+    # ------------------------------------------------------------------ test-time fitting
+    def _test_lrs(self) -> dict[str, torch.Tensor | float]:
+        cfg = self.config
+        if self.lrs is not None:
+            return {k: self.lrs[k].clamp_min(0).unsqueeze(0) for k in self.theta_keys}
+        lr = cfg.test_lr if cfg.test_lr is not None else cfg.inner_lr
+        return {k: lr for k in self.theta_keys}
+
+    def fit_theta(self, images: Sequence[_Image], steps: int, snapshots: Sequence[int] = (),
+                  gen: torch.Generator | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Fit one copy of ``theta*`` per image (stacked, all images of one grid shape), Adam on
+        MSE only, head untouched.
+
+        Yields ``(t, theta)`` after ``t`` steps for each ``t`` in ``snapshots`` (0 allowed) and
+        at ``steps``; ``theta`` holds stacked tensors ``(B, ...)`` (detached; do not modify).
+        """
+        cfg = self.config
+        if len({im.shape for im in images}) != 1:
+            raise ValueError("fit_theta needs images of one grid shape")
+        gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)
+        B = len(images)
+        coords = images[0].coords                                             # (N, d)
+        pixels = torch.stack([im.pixels for im in images])                    # (B, N, C)
+        weight = None if images[0].weight is None else torch.stack([im.weight for im in images])
+        N = coords.shape[0]
+        theta = {k: self.params[k].detach().unsqueeze(0).repeat(B, *([1] * self.params[k].dim()))
+                 .requires_grad_(True) for k in self.theta_keys}
+        lrs = self._test_lrs()
+        b1, b2 = ADAM_BETAS
+        m = {k: torch.zeros_like(v) for k, v in theta.items()}
+        v2 = {k: torch.zeros_like(v) for k, v in theta.items()}
+        snaps = set(int(s) for s in snapshots)
+        if 0 in snaps or steps == 0:
+            yield 0, {k: t.detach() for k, t in theta.items()}
+        for t in range(1, steps + 1):
+            if cfg.fit_points is not None and cfg.fit_points < N:
+                idx = torch.randint(N, (B, cfg.fit_points), generator=gen)    # (B, n)
+                chunks = [idx]
+            else:
+                per = max(256, cfg.chunk // B)
+                chunks = [torch.arange(s, min(N, s + per)).expand(B, -1) for s in range(0, N, per)]
+            grads = None
+            for idx in chunks:
+                c = coords[idx]                                               # (B, n, d)
+                y = pixels.gather(1, idx.unsqueeze(-1).expand(-1, -1, pixels.shape[-1]))
+                out, _ = siren_forward(theta, c, cfg.w0)
+                err = (out - y).pow(2).mean(-1)                               # (B, n)
+                if weight is not None:
+                    err = err * weight.gather(1, idx)
+                # sum over images of each image's mean: images stay independent
+                loss = err.sum() / (idx.shape[1] if len(chunks) == 1 else N)
+                g = torch.autograd.grad(loss, list(theta.values()))
+                grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            with torch.no_grad():
+                for (k, p), g in zip(theta.items(), grads):
+                    m[k].mul_(b1).add_(g, alpha=1 - b1)
+                    v2[k].mul_(b2).addcmul_(g, g, value=1 - b2)
+                    denom = (v2[k] / (1 - b2 ** t)).sqrt_().add_(ADAM_EPS)
+                    p.sub_(lrs[k] * (m[k] / (1 - b1 ** t)) / denom)
+            if t in snaps or t == steps:
+                yield t, {k: t_.detach() for k, t_ in theta.items()}
+
+    @torch.no_grad()
+    def features(self, theta: Params, coords: torch.Tensor) -> torch.Tensor:
+        """Penultimate features ``(B, M, h)`` of stacked ``theta`` at ``coords`` ``(M, d)`` (shared)
+        or ``(B, M, d)`` (per image), in chunks of ``chunk`` points."""
+        B = next(iter(theta.values())).shape[0]
+        if coords.dim() == 2:
+            coords = coords.unsqueeze(0).expand(B, -1, -1)
+        per = max(256, self.config.chunk // B)
+        return torch.cat([siren_features(theta, coords[:, s:s + per], self.config.w0)
+                          for s in range(0, coords.shape[1], per)], dim=1)
+
+    @torch.no_grad()
+    def logits(self, theta: Params, coords: torch.Tensor, head: Params | None = None) -> torch.Tensor:
+        """Class logits ``(B, M, C)`` of stacked ``theta`` through the head (default: the model's)."""
+        head = self.params if head is None else head
+        return head_forward(head, self.features(theta, coords))
+
+    def _fit_predict(self, images: Sequence[Volume], queries: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Labels ``(M_i,)`` int64 at ``queries[i]`` ``(M_i, d)`` after fitting each image
+        for ``T_f`` steps; images of one shape are fitted together, ``fit_batch`` at a time."""
+        prepared = [self._prepare(im) for im in images]
+        out: list[torch.Tensor | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(p.shape, []).append(i)
+        for idxs in groups.values():
+            for s in range(0, len(idxs), self.config.fit_batch):
+                block = idxs[s:s + self.config.fit_batch]
+                theta = None
+                for _, theta in self.fit_theta([prepared[i] for i in block], self.t_f):
+                    pass
+                for j, i in enumerate(block):
+                    one = {k: v[j:j + 1] for k, v in theta.items()}
+                    out[i] = self.logits(one, queries[i])[0].argmax(-1)
+        return out  # type: ignore[return-value]
+
+    def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """Label map ``(*S',)`` int64 of ``image`` (``(C, *S)``), ``S' = round(S * scale)``, with
+        the affine of the resampled grid (the image's own affine for ``scale == 1``)."""
+        return self.predict_batch([image], scale)[0]
+
+    def predict_batch(self, images: Sequence[Volume], scale: float | Sequence[float] = 1.0) -> list[Volume]:
+        """:meth:`predict` of several images, fitted together (stacked parameters)."""
+        queries = [self._query_coords(im, scale) for im in images]
+        labels = self._fit_predict(images, queries)
+        result = []
+        for im, lab in zip(images, labels):
+            new_shape = resampled_shape(im.shape, scale)
+            affine = im.affine if new_shape == tuple(im.shape) else resampled_affine(im.affine, im.shape, new_shape)
+            result.append(Volume(lab.reshape(new_shape).numpy().astype(np.int64), np.asarray(affine, float),
+                                 self.spatial_ndim, im.time_step, path=im.path))
+        return result
+
+    def predict_points(self, image: Volume, coords: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Labels ``(N,)`` int64 at continuous coordinates ``(N, d)`` (the convention of
+        :mod:`inrseg.data.grids`: cell-centred, [-1, 1] per axis) after fitting ``image``."""
+        q = torch.as_tensor(np.asarray(coords), dtype=torch.float32)
+        if q.dim() != 2 or q.shape[1] != self.spatial_ndim:
+            raise ValueError(f"coords must be (N, {self.spatial_ndim}), got {tuple(q.shape)}")
+        return self._fit_predict([image], [q])[0].numpy().astype(np.int64)
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train: Sequence[Case], val: Sequence[Case] | None = None,
+            state_path: Path | None = None) -> None:
+        """Meta-train on ``train``; choose the meta-parameters, ``T_f`` and the retrained head
+        on ``val`` (never on test data). ``state_path``: resumable meta-training state."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        train_s = [self._prepare(*c.load()) for c in progress(train, desc="loading training cases")]
+        val_s = [self._prepare(*c.load()) for c in (val or [])]
+        t0 = time.perf_counter()
+        self.meta_train(train_s, val_s[:cfg.val_max_cases], state_path)
+        t1 = time.perf_counter()
+        self.select_tf_and_head(train_s, val_s)
+        self.timings = {"meta_train_s": t1 - t0, "phase2_and_tf_s": time.perf_counter() - t1}
+
+    def _val_dice(self, val_s: Sequence[_Image], params: Params, steps: int) -> float:
+        """Mean foreground Dice of ``val_s`` after fitting ``theta`` (of ``params``) for
+        ``steps`` (head frozen), on the full grids."""
+        saved = self.params
+        self.params = {k: v.detach() for k, v in params.items()}
+        try:
+            scores = []
+            nb = self.config.fit_batch
+            for s in range(0, len(val_s), nb):
+                block = val_s[s:s + nb]
+                theta = None
+                for _, theta in self.fit_theta(block, steps):
+                    pass
+                pred = self.logits(theta, block[0].coords).argmax(-1)
+                for j, im in enumerate(block):
+                    scores.append(case_metrics(pred[j].reshape(im.shape).numpy(), im.labels.reshape(im.shape).numpy(),
+                                               len(self.label_names), distances=False).mean_foreground_dice)
+            return float(np.nanmean(scores))
+        finally:
+            self.params = saved
+
+    def meta_train(self, train_s: Sequence[_Image], val_s: Sequence[_Image],
+                   state_path: Path | None = None) -> None:
+        """The MAML outer loop (see module docstring). Keeps the best meta-parameters on
+        ``val_s`` (or the last ones without validation data)."""
+        cfg = self.config
+        if cfg.steps <= 0:
+            return
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+        lrs = None if self.lrs is None else {k: v.detach().clone().requires_grad_(True) for k, v in self.lrs.items()}
+        opt = torch.optim.Adam(list(params.values()) + (list(lrs.values()) if lrs else []), lr=cfg.outer_lr)
+        start, best_score = 0, -math.inf
+        best = None
+        if state_path is not None and Path(state_path).exists():
+            st = load_train_state(state_path, self.method)
+            with torch.no_grad():
+                for k in params:
+                    params[k].copy_(st["params"][k])
+                if lrs is not None:
+                    for k in lrs:
+                        lrs[k].copy_(st["lrs"][k])
+            opt.load_state_dict(st["optimizer"])
+            start, best_score = int(st["step"]), float(st["best_score"])
+            best = (st["best_params"], st.get("best_lrs"))
+            self.history, self.best_step = list(st["history"]), st["best_step"]
+            status(f"resuming meta-training from step {start} ({state_path})")
+        self.start_step = start
+        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + start)
+        t0 = time.perf_counter()
+        bar = progress(total=cfg.steps, desc="meta-training metaseg", initial=start)
+        for step in range(start, cfg.steps):
+            first_order = cfg.first_order or step < cfg.first_order_steps
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(cfg.meta_batch):
+                task = train_s[int(torch.randint(len(train_s), (1,), generator=gen))].task()
+                support = [task.subset(cfg.points_per_task, gen) for _ in range(cfg.inner_steps)]
+                query = task.subset(cfg.points_per_task, gen)
+                loss = meta_loss(params, support, query, cfg, lrs, create_graph=not first_order)
+                (loss / cfg.meta_batch).backward()
+                total += float(loss.detach()) / cfg.meta_batch
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}")
+            over_budget = cfg.budget_minutes is not None and time.perf_counter() - t0 > 60 * cfg.budget_minutes
+            last = step + 1 == cfg.steps or over_budget
+            if (step + 1) % cfg.val_every == 0 or last:
+                score = self._val_dice(val_s, params, cfg.val_fit_steps) if val_s else -total
+                self.history.append({"step": step + 1, "loss": total, "val_dice": score,
+                                     "time_s": time.perf_counter() - t0})
+                if score > best_score:
+                    best_score, self.best_step = score, step + 1
+                    best = ({k: v.detach().clone() for k, v in params.items()},
+                            None if lrs is None else {k: v.detach().clone() for k, v in lrs.items()})
+                if state_path is not None:
+                    save_train_state(state_path, self.method, {
+                        "params": params, "lrs": lrs, "optimizer": opt.state_dict(), "step": step + 1,
+                        "best_score": best_score, "best_step": self.best_step,
+                        "best_params": best[0], "best_lrs": best[1], "history": self.history})
+            if over_budget:
+                status(f"time budget of {cfg.budget_minutes} min reached at step {step + 1}")
+                break
+        bar.close()
+        if best is not None:
+            self.params = {k: v.detach().clone() for k, v in best[0].items()}
+            if best[1] is not None:
+                self.lrs = {k: v.detach().clone() for k, v in best[1].items()}
+
+    # ------------------------------------------------------------------ phase 2 + T_f
+    def _snapshot_features(self, images: Sequence[_Image], n_points: int, snaps: Sequence[int],
+                           gen: torch.Generator) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Fit ``images`` up to ``max(snaps)`` steps; features ``{t: (M, h)}`` at ``n_points``
+        random pixels per image (the same pixels for every ``t``) and their labels ``(M,)``."""
+        feats: dict[int, list[torch.Tensor]] = {t: [] for t in snaps}
+        labels = []
+        groups: dict[tuple[int, ...], list[_Image]] = {}
+        for im in images:
+            groups.setdefault(im.shape, []).append(im)
+        for group in groups.values():
+            for s in range(0, len(group), self.config.fit_batch):
+                block = group[s:s + self.config.fit_batch]
+                N = block[0].coords.shape[0]
+                idx = torch.stack([torch.randperm(N, generator=gen)[:n_points] for _ in block])  # (B, n)
+                q = block[0].coords[idx]                                                       # (B, n, d)
+                labels.append(torch.stack([im.labels[i] for im, i in zip(block, idx)]).reshape(-1))
+                for t, theta in self.fit_theta(block, max(snaps), snaps, gen):
+                    if t in feats:
+                        feats[t].append(self.features(theta, q).reshape(-1, self.config.hidden))
+        return {t: torch.cat(v) for t, v in feats.items()}, torch.cat(labels)
+
+    def _subset_dice(self, head: Params, feats: torch.Tensor, labels: torch.Tensor, n_images: int) -> float:
+        """Mean over images of the mean foreground Dice on the stored pixel subsets."""
+        with torch.no_grad():
+            pred = head_forward(head, feats).argmax(-1).reshape(n_images, -1)
+        lab = labels.reshape(n_images, -1)
+        scores = [case_metrics(p[None].numpy(), g[None].numpy(), len(self.label_names),
+                               distances=False).mean_foreground_dice for p, g in zip(pred, lab)]
+        return float(np.nanmean(scores))
+
+    def _retrain_head(self, feats: torch.Tensor, labels: torch.Tensor, val_feats: torch.Tensor | None,
+                      val_labels: torch.Tensor | None, n_val: int, gen: torch.Generator) -> tuple[dict, float]:
+        """Phase 2: Adam on the focal loss of the head over stored features ``(M, h)``, from
+        ``phi*``; returns the best head on validation and its score."""
+        cfg = self.config
+        head = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items() if k.startswith("g.")}
+        opt = torch.optim.Adam(head.values(), lr=cfg.phase2_lr)
+        score = self._subset_dice(head, val_feats, val_labels, n_val) if n_val else -math.inf
+        best = ({k: v.detach().clone() for k, v in head.items()}, score)
+        for step in range(1, cfg.phase2_steps + 1):
+            idx = torch.randint(feats.shape[0], (min(cfg.phase2_batch, feats.shape[0]),), generator=gen)
+            loss = focal_loss(head_forward(head, feats[idx]), labels[idx], cfg.focal_gamma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if n_val and (step % cfg.phase2_val_every == 0 or step == cfg.phase2_steps):
+                score = self._subset_dice(head, val_feats, val_labels, n_val)
+                if score > best[1]:
+                    best = ({k: v.detach().clone() for k, v in head.items()}, score)
+        if not n_val:
+            best = ({k: v.detach().clone() for k, v in head.items()}, -math.inf)
+        return best
+
+    def select_tf_and_head(self, train_s: Sequence[_Image], val_s: Sequence[_Image]) -> None:
+        """Phase 2 (head retraining per candidate T_f) and the choice of T_f on ``val_s``."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed + 17)
+        cands = sorted({int(t) for t in cfg.tf_candidates if t >= 0}) if val_s else [cfg.default_tf]
+        phase2 = cfg.phase2_steps > 0 and len(train_s) > 0
+        if not val_s and not phase2:
+            self.t_f = cfg.default_tf
+            return
+        tr_feats = tr_labels = None
+        if phase2:
+            chosen = list(train_s)
+            if cfg.phase2_max_cases is not None and len(chosen) > cfg.phase2_max_cases:
+                order = torch.randperm(len(chosen), generator=gen)[:cfg.phase2_max_cases]
+                chosen = [chosen[int(i)] for i in order]
+            status(f"phase 2: fitting {len(chosen)} training images for up to {max(cands)} steps")
+            tr_feats, tr_labels = self._snapshot_features(chosen, cfg.phase2_points, cands, gen)
+        va_feats = va_labels = None
+        if val_s:
+            status(f"choosing T_f among {cands} on {len(val_s)} validation images")
+            va_feats, va_labels = self._snapshot_features(val_s, cfg.val_points, cands, gen)
+        meta_head = {k: v for k, v in self.params.items() if k.startswith("g.")}
+        self.tf_curve, best = [], None
+        for t in cands:
+            entry: dict = {"t_f": t}
+            if val_s:
+                entry["val_dice_meta_head"] = self._subset_dice(meta_head, va_feats[t], va_labels, len(val_s))
+            head, score = meta_head, entry.get("val_dice_meta_head", -math.inf)
+            if phase2:
+                head, score = self._retrain_head(tr_feats[t], tr_labels, None if va_feats is None else va_feats[t],
+                                                 va_labels, len(val_s), gen)
+                entry["val_dice_phase2"] = score
+            self.tf_curve.append(entry)
+            if best is None or score > best[1]:
+                best = (t, score, head)
+        self.t_f = best[0]
+        self.params.update({k: v.detach().clone() for k, v in best[2].items()})
+        status(f"T_f = {self.t_f} (validation Dice {best[1]:.4f})")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path) -> None:
+        tensors = dict(self.params)
+        if self.lrs is not None:
+            tensors.update({f"lr.{k}": v for k, v in self.lrs.items()})
+        save_checkpoint(path, self.method, tensors, {
+            "config": asdict(self.config), "label_names": self.label_names,
+            "spatial_ndim": self.spatial_ndim, "in_channels": self.in_channels, "t_f": self.t_f,
+            "best_step": self.best_step, "history": self.history, "tf_curve": self.tf_curve,
+            "num_params": self.num_params, "timings": self.timings})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MetaSeg":
+        tensors, meta = load_checkpoint(path, cls.method)
+        cfg_dict = dict(meta["config"])
+        cfg_dict["tf_candidates"] = tuple(cfg_dict["tf_candidates"])
+        known = MetaSegConfig.__dataclass_fields__
+        obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"],
+                  MetaSegConfig(**{k: v for k, v in cfg_dict.items() if k in known}))
+        obj.params = {k: v for k, v in tensors.items() if not k.startswith("lr.")}
+        lrs = {k[3:]: v for k, v in tensors.items() if k.startswith("lr.")}
+        obj.lrs = lrs or None
+        obj.t_f = int(meta["t_f"])
+        obj.best_step, obj.history = meta.get("best_step"), meta.get("history", [])
+        obj.tf_curve, obj.timings = meta.get("tf_curve", []), meta.get("timings", {})
+        return obj

@@ -1,0 +1,258 @@
+"""MetaSeg: SIREN functional forward, second-order meta-gradient, training, T_f, resume, I/O.
+
+Everything runs on tiny images (32 x 32) and tiny networks so the file stays fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inrseg.data.grids import resampled_affine
+from inrseg.data.io import Volume, save_image, save_labels
+from inrseg.data.layouts import Case
+from inrseg.methods.metaseg import MetaSeg, MetaSegConfig, Task, meta_loss
+from inrseg.metrics import case_metrics
+from inrseg.nn.siren import SirenSeg, full_forward, init_params
+from inrseg.segmenter import Segmenter, load_segmenter
+
+SHAPE = (32, 32)
+NAMES = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf"]
+
+
+def _images(n: int, seed0: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` (image, labels) pairs: brain phantoms, or nested blobs if phantoms are unavailable."""
+    try:
+        from inrseg.data.phantoms import brain_phantom
+    except ImportError:  # pragma: no cover - fallback for a tree without phantoms
+        brain_phantom = None
+    out = []
+    for i in range(n):
+        if brain_phantom is not None:
+            img, lab = brain_phantom(SHAPE, seed0 + i)
+        else:  # pragma: no cover
+            rng = np.random.default_rng(seed0 + i)
+            yy, xx = np.mgrid[-1:1:32j, -1:1:32j]
+            c = rng.uniform(-0.1, 0.1, 2)
+            r = np.hypot(yy - c[0], xx - c[1]) * rng.uniform(0.9, 1.1)
+            lab = np.select([r < 0.2, r < 0.4, r < 0.6, r < 0.75], [4, 2, 3, 1], 0).astype(np.uint8)
+            img = np.choose(lab, [0.0, 0.25, 0.3, 0.38, 0.2]) + rng.normal(0, 0.01, SHAPE)
+        out.append((img.astype(np.float32), lab.astype(np.uint8)))
+    return out
+
+
+def _write_cases(root: Path, pairs, prefix: str) -> list[Case]:
+    cases = []
+    affine = np.diag([1.5, 1.5, 1.0, 1.0])
+    for i, (img, lab) in enumerate(pairs):
+        like = Volume(lab, affine, 2)
+        ip = save_image(img, root / f"{prefix}{i:02d}_0000.nii.gz", like=like)
+        lp = save_labels(lab, root / f"{prefix}{i:02d}.nii.gz", like=like)
+        cases.append(Case(f"{prefix}{i:02d}", f"{prefix}{i:02d}", (ip,), lp, 2, tuple(range(5))))
+    return cases
+
+
+def tiny_config(**kw) -> MetaSegConfig:
+    base = dict(hidden=32, layers=3, steps=300, points_per_task=256, inner_lr=1e-3, outer_lr=1e-3,
+                val_every=100, val_fit_steps=10, val_max_cases=2, tf_candidates=(10,), default_tf=10,
+                fit_points=256, phase2_steps=0, phase2_points=256, val_points=256, seed=0)
+    base.update(kw)
+    return MetaSegConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metaseg")
+    pairs = _images(12, 100)
+    return {"train": _write_cases(root, pairs[:8], "tr"), "val": _write_cases(root, pairs[8:10], "va"),
+            "test": _write_cases(root, pairs[10:], "te")}
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    torch.manual_seed(0)
+    model = MetaSeg(NAMES, 2, 1, tiny_config())
+    model.fit(data["train"], data["val"])
+    return model
+
+
+def _dice(model: MetaSeg, cases) -> float:
+    scores = []
+    for c in cases:
+        img, lab = c.load()
+        scores.append(case_metrics(model.predict(img).data, lab.data, 5, distances=False).mean_foreground_dice)
+    return float(np.mean(scores))
+
+
+# -------------------------------------------------------------------------------- network
+def test_siren_functional_forms_agree():
+    torch.manual_seed(0)
+    net = SirenSeg(2, 1, 16, 4, 5)
+    params = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    x = torch.rand(50, 2) * 2 - 1
+    out, logits = full_forward(params, x)
+    assert out.shape == (50, 1) and logits.shape == (50, 5)
+    out2, logits2 = torch.func.functional_call(net, params, (x,))
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(logits, logits2)
+    # stacked parameters (B = 2) give each image its own network
+    other = init_params(2, 1, 16, 4, 5, generator=torch.Generator().manual_seed(1))
+    stacked = {k: torch.stack([params[k], other[k]]) if k.startswith("f.") else params[k] for k in params}
+    o_b, l_b = full_forward(stacked, x.expand(2, -1, -1))
+    o_1, _ = full_forward({**other, **{k: params[k] for k in params if k.startswith("g.")}}, x)
+    torch.testing.assert_close(o_b[0], out)
+    torch.testing.assert_close(o_b[1], o_1)
+    assert l_b.shape == (2, 50, 5)
+
+
+def test_preset_parameter_counts():
+    from inrseg.methods.metaseg import PRESETS
+
+    counts = {}
+    for name, classes, nd in (("2d-seg4", 5, 2), ("2d-seg24", 25, 2), ("3d-seg4", 5, 3)):
+        cfg = MetaSegConfig(**PRESETS[name], steps=0)
+        counts[name] = MetaSeg([str(i) for i in range(classes)], nd, 1, cfg).num_params
+    assert 82_000 < counts["2d-seg4"] < 85_000          # paper: 83K
+    assert 1_050_000 < counts["2d-seg24"] < 1_070_000   # paper: 1.06M
+    assert 325_000 < counts["3d-seg4"] < 335_000        # paper: 330K
+
+
+@pytest.mark.parametrize("inner_loss", ["pixels", "joint"])
+def test_second_order_meta_gradient_matches_finite_differences(inner_loss):
+    cfg = MetaSegConfig(hidden=6, layers=3, inner_steps=2, inner_lr=1e-2, w0=30.0, inner_loss=inner_loss)
+    g = torch.Generator().manual_seed(0)
+    params = init_params(2, 1, 6, 3, 3, generator=g, dtype=torch.float64)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+
+    def task(seed: int) -> Task:
+        gg = torch.Generator().manual_seed(seed)
+        return Task(torch.rand(40, 2, generator=gg, dtype=torch.float64) * 2 - 1,
+                    torch.rand(40, 1, generator=gg, dtype=torch.float64),
+                    torch.randint(3, (40,), generator=gg))
+
+    support, query = [task(1), task(2)], task(3)
+    loss = meta_loss(params, support, query, cfg, create_graph=True)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    direction = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    analytic = sum((gr * direction[k]).sum() for gr, k in zip(grads, params))
+    # Adam's normalised first steps are very non-linear in the gradient: central differences
+    # need a tiny step (float64 keeps the rounding error ~1e-8 relative)
+    eps = 1e-8
+
+    def at(sign: float) -> float:
+        moved = {k: (v.detach() + sign * eps * direction[k]).requires_grad_(True) for k, v in params.items()}
+        return float(meta_loss(moved, support, query, cfg, create_graph=False).detach())
+
+    numeric = (at(1.0) - at(-1.0)) / (2 * eps)
+    assert abs(float(analytic) - numeric) < 1e-5 * max(1.0, abs(numeric))
+    # first-order MAML drops the second-order terms: a different gradient
+    fo = torch.autograd.grad(meta_loss(params, support, query, cfg, create_graph=False), list(params.values()))
+    fo_dir = sum((gr * direction[k]).sum() for gr, k in zip(fo, params))
+    assert abs(float(fo_dir) - numeric) > 1e-3
+
+
+# -------------------------------------------------------------------------------- training
+def test_meta_training_beats_random_init(trained, data):
+    assert isinstance(trained, Segmenter)
+    random_init = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=0))
+    random_init.t_f = trained.t_f
+    d_meta, d_rand = _dice(trained, data["test"]), _dice(random_init, data["test"])
+    print(f"meta-trained Dice {d_meta:.3f}, random init {d_rand:.3f}")
+    assert d_meta > d_rand + 0.15, (d_meta, d_rand)
+    assert trained.t_f == 10 and trained.best_step is not None
+    assert [h["step"] for h in trained.history] == [100, 200, 300]
+
+
+def test_phase2_head_retraining_and_tf_choice(trained, data):
+    model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=0, phase2_steps=60,
+                                                    phase2_val_every=20, tf_candidates=(0, 5, 10)))
+    model.params = {k: v.clone() for k, v in trained.params.items()}
+    train_s = [model._prepare(*c.load()) for c in data["train"]]
+    val_s = [model._prepare(*c.load()) for c in data["val"]]
+    model.select_tf_and_head(train_s, val_s)
+    assert [e["t_f"] for e in model.tf_curve] == [0, 5, 10]
+    assert model.t_f in (0, 5, 10)
+    for e in model.tf_curve:  # best-on-validation head, starting from phi*: never worse
+        assert e["val_dice_phase2"] >= e["val_dice_meta_head"] - 1e-9
+    best = max(e["val_dice_phase2"] for e in model.tf_curve)
+    assert [e["val_dice_phase2"] for e in model.tf_curve if e["t_f"] == model.t_f] == [best]
+    # only the head changed in phase 2
+    for k in trained.params:
+        if k.startswith("f."):
+            assert torch.equal(model.params[k], trained.params[k])
+
+
+def test_resume_continues_from_saved_step(data, tmp_path):
+    state = tmp_path / "m.train-state"
+    cfg = tiny_config(steps=20, val_every=10, tf_candidates=(5,))
+    first = MetaSeg(NAMES, 2, 1, cfg)
+    first.fit(data["train"][:3], data["val"][:1], state_path=state)
+    assert state.exists() and first.start_step == 0
+    second = MetaSeg(NAMES, 2, 1, dataclasses.replace(cfg, steps=40))
+    second.fit(data["train"][:3], data["val"][:1], state_path=state)
+    assert second.start_step == 20
+    assert [h["step"] for h in second.history] == [10, 20, 30, 40]
+    assert second.history[:2] == first.history
+
+
+# -------------------------------------------------------------------------------- inference
+def test_save_load_identical_predictions(trained, data, tmp_path):
+    path = tmp_path / "metaseg.safetensors"
+    trained.save(path)
+    loaded = load_segmenter(path, method="metaseg")
+    assert isinstance(loaded, MetaSeg) and loaded.t_f == trained.t_f
+    assert loaded.config == trained.config
+    img, _ = data["test"][0].load()
+    np.testing.assert_array_equal(loaded.predict(img).data, trained.predict(img).data)
+
+
+def test_predict_2x_and_points(trained, data):
+    img, _ = data["test"][0].load()
+    pred = trained.predict(img, scale=2.0)
+    assert pred.data.shape == (64, 64) and pred.data.dtype == np.int64
+    np.testing.assert_allclose(pred.affine, resampled_affine(img.affine, img.shape, (64, 64)))
+    assert trained.predict(img).data.shape == SHAPE
+    pts = trained.predict_points(img, np.array([[0.0, 0.0], [-0.9, 0.9], [0.5, -0.2]]))
+    assert pts.shape == (3,) and pts.min() >= 0 and pts.max() < 5
+
+
+def test_only_theta_changes_at_test_time(trained, data):
+    before = {k: v.clone() for k, v in trained.params.items()}
+    img, _ = data["test"][0].load()
+    trained.predict(img)
+    for k in before:  # the model itself is untouched by test-time fitting
+        assert torch.equal(before[k], trained.params[k])
+    *_, (t, theta) = trained.fit_theta([trained._prepare(img)], 5)
+    assert t == 5 and set(theta) == {k for k in before if k.startswith("f.")}  # no head in the fit
+    assert any(not torch.equal(theta[k][0], before[k]) for k in theta)
+
+
+def test_batched_fitting_equals_one_at_a_time(trained, data):
+    model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, fit_points=None))
+    model.params = trained.params
+    ims = [model._prepare(c.load_image()) for c in data["test"]]
+    *_, (_, both) = model.fit_theta(ims, 8)
+    for j, im in enumerate(ims):
+        *_, (_, one) = model.fit_theta([im], 8)
+        for k in one:
+            torch.testing.assert_close(both[k][j], one[k][0], rtol=1e-4, atol=1e-5)
+
+
+def test_meta_sgd_learns_and_stores_inner_learning_rates(data, tmp_path):
+    cfg = tiny_config(steps=6, val_every=3, meta_sgd=True, first_order_steps=3, meta_batch=2,
+                      tf_candidates=(3,))
+    model = MetaSeg(NAMES, 2, 1, cfg)
+    model.fit(data["train"][:3], data["val"][:1])
+    assert model.lrs is not None
+    theta_lrs = torch.cat([v.reshape(-1) for k, v in model.lrs.items() if k.startswith("f.")])
+    assert not torch.allclose(theta_lrs, torch.full_like(theta_lrs, cfg.inner_lr))
+    model.save(tmp_path / "msgd.safetensors")
+    loaded = MetaSeg.load(tmp_path / "msgd.safetensors")
+    for k in model.lrs:
+        assert torch.equal(loaded.lrs[k], model.lrs[k])
+    img, _ = data["test"][0].load()
+    np.testing.assert_array_equal(loaded.predict(img).data, model.predict(img).data)

@@ -1,0 +1,346 @@
+"""NISF: Gabor layers, prior training, frozen-network latent inference, continuous-space outputs.
+
+Tiny sizes throughout (2D 32 x 32 brain phantoms, 3D+t 24 x 24 x 4 x 4 cardiac phantoms) so the
+whole file runs in well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inrseg.data.grids import resampled_affine
+from inrseg.data.io import Volume
+from inrseg.data.phantoms import BRAIN_LABELS, CARDIAC_LABELS, brain_phantom, cardiac_phantom
+from inrseg.errors import InputError
+from inrseg.methods.nisf import (NISF, NISFConfig, NISFNet, _dice, config_from_preset, heldout_mask,
+                                 plane_points, save_plane_png)
+from inrseg.nn.gabor import (FourierFeatures, GaborLayer, SineLayer, gabor_activation, make_layer,
+                             split_linear)
+
+BRAIN_NAMES = list(BRAIN_LABELS)
+CARDIAC_NAMES = list(CARDIAC_LABELS)
+BRAIN_AFFINE = np.diag([150 / 32, 150 / 32, 1.0, 1.0])
+CARDIAC_SPACING = (5.0, 5.0, 16.0)   # 24 x 24 x 4 voxels: a 120 x 120 x 64 mm field of view
+
+
+def brain_pair(seed: int, shape=(32, 32)) -> tuple[Volume, Volume]:
+    img, lab = brain_phantom(shape, seed)
+    return Volume(img[None], BRAIN_AFFINE, 2), Volume(lab.astype(np.int64), BRAIN_AFFINE, 2)
+
+
+def cardiac_pair(seed: int) -> tuple[Volume, Volume]:
+    img, lab = cardiac_phantom((24, 24, 4), frames=4, seed=seed, spacing=CARDIAC_SPACING)
+    aff = np.diag(list(CARDIAC_SPACING) + [1.0])
+    aff[:3, 3] = [-60.0, -50.0, 10.0]
+    return (Volume(img[None], aff, 4, time_step=0.05),
+            Volume(lab.astype(np.int64), aff, 4, time_step=0.05))
+
+
+TINY_2D = dict(width=64, depth=4, steps=250, lr=1e-3, infer_lr=1e-2, infer_max_steps=60,
+               curve_every=10, save_every=50)
+TINY_4D = dict(width=32, depth=3, steps=40, lr=1e-3, points_per_step=1024, infer_lr=1e-2,
+               infer_max_steps=20, curve_every=10, infer_steps=10, save_every=20)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def brain_data():
+    return ([brain_pair(s) for s in range(6)], [brain_pair(s) for s in (100, 101)],
+            [brain_pair(s) for s in (200, 201)])
+
+
+@pytest.fixture(scope="module")
+def trained2d(brain_data):
+    train, val, _ = brain_data
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(**TINY_2D))
+    model.fit(train, val)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cardiac_data():
+    return [cardiac_pair(s) for s in range(3)], [cardiac_pair(10)], cardiac_pair(20)
+
+
+@pytest.fixture(scope="module")
+def trained4d(cardiac_data):
+    train, val, _ = cardiac_data
+    model = NISF(CARDIAC_NAMES, 4, 1, NISFConfig(**TINY_4D))
+    model.fit(train, val)
+    return model
+
+
+# ------------------------------------------------------------------------------ layers
+
+
+def test_gabor_layer_matches_formula():
+    torch.manual_seed(0)
+    layer = GaborLayer(5, 7, w0=3.0, s0=2.0)
+    x = torch.randn(4, 5)
+    want = torch.cos(3.0 * layer.freq(x)) * torch.exp(-(2.0 * layer.scale(x)) ** 2)
+    torch.testing.assert_close(layer(x), want)
+    assert make_layer("gabor", 5, 7).w0 == 10.0 and make_layer("gabor", 5, 7).s0 == 10.0
+
+
+def test_fused_gabor_gradient():
+    g = torch.Generator().manual_seed(0)
+    a = (0.3 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    b = (0.1 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: gabor_activation(x, y, 10.0, 10.0), (a, b))
+    with torch.no_grad():
+        torch.testing.assert_close(gabor_activation(a, b, 3.0, 2.0),
+                                   torch.cos(3.0 * a) * torch.exp(-(2.0 * b) ** 2))
+    # far in the envelope's tail the value is 0 and the gradient finite
+    big = torch.full((3,), 50.0, requires_grad=True)
+    gabor_activation(torch.zeros(3), big).sum().backward()
+    assert torch.isfinite(big.grad).all()
+
+
+def test_sine_and_fourier_layers():
+    s = SineLayer(3, 8, is_first=True)
+    assert s.linear.weight.abs().max() <= 1 / 3
+    x = torch.rand(2, 10, 3)
+    torch.testing.assert_close(s(x), torch.sin(30.0 * s.linear(x)))
+    ff = FourierFeatures(3, num_frequencies=16, sigma=2.0)
+    assert ff(x).shape == (2, 10, 32)
+    with pytest.raises(ValueError):
+        make_layer("tanh", 3, 4)
+
+
+def test_split_linear_equals_concatenation():
+    lin = torch.nn.Linear(3 + 6, 5)
+    x, h = torch.randn(2, 7, 3), torch.randn(2, 6)
+    full = lin(torch.cat([x, h[:, None].expand(-1, 7, -1)], -1))
+    torch.testing.assert_close(split_linear(lin, x, h), full)
+
+
+@pytest.mark.parametrize("activation", ["gabor", "sine", "relu"])
+def test_network_shapes_and_residual_latent(activation):
+    cfg = NISFConfig(activation=activation, width=16, depth=3, latent_size=8, fourier_frequencies=4)
+    net = NISFNet(4, 3, 2, cfg)
+    seg, rec = net(torch.rand(2, 11, 4), torch.randn(2, 8))
+    assert seg.shape == (2, 11, 3) and rec.shape == (2, 11, 2)
+    assert net.latent_proj is not None
+    # latent size = width: the latent is added at the first residual without a projection
+    net2 = NISFNet(2, 3, 1, NISFConfig(width=16, depth=2))
+    assert net2.latent_proj is None and len(net2.layers) == 2
+    assert NISFNet(2, 5, 1, NISFConfig()).layers[0].freq.in_features == 2 + 128
+
+
+# ------------------------------------------------------------------------------ training / inference
+
+
+def test_trained_prior_beats_untrained(trained2d, brain_data):
+    _, _, test = brain_data
+    untrained = NISF(BRAIN_NAMES, 2, 1, NISFConfig(**TINY_2D))
+    untrained.infer_steps = trained2d.infer_steps
+    images = [img for img, _ in test]
+    d_trained = [_dice(p.data, lab.data, 5)[1] for p, (_, lab) in zip(trained2d.predict_many(images), test)]
+    d_untrained = [_dice(p.data, lab.data, 5)[1] for p, (_, lab) in zip(untrained.predict_many(images), test)]
+    assert np.mean(d_trained) > 0.5
+    assert np.mean(d_trained) > np.mean(d_untrained) + 0.25
+
+
+def test_steps_chosen_on_validation_curve(trained2d):
+    curve = trained2d.val_curve
+    steps = [c["step"] for c in curve]
+    assert steps[0] == 0 and steps[-1] == TINY_2D["infer_max_steps"]
+    assert trained2d.infer_steps in steps and trained2d.infer_steps >= 1
+    best = max((c for c in curve if c["step"] >= 1), key=lambda c: c["dice"])
+    assert trained2d.infer_steps == best["step"]
+    assert all(len(c["per_case"]) == 2 for c in curve)
+
+
+def test_inference_changes_only_the_latent(trained2d, brain_data):
+    img = brain_data[2][0][0]
+    before = {k: v.clone() for k, v in trained2d.net.state_dict().items()}
+    flags = []
+    coords = trained2d._prepare(img).coords
+    target = trained2d._prepare(img).intensity
+    lat = trained2d._optimise_latents(
+        [coords], [target], 5,
+        callback=lambda step, h: flags.append(any(p.requires_grad for p in trained2d.net.parameters())))
+    assert flags and not any(flags)                        # frozen during inference
+    assert all(p.requires_grad for p in trained2d.net.parameters())   # restored after
+    after = trained2d.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)      # bit-identical weights
+    assert not torch.allclose(lat[0], trained2d.initial_latent())    # the latent did move
+
+
+@pytest.mark.parametrize("subsets", [False, True])
+def test_batched_latents_equal_one_at_a_time(trained2d, brain_data, subsets):
+    model = trained2d
+    old = model.config
+    if subsets:
+        model.config = NISFConfig(**{**TINY_2D, "infer_points": 300})
+    try:
+        a = brain_data[2][0][0]
+        b = brain_pair(7, shape=(28, 32))[0]               # another shape: padded in the batch
+        both = model.fit_latents([a, b], steps=15)
+        one_a = model.fit_latents([a], steps=15)[0]
+        one_b = model.fit_latents([b], steps=15)[0]
+    finally:
+        model.config = old
+    torch.testing.assert_close(both[0].latent, one_a.latent, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both[1].latent, one_b.latent, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_continues_from_saved_step(tmp_path, brain_data):
+    train = brain_data[0][:3]
+    cfg = dict(width=16, depth=2, lr=1e-3, save_every=5, infer_steps=3)
+    full = NISF(BRAIN_NAMES, 2, 1, NISFConfig(steps=10, **cfg))
+    full.fit(train)
+    state = tmp_path / "m.train-state"
+    part = NISF(BRAIN_NAMES, 2, 1, NISFConfig(steps=5, **cfg))
+    part.fit(train, state_path=state)                       # "killed" after step 5
+    resumed = NISF(BRAIN_NAMES, 2, 1, NISFConfig(steps=10, **cfg))
+    resumed.fit(train, state_path=state)
+    assert [h["step"] for h in resumed.history] == [5, 10]
+    for k, v in full.net.state_dict().items():
+        torch.testing.assert_close(resumed.net.state_dict()[k], v, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(resumed.train_latents, full.train_latents, atol=1e-6, rtol=1e-5)
+
+
+def test_time_budget_stops_training(tmp_path, brain_data):
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2, steps=1000, budget_minutes=0.0))
+    model.fit(brain_data[0][:2], state_path=tmp_path / "s")
+    assert model.history[-1]["step"] == 1 and (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("activation", ["sine", "relu"])
+def test_ablation_activations_train(activation, brain_data):
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(activation=activation, width=16, depth=2, steps=5,
+                                               fourier_frequencies=8, infer_steps=2))
+    model.fit(brain_data[0][:2])
+    pred = model.predict(brain_data[2][0][0])
+    assert pred.shape == (32, 32) and np.isfinite(model.history[-1]["loss"])
+
+
+# ------------------------------------------------------------------------------ continuous space
+
+
+def test_predict_other_resolutions_2d(trained2d, brain_data):
+    img = brain_data[2][0][0]
+    fit = trained2d.fit_latents([img], steps=5)[0]
+    for scale, shape in ((2, (64, 64)), ((1.5, 0.5), (48, 16))):
+        out = trained2d.segment(fit, scale)
+        assert out.shape == shape and out.data.dtype == np.int64
+        np.testing.assert_allclose(out.affine, resampled_affine(img.affine, img.shape, shape))
+    same = trained2d.segment(fit, 1.0)
+    np.testing.assert_array_equal(same.affine, img.affine)
+    # predict() = fit + segment at the validated step count
+    assert trained2d.predict(img, scale=2).shape == (64, 64)
+
+
+def test_cardiac_4d_prediction_shapes(trained4d, cardiac_data):
+    img, lab = cardiac_data[2]
+    fit = trained4d.fit_latents([img])[0]
+    assert fit.steps == trained4d.infer_steps
+    hi = trained4d.segment(fit, (4, 4, 2, 1))
+    assert hi.shape == (96, 96, 8, 4) and hi.spatial_ndim == 4 and hi.time_step == 0.05
+    np.testing.assert_allclose(hi.affine, resampled_affine(img.affine, img.shape, hi.shape))
+    rec = trained4d.reconstruct(fit, 1.0)
+    assert rec.data.shape == (1, 24, 24, 4, 4) and 0 <= rec.data.min() and rec.data.max() <= 1
+    assert trained4d.segment(fit, (1, 1, 1, 2)).time_step == pytest.approx(0.025)
+
+
+def test_heldout_slices(trained4d, cardiac_data):
+    img, lab = cardiac_data[2]
+    res = trained4d.predict_heldout(img, axis=2, indices=[1, 2], labels=lab)
+    assert res.labels.shape == img.shape and res.reconstruction.data.shape == (1,) + img.shape
+    np.testing.assert_array_equal(res.labels.affine, img.affine)
+    assert res.indices == [1, 2] and res.heldout_dice.shape == (4,)
+    assert np.isfinite(res.heldout_mean_foreground_dice) and np.isfinite(res.observed_mean_foreground_dice)
+    # the held-out slices are never seen: corrupting them leaves the fitted latent unchanged
+    mask = heldout_mask(img.shape, 2, [1, 2])
+    assert mask.shape == img.shape and not mask[:, :, 1:3].any() and mask[:, :, [0, 3]].all()
+    corrupt = img.with_data(img.data.copy())
+    corrupt.data[:, :, :, 1:3] = 5 * np.random.default_rng(0).random(corrupt.data[:, :, :, 1:3].shape)
+    f1 = trained4d.fit_latents([img], steps=5, observed=[mask])[0]
+    f2 = trained4d.fit_latents([corrupt], steps=5, observed=[mask])[0]
+    torch.testing.assert_close(f1.latent, f2.latent, atol=0, rtol=0)
+    with pytest.raises(ValueError):
+        heldout_mask(img.shape, 2, [0, 1, 2, 3])
+
+
+def test_render_plane_matches_grid_and_long_axis(trained4d, cardiac_data, tmp_path):
+    img, _ = cardiac_data[2]
+    fit = trained4d.fit_latents([img], steps=5)[0]
+    grid = trained4d.segment(fit).data                       # (24, 24, 4, 4)
+    A = img.affine
+    # a plane through the centres of short-axis slice k at frame t reproduces the grid labels
+    k, t = 2, 1
+    centre = A[:3, :3] @ np.array([11.5, 11.5, k]) + A[:3, 3]
+    view = trained4d.render_plane(fit, centre, A[:3, 0], A[:3, 1], (24, 24),
+                                  pixel_mm=CARDIAC_SPACING[0], frame=t)
+    assert view.labels.shape == (24, 24) and view.image.shape == (24, 24) and view.frame == t
+    assert (view.labels == grid[:, :, k, t]).mean() > 0.99
+    np.testing.assert_allclose(view.affine[:3, :2], A[:3, :2], atol=1e-9)
+    np.testing.assert_allclose(view.affine[:3, 3], A[:3, 3] + A[:3, 2] * k, atol=1e-9)
+    # a long-axis plane (in-plane x and through-plane z) at 2 mm pixels
+    la = trained4d.render_plane(fit, centre, [1, 0, 0], [0, 0.2, 1], (40, 30), pixel_mm=(2.0, 2.0))
+    assert la.labels.shape == (40, 30) and la.labels.dtype == np.int64
+    u = np.array([1.0, 0, 0])
+    v = np.array([0, 0.2, 1.0]) / np.linalg.norm([0, 0.2, 1.0])
+    np.testing.assert_allclose(la.affine[:3, 0], 2 * u)
+    np.testing.assert_allclose(la.affine[:3, 1], 2 * v)
+    np.testing.assert_allclose(la.affine[:3, :3] @ [19.5, 14.5, 0] + la.affine[:3, 3], centre)
+    pts, aff = plane_points(centre, u, v, (40, 30), 2.0)
+    np.testing.assert_allclose(pts.reshape(40, 30, 3)[3, 4], aff[:3, :3] @ [3, 4, 0] + aff[:3, 3])
+    png = save_plane_png(la, tmp_path / "lax.png", title="long axis")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    image_vol, label_vol = la.as_volumes()
+    assert image_vol.shape == (40, 30) and label_vol.spatial_ndim == 2
+    with pytest.raises(ValueError):
+        trained4d.render_plane(fit, centre, [1, 0, 0], [2, 0, 0], (4, 4))
+
+
+def test_save_load_identical_predictions(trained4d, cardiac_data, tmp_path):
+    from inrseg.checkpoints import read_metadata
+    from inrseg.segmenter import load_segmenter
+
+    img, _ = cardiac_data[2]
+    path = tmp_path / "nisf.safetensors"
+    trained4d.save(path)
+    meta = read_metadata(path)
+    assert meta["method"] == "nisf" and meta["infer_steps"] == trained4d.infer_steps
+    assert meta["val_curve"] == trained4d.val_curve and meta["config"]["activation"] == "gabor"
+    loaded = load_segmenter(path, "nisf")
+    assert isinstance(loaded, NISF) and loaded.infer_steps == trained4d.infer_steps
+    torch.testing.assert_close(loaded.train_latents, trained4d.train_latents)
+    np.testing.assert_array_equal(loaded.predict(img).data, trained4d.predict(img).data)
+
+
+def test_protocol_and_nifti_output(trained4d, cardiac_data, tmp_path):
+    from inrseg.data.io import load_labels, save_labels
+    from inrseg.segmenter import Segmenter, segmenter_class
+
+    assert isinstance(trained4d, Segmenter) and segmenter_class("nisf") is NISF
+    img, _ = cardiac_data[2]
+    fit = trained4d.fit_latents([img], steps=2)[0]
+    hi = trained4d.segment(fit, (2, 2, 1, 1))
+    save_labels(hi.data, tmp_path / "hi.nii.gz", like=hi)
+    back = load_labels(tmp_path / "hi.nii.gz", expect_ndim=4)
+    np.testing.assert_array_equal(back.data, hi.data)
+    np.testing.assert_allclose(back.affine, hi.affine, atol=1e-5)
+
+
+def test_bad_inputs(trained2d, cardiac_data):
+    img4, _ = cardiac_data[2]
+    with pytest.raises(InputError):
+        trained2d.predict(img4)
+    two = Volume(np.zeros((2, 32, 32), np.float32), BRAIN_AFFINE, 2)
+    with pytest.raises(InputError):
+        trained2d.predict(two)
+    with pytest.raises(ValueError):
+        config_from_preset("nope")
+    assert config_from_preset("nisf-cpu", steps=3).points_per_step == 8192
