@@ -120,3 +120,33 @@ def test_evaluate_cine_4d_per_frame(cli, tmp_path):
     assert pc["class-1"]["dice"] == 1.0 and pc["class-2"]["dice"] == 1.0
     # RV Dice is 1, 0, 1 over the three frames where present -> 2/3 per subject
     assert pc["class-3"]["dice"] == pytest.approx(2 / 3)
+
+
+def test_nisf_cli_train_heldout_and_plane(cli, tmp_path):
+    data = tmp_path / "C"
+    assert cli("--quiet", "data", "phantom", "--kind", "cardiac", "--n", "3", "--layout", "ukbb", "--shape",
+               "24,24,4", "--frames", "2", "--out", data).code == 0
+    ckpt = tmp_path / "nisf.safetensors"
+    res = cli("--quiet", "train", "nisf", "--data", data, "--out", ckpt, "--preset", "nisf-cpu-small",
+              "--steps", "20", "--infer-max-steps", "20", "--val-fraction", "0.34")
+    assert res.code == 0, res.err
+    meta = json.loads(cli("info", ckpt).out)
+    assert meta["method"] == "nisf" and 0 <= meta["infer_steps"] <= 20
+    sa = data / "heart000" / "sa.nii.gz"
+    out = tmp_path / "pred"
+    res = cli("--quiet", "segment", "--model", ckpt, "--input", sa, "--output", out, "--heldout", "2:1",
+              "--plane", "lax", "--plane-size", "24,16", "--plane-mm", "2")
+    assert res.code == 0, res.err
+    src = nib.load(sa)
+    lab = nib.load(out / "sa.nii.gz")
+    assert lab.shape == src.shape and np.allclose(lab.affine, src.affine)
+    plane = nib.load(out / "sa_plane.nii.gz")
+    assert plane.shape == (24, 16, 1) and (out / "sa_plane.png").exists()
+    assert np.linalg.norm(plane.affine[:3, 0]) == pytest.approx(2.0)
+    # a U-Net checkpoint cannot render planes: a clear error
+    unet = tmp_path / "u.safetensors"
+    from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
+
+    SupervisedSegmenter(["bg", "a"], 4 - 1, 1, SupervisedConfig(channels=(4, 8), num_res_units=0)).save(unet)
+    res = cli("segment", "--model", unet, "--input", sa, "--output", tmp_path / "x", "--plane", "lax")
+    assert res.code == 2 and "--plane needs an implicit model" in res.err

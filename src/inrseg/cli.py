@@ -148,15 +148,28 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
             output: Path = typer.Option(..., help="Output directory for the label maps."),
             scale: float = typer.Option(1.0, help="Resolution factor of the output grid (2 = twice as fine)."),
             method: Optional[str] = typer.Option(None, help="Refuse a checkpoint of another method."),
-            overlays: bool = typer.Option(False, help="Also write a PNG overlay per case.")) -> None:
+            overlays: bool = typer.Option(False, help="Also write a PNG overlay per case."),
+            heldout: Optional[str] = typer.Option(None, help="NISF: fit without these slices and predict "
+                                                            "them, 'AXIS:i,j,..' e.g. '2:3,4'."),
+            plane: Optional[str] = typer.Option(None, help="NISF (3D, 3D+t): also render a plane: 'lax' (through "
+                                                          "the centre, spanned by the first and through-plane "
+                                                          "axes) or 'cx,cy,cz;ux,uy,uz;vx,vy,vz' in world mm."),
+            plane_size: str = typer.Option("160,160", help="Plane size in pixels 'NU,NV'."),
+            plane_mm: float = typer.Option(1.0, help="Plane pixel size in mm."),
+            frame: float = typer.Option(0.0, help="3D+t: time frame of the plane.")) -> None:
     """Label images with a trained model; label maps carry the input's affine (or its resampled
-    version for --scale != 1)."""
+    version for --scale != 1). NISF models can also predict held-out slices and render planes."""
     from inrseg.data.io import load_image, save_labels
     from inrseg.data.layouts import case_id_of, image_files
     from inrseg.report import save_overlay
     from inrseg.segmenter import load_segmenter
 
     seg = load_segmenter(model, method)
+    for flag, needed in (("--heldout", heldout and "predict_heldout"), ("--plane", plane and "render_plane")):
+        if needed and not hasattr(seg, needed):
+            raise InputError(model, f"{flag} needs an implicit model that supports it (NISF); "
+                                    f"this is a {seg.method!r} checkpoint")
+    heldout_spec = _parse_heldout(heldout) if heldout else None
     groups = image_files(input)
     # Validate every input before writing anything, so a bad file leaves no partial output.
     for files in progress(groups, desc="checking inputs"):
@@ -164,12 +177,50 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
     output.mkdir(parents=True, exist_ok=True)
     for files in progress(groups, desc=f"segmenting ({seg.method})"):
         image = load_image(files, expect_ndim=seg.spatial_ndim)
-        labels = seg.predict(image, scale=scale)
         cid = case_id_of(files)
+        if heldout_spec is not None:
+            labels = seg.predict_heldout(image, heldout_spec[0], heldout_spec[1]).labels
+        else:
+            labels = seg.predict(image, scale=scale)
         save_labels(labels.data, output / f"{cid}.nii.gz", like=labels)
+        if plane:
+            _render_plane(seg, image, plane, _parse_shape(plane_size), plane_mm, frame, output / cid)
         if overlays and scale == 1.0:
             save_overlay(image, labels.data, output / f"{cid}.png", title=cid)
     status(f"wrote {len(groups)} label maps to {output}")
+
+
+def _parse_heldout(text: str) -> tuple[int, list[int]]:
+    try:
+        axis, idx = text.split(":")
+        return int(axis), [int(i) for i in idx.split(",") if i.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--heldout {text!r}: expected 'AXIS:i,j,..' e.g. '2:3,4'") from None
+
+
+def _render_plane(seg, image, spec: str, size, pixel_mm: float, frame: float, stem: Path) -> None:
+    """Fit the latent once, render the plane, write ``<stem>_plane.nii.gz`` (labels),
+    ``<stem>_plane_image.nii.gz`` and ``<stem>_plane.png``."""
+    import numpy as np
+
+    from inrseg.data.io import save_image, save_labels
+    from inrseg.methods.nisf import save_plane_png
+
+    if spec == "lax":
+        axes = image.affine[:3, :3]
+        centre = image.affine[:3, :3] @ ((np.asarray(image.shape[:3]) - 1) / 2) + image.affine[:3, 3]
+        u, v = axes[:, 0], axes[:, 2]
+    else:
+        try:
+            centre, u, v = ([float(x) for x in part.split(",")] for part in spec.split(";"))
+        except ValueError:
+            raise typer.BadParameter(f"--plane {spec!r}: expected 'lax' or 'cx,cy,cz;ux,uy,uz;vx,vy,vz'") from None
+    fit = seg.fit_latents([image])[0]
+    view = seg.render_plane(fit, centre, u, v, size, pixel_mm, frame)
+    img_vol, lab_vol = view.as_volumes()
+    save_labels(lab_vol.data, f"{stem}_plane.nii.gz", like=lab_vol)
+    save_image(img_vol, f"{stem}_plane_image.nii.gz")
+    save_plane_png(view, f"{stem}_plane.png")
 
 
 @app.command()
@@ -256,6 +307,33 @@ def train_segresnet(data: Path = _DATA, out: Path = _OUT,
     """Train the MONAI SegResNet baseline (4.7M parameters)."""
     _train_supervised("segresnet", data, out, "segresnet", steps, batch_size, budget_minutes,
                       val_fraction, splits, seed, resume)
+
+
+@train_app.command("nisf")
+def train_nisf(data: Path = _DATA, out: Path = _OUT,
+               preset: str = typer.Option("nisf-cpu", help="nisf-paper (8 x 128, GPU-sized), nisf-cpu, "
+                                                           "or nisf-cpu-small (4 x 64)."),
+               steps: Optional[int] = typer.Option(None, help="Prior-training steps."),
+               activation: Optional[str] = typer.Option(None, help="gabor (default), sine or relu (ablation)."),
+               infer_max_steps: Optional[int] = typer.Option(None, help="Longest latent fit tried on the "
+                                                                       "validation cases when choosing the step count."),
+               budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
+               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+    """Train NISF: an auto-decoder prior (network + one latent per training case); the number of
+    latent-fitting steps used at inference is chosen on the validation subjects."""
+    from inrseg.methods.nisf import NISF, PRESETS, config_from_preset
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
+    ds, train, val = _open_train_data(data, splits, val_fraction, seed)
+    overrides = {k: v for k, v in dict(steps=steps, activation=activation,
+                                       infer_max_steps=infer_max_steps).items() if v is not None}
+    cfg = config_from_preset(preset, seed=seed, budget_minutes=budget_minutes, **overrides)
+    model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
+    status(f"nisf: {model.num_params / 1e6:.3f}M parameters ({cfg.activation}, {cfg.depth} x {cfg.width})")
+    model.fit(train, val, state_path=_state_path(out, resume))
+    model.save(out)
+    status(f"saved {out} (inference steps chosen on validation: {model.infer_steps})")
 
 
 # ----------------------------------------------------------------------------------- demo
