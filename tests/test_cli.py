@@ -150,3 +150,16 @@ def test_nisf_cli_train_heldout_and_plane(cli, tmp_path):
     SupervisedSegmenter(["bg", "a"], 4 - 1, 1, SupervisedConfig(channels=(4, 8), num_res_units=0)).save(unet)
     res = cli("segment", "--model", unet, "--input", sa, "--output", tmp_path / "x", "--plane", "lax")
     assert res.code == 2 and "--plane needs an implicit model" in res.err
+
+
+def test_morse_cli_train_and_segment(cli, tmp_path):
+    data = write_blobs(tmp_path / "ds", n=4)
+    ckpt = tmp_path / "morse.safetensors"
+    res = cli("--quiet", "train", "morse", "--data", data, "--out", ckpt, "--backbone", "unet",
+              "--variant", "morse", "--steps", "4", "--batch-size", "2")
+    assert res.code == 0, res.err
+    meta = json.loads(cli("info", ckpt).out)
+    assert meta["method"] == "morse" and meta["config"]["variant"] == "morse"
+    res = cli("--quiet", "segment", "--model", ckpt, "--input", data / "imagesTr", "--output", tmp_path / "p")
+    assert res.code == 0, res.err
+    assert len(list((tmp_path / "p").glob("*.nii.gz"))) == 4

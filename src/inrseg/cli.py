@@ -336,6 +336,49 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
     status(f"saved {out} (inference steps chosen on validation: {model.infer_steps})")
 
 
+class Backbone(str, Enum):
+    unet = "unet"
+    transunet = "transunet"
+    unet3d = "unet3d"
+    unetr = "unetr"
+
+
+class MorseVariant(str, Enum):
+    baseline = "baseline"
+    pointrend = "pointrend"
+    smoe = "smoe"
+    iar = "iar"
+    morse = "morse"
+
+
+@train_app.command("morse")
+def train_morse(data: Path = _DATA, out: Path = _OUT,
+                backbone: Backbone = typer.Option(Backbone.unet, help="Segmentation backbone (unet3d for 3D data; "
+                                                                      "unet and unetr work in 2D and 3D)."),
+                variant: MorseVariant = typer.Option(MorseVariant.morse, help="baseline, pointrend, smoe (experts "
+                                                                              "only), iar (rendering only) or morse."),
+                preset: str = typer.Option("cpu", help="Widths: cpu (minutes on a CPU) or paper."),
+                steps: Optional[int] = typer.Option(None, help="Optimiser steps T (the L_rend schedule uses T)."),
+                batch_size: Optional[int] = typer.Option(None, help="Slices / crops per step."),
+                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
+                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+    """Train MORSE or one of its ablation variants on a backbone."""
+    from inrseg.methods.morse import MORSE, morse_config
+
+    ds, train, val = _open_train_data(data, splits, val_fraction, seed)
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size).items() if v is not None}
+    try:
+        cfg = morse_config(backbone.value, variant.value, ds.spatial_ndim, preset, seed=seed,
+                           budget_minutes=budget_minutes, **overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    model = MORSE(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
+    status(f"morse ({backbone.value}, {variant.value}): {model.num_params / 1e6:.2f}M parameters")
+    model.fit(train, val, state_path=_state_path(out, resume))
+    model.save(out)
+    status(f"saved {out} (best validation step {model.best_step})")
+
+
 # ----------------------------------------------------------------------------------- demo
 @app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is written."),
