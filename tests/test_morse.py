@@ -12,6 +12,7 @@ import torch
 from conftest import write_blobs
 from inrseg.data.io import Volume
 from inrseg.data.layouts import open_dataset, split_by_subject
+from inrseg.errors import InputError
 from inrseg.methods.morse import (VARIANTS, MORSE, MorseConfig, MorseNet, StochasticMoE,
                                   morse_config, rend_weight)
 from inrseg.metrics import case_metrics
@@ -279,6 +280,9 @@ def test_bad_config_and_input(blobs2d):
     with pytest.raises(ValueError):
         MorseConfig(backbone="resnet")
     model = MORSE(blobs2d.label_names, 2, 2, _tiny_cfg("unet", "baseline"))
-    from inrseg.errors import InputError
-    with pytest.raises(InputError):
+    with pytest.raises(InputError):                       # 1-channel image, 2-channel model
         model.predict(blobs2d.train[0].load_image())
+    with pytest.raises(InputError, match="unet3d"):        # a 3D backbone on 2D data
+        MORSE(blobs2d.label_names, 2, 1, _tiny_cfg("unet3d", "morse"))
+    with pytest.raises(InputError, match="multiples of 16"):
+        MORSE(blobs2d.label_names, 2, 1, _tiny_cfg("unetr", "morse", patch_size=(20, 20)))

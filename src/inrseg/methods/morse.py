@@ -82,7 +82,15 @@ EXPERT_DROPOUT = ("bernoulli", "count", "none")
 
 @dataclass
 class MorseConfig:
-    """Hyper-parameters of a MORSE model (saved in the checkpoint). Defaults: the paper's."""
+    """Hyper-parameters of a MORSE model (saved in the checkpoint).
+
+    Defaults are the paper's, except: backbone widths ``"cpu"``; the point head starts as the
+    identity on the coarse logits (``point_identity_init``); ``fourier_sigma`` (unpublished)
+    is 1 cycle per coordinate unit. :func:`morse_config` gives CPU-sized SMoE / point-head
+    widths. ``steps`` is the T of the ``L_rend`` schedule and of the learning-rate decay: with a
+    ``budget_minutes`` that stops training before ``T / 2``, the point head is never trained
+    and the model predicts with its coarse head.
+    """
 
     backbone: str = "unet"                  # unet | unet3d | transunet | unetr
     variant: str = "morse"                  # baseline | pointrend | smoe | iar | morse
@@ -406,9 +414,13 @@ class MORSE:
         cfg = self.config
         with torch.random.fork_rng():  # seeded initialisation, global RNG state untouched
             torch.manual_seed(cfg.seed)
-            backbone = build_backbone(cfg.backbone, spatial_ndim, in_channels,
-                                      len(self.label_names), img_size=self._net_size(),
-                                      preset=cfg.backbone_preset, **cfg.backbone_overrides)
+            try:
+                backbone = build_backbone(cfg.backbone, spatial_ndim, in_channels,
+                                          len(self.label_names), img_size=self._net_size(),
+                                          preset=cfg.backbone_preset, **cfg.backbone_overrides)
+            except (ValueError, TypeError) as exc:
+                raise InputError(None, f"cannot build the {cfg.backbone} backbone for "
+                                       f"{spatial_ndim}D images: {exc}") from None
             self.net = MorseNet(backbone, len(self.label_names), cfg)
         self.history: list[dict] = []
         self.best_step: int | None = None
