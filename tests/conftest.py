@@ -9,8 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from inrseg.cli import main
+
+# The tests use tiny tensors: one thread is faster than two and immune to a busy neighbour.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(os.environ.get("INRSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

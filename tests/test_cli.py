@@ -163,3 +163,23 @@ def test_morse_cli_train_and_segment(cli, tmp_path):
     res = cli("--quiet", "segment", "--model", ckpt, "--input", data / "imagesTr", "--output", tmp_path / "p")
     assert res.code == 0, res.err
     assert len(list((tmp_path / "p").glob("*.nii.gz"))) == 4
+
+
+def test_metaseg_cli_train_segment_2x_and_figures(cli, tmp_path):
+    data = write_blobs(tmp_path / "ds", n=5, shape=(24, 24))
+    ckpt = tmp_path / "ms.safetensors"
+    res = cli("--quiet", "train", "metaseg", "--data", data, "--out", ckpt, "--steps", "6", "--val-fraction", "0.2")
+    assert res.code == 0, res.err
+    meta = json.loads(cli("info", ckpt).out)
+    assert meta["method"] == "metaseg" and meta["t_f"] in (10, 25, 50, 100)
+    res = cli("--quiet", "segment", "--model", ckpt, "--input", data / "imagesTr" / "sub00_x_0000.nii.gz",
+              "--output", tmp_path / "p", "--scale", "2")
+    assert res.code == 0, res.err
+    up = nib.load(tmp_path / "p" / "sub00_x.nii.gz")
+    assert up.shape == (48, 48, 1) and up.affine[0, 0] == pytest.approx(0.5)
+    res = cli("--quiet", "figures", "--model", ckpt, "--data", data, "--out", tmp_path / "fig", "--cases", "1",
+              "--max-steps", "10")
+    assert res.code == 0, res.err
+    names = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert names == ["dice_psnr_vs_steps.json", "dice_psnr_vs_steps.png", "sub00_x_features_pca.png",
+                     "sub00_x_overlay.png"]

@@ -118,6 +118,20 @@ def test_siren_functional_forms_agree():
     assert l_b.shape == (2, 50, 5)
 
 
+def test_wider_deeper_head_option():
+    net = SirenSeg(2, 1, 16, 4, 5, head_hidden=32, head_layers=3)
+    params = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    assert params["g.0.weight"].shape == (32, 16) and params["g.4.weight"].shape == (5, 32)
+    assert set(params) == set(init_params(2, 1, 16, 4, 5, head_hidden=32, head_layers=3))
+    x = torch.rand(40, 2) * 2 - 1
+    out, logits = full_forward(params, x)
+    out2, logits2 = torch.func.functional_call(net, params, (x,))
+    torch.testing.assert_close(logits, logits2)
+    # the default head is the paper's Linear(h, h) -> LeakyReLU -> Linear(h, C)
+    assert {k for k in init_params(2, 1, 16, 4, 5) if k.startswith("g.")} == {
+        "g.0.weight", "g.0.bias", "g.2.weight", "g.2.bias"}
+
+
 def test_preset_parameter_counts():
     from inrseg.methods.metaseg import PRESETS
 

@@ -309,6 +309,58 @@ def train_segresnet(data: Path = _DATA, out: Path = _OUT,
                       val_fraction, splits, seed, resume)
 
 
+def metaseg_config(preset: str, paper: bool = False, **overrides):
+    """MetaSegConfig of a preset; ``paper=True`` selects the published (GPU-sized) settings:
+    every pixel in every inner/outer/test step, Adam lr 1e-4 throughout, the joint inner loss
+    (labels in the inner loop), 5,000 outer steps."""
+    from dataclasses import replace
+
+    from inrseg.methods.metaseg import PRESETS, MetaSegConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
+    cfg = MetaSegConfig(**PRESETS[preset])
+    if paper:
+        cfg = replace(cfg, points_per_task=None, fit_points=None, inner_lr=1e-4, outer_lr=1e-4,
+                      inner_loss="joint", steps=5000, phase2_lr=1e-4)
+    return replace(cfg, **overrides)
+
+
+@train_app.command("metaseg")
+def train_metaseg(data: Path = _DATA, out: Path = _OUT,
+                  preset: str = typer.Option("2d-seg4", help="2d-seg4 (6 x 128), 2d-seg24 (5 x 512) or "
+                                                             "3d-seg4 (6 x 256)."),
+                  steps: Optional[int] = typer.Option(None, help="Outer (meta) steps."),
+                  inner_steps: Optional[int] = typer.Option(None, help="Inner Adam steps per task."),
+                  meta_sgd: bool = typer.Option(False, help="Learn per-parameter inner learning rates."),
+                  first_order: bool = typer.Option(False, help="First-order MAML (cheaper)."),
+                  paper: bool = typer.Option(False, help="The paper's full settings (all pixels per step, "
+                                                         "lr 1e-4, joint inner loss, 5000 steps): for GPUs."),
+                  budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
+                  splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+    """Train MetaSeg: meta-learn a SIREN + segmentation head, retrain the head on fitted
+    features (phase 2) and choose the test-time step count T_f on the validation subjects."""
+    overrides = {k: v for k, v in dict(steps=steps, inner_steps=inner_steps).items() if v is not None}
+    _train_metaseg(data, out, preset, paper, budget_minutes, val_fraction, splits, seed, resume,
+                   meta_sgd=meta_sgd, first_order=first_order, **overrides)
+
+
+def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minutes: Optional[float],
+                   val_fraction: float, splits: Optional[Path], seed: int, resume: bool, **overrides) -> None:
+    from inrseg.methods.metaseg import MetaSeg
+
+    ds, train, val = _open_train_data(data, splits, val_fraction, seed)
+    try:
+        cfg = metaseg_config(preset, paper=paper, seed=seed, budget_minutes=budget_minutes, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    model = MetaSeg(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
+    status(f"metaseg ({preset}): {model.num_params / 1e6:.3f}M parameters")
+    model.fit(train, val, state_path=_state_path(out, resume))
+    model.save(out)
+    status(f"saved {out} (T_f = {model.t_f} test-time steps, chosen on validation)")
+
+
 @train_app.command("nisf")
 def train_nisf(data: Path = _DATA, out: Path = _OUT,
                preset: str = typer.Option("nisf-cpu", help="nisf-paper (8 x 128, GPU-sized), nisf-cpu, "
@@ -381,43 +433,81 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
 
 # ----------------------------------------------------------------------------------- demo
 @app.command()
+def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
+            data: Path = typer.Option(..., help="Dataset whose test cases (else training cases) are shown."),
+            out: Path = typer.Option(..., help="Output directory for the PNGs."),
+            cases: int = typer.Option(3, min=1, help="How many cases."),
+            max_steps: int = typer.Option(500, help="Longest test-time fit on the Dice/PSNR curve.")) -> None:
+    """MetaSeg figures: Dice and PSNR against test-time steps (paper Fig. 2), image / prediction /
+    ground-truth overlays, and the PCA of the fitted INR's features (Fig. 4)."""
+    from inrseg.data.layouts import open_dataset
+    from inrseg.figures import feature_pca_png, metaseg_step_curve, plot_step_curves
+    from inrseg.report import save_overlay
+    from inrseg.segmenter import load_segmenter
+
+    seg = load_segmenter(model, "metaseg")
+    ds = open_dataset(data)
+    chosen = (ds.test or ds.train)[:cases]
+    curves = {}
+    steps = [s for s in (0, 1, 2, 5, 10, 25, 50, 100, 200, 300, 500, 1000, 2000) if s <= max_steps]
+    for case in progress(chosen, desc="figures"):
+        image, labels = case.load()
+        curves[case.case_id] = metaseg_step_curve(seg, image, labels, steps)
+        save_overlay(image, seg.predict(image).data, out / f"{case.case_id}_overlay.png", gt=labels.data,
+                     title=f"{case.case_id} (MetaSeg, T_f = {seg.t_f})")
+        feature_pca_png(seg, image, out / f"{case.case_id}_features_pca.png")
+    plot_step_curves(curves, out / "dice_psnr_vs_steps.png", t_f=seg.t_f)
+    from inrseg.report import write_json
+
+    write_json(curves, out / "dice_psnr_vs_steps.json")
+    status(f"wrote figures for {len(chosen)} cases to {out}")
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is written."),
-         minutes: float = typer.Option(3.0, help="Training budget in minutes."),
+         minutes: float = typer.Option(2.0, help="Meta-training budget in minutes (phase 2 and the choice "
+                                                 "of T_f take about as long again)."),
          force: bool = typer.Option(True, help="Replace an earlier demo's output.")) -> None:
-    """The whole pipeline on embedded data: phantoms -> train -> segment -> evaluate -> overlays."""
-    from inrseg.data.io import load_labels
+    """The whole MetaSeg pipeline on embedded data, on the CPU in a few minutes: brain phantoms
+    -> meta-training -> test-time fitting of each test image -> NIfTI label maps, PNG overlays,
+    a Dice table and the Dice/PSNR-vs-steps figure."""
+    from inrseg.data.io import save_labels
     from inrseg.data.layouts import open_dataset
     from inrseg.data.phantoms import write_phantom_dataset
+    from inrseg.figures import metaseg_step_curve, plot_step_curves
     from inrseg.report import evaluate_dirs, format_table, save_overlay, write_report
+    from inrseg.segmenter import load_segmenter
 
     if out.exists() and force:
         shutil.rmtree(out)
     _check_output_dir(out, False)
     data = out / "data"
-    status("1/4 writing a brain2d phantom dataset (12 training + 4 test subjects)")
-    write_phantom_dataset("brain2d", data, n_train=12, n_test=4, seed=0, shape=(128, 128))
-    status(f"2/4 training a U-Net baseline ({minutes} min budget)")
-    ckpt = out / "model.safetensors"
-    _train_supervised("unet", data, ckpt, "unet-small", 400, 8, minutes, 0.25, None, 0, False)
-    status("3/4 segmenting the test images")
-    from inrseg.segmenter import load_segmenter
-
+    status("1/4 writing a brain2d phantom dataset (16 training + 4 test subjects, 96 x 112)")
+    write_phantom_dataset("brain2d", data, n_train=16, n_test=4, seed=0, shape=(96, 112))
+    status(f"2/4 meta-training MetaSeg (2d-seg4 preset, {minutes} min budget), phase 2, T_f on validation")
+    ckpt = out / "metaseg.safetensors"
+    # demo-sized phase 2 and T_f search: 8 training images, three candidate step counts
+    _train_metaseg(data, ckpt, "2d-seg4", False, minutes, 0.25, None, 0, False,
+                   phase2_max_cases=8, tf_candidates=(25, 50, 100))
+    status("3/4 fitting and segmenting the test images")
     seg = load_segmenter(ckpt)
-    ds = open_dataset(data)
     pred_dir = out / "predictions"
-    from inrseg.data.io import save_labels
-
-    for case in progress(ds.test, desc="segmenting"):
-        image = case.load_image()
-        labels = seg.predict(image)
-        save_labels(labels.data, pred_dir / f"{case.case_id}.nii.gz", like=labels)
-        save_overlay(image, labels.data, out / "overlays" / f"{case.case_id}.png",
-                     gt=load_labels(case.label_path).data, title=case.case_id)
+    curves = {}
+    for i, case in enumerate(progress(open_dataset(data).test, desc="segmenting")):
+        image, labels = case.load()
+        pred = seg.predict(image)
+        save_labels(pred.data, pred_dir / f"{case.case_id}.nii.gz", like=pred)
+        save_overlay(image, pred.data, out / "overlays" / f"{case.case_id}.png", gt=labels.data,
+                     title=f"{case.case_id}: MetaSeg after T_f = {seg.t_f} steps")
+        if i < 2:
+            curves[case.case_id] = metaseg_step_curve(seg, image, labels, (0, 1, 5, 10, 25, 50, 100, 200))
+    plot_step_curves(curves, out / "dice_psnr_vs_steps.png", t_f=seg.t_f)
     status("4/4 evaluating")
     per_case, summary, names = evaluate_dirs(pred_dir, data / "labelsTs")
     write_report(out / "report", per_case, summary, names)
     print(format_table(summary))
-    status(f"demo finished: {out}/ (predictions/, overlays/, report/, model.safetensors)")
+    status(f"demo finished: {out}/ (predictions/*.nii.gz, overlays/*.png, dice_psnr_vs_steps.png, "
+           f"report/, metaseg.safetensors)")
 
 
 # ----------------------------------------------------------------------------------- entry
