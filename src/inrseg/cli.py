@@ -412,13 +412,18 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
                 preset: str = typer.Option("cpu", help="Widths: cpu (minutes on a CPU) or paper."),
                 steps: Optional[int] = typer.Option(None, help="Optimiser steps T (the L_rend schedule uses T)."),
                 batch_size: Optional[int] = typer.Option(None, help="Slices / crops per step."),
+                lr: Optional[float] = typer.Option(None, help="Initial learning rate (AdamW, default 5e-4)."),
+                expert_dropout: Optional[str] = typer.Option(None, help="bernoulli (paper, alpha 0.7), count "
+                                                                        "(official code) or none; slows short "
+                                                                        "CPU runs down a lot."),
                 budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                 splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
     """Train MORSE or one of its ablation variants on a backbone."""
     from inrseg.methods.morse import MORSE, morse_config
 
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
-    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size).items() if v is not None}
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr,
+                                       expert_dropout=expert_dropout).items() if v is not None}
     try:
         cfg = morse_config(backbone.value, variant.value, ds.spatial_ndim, preset, seed=seed,
                            budget_minutes=budget_minutes, **overrides)

@@ -117,6 +117,8 @@ class MetaSegConfig:
     hidden: int = 128                      # width of f and of the head's hidden layer
     layers: int = 6                        # linear layers of f (layers - 1 sine layers)
     w0: float = 30.0
+    head_hidden: int | None = None         # hidden width of the head (None: hidden, as the paper)
+    head_layers: int = 2                   # linear layers of the head (2: the paper's)
     # loss: MSE(pixels) + seg_weight * focal(labels)
     focal_gamma: float = 1.0
     seg_weight: float = 1.0
@@ -295,7 +297,8 @@ class MetaSeg:
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
         self.params: dict[str, torch.Tensor] = init_params(
-            spatial_ndim, in_channels, cfg.hidden, cfg.layers, len(self.label_names), cfg.w0, gen)
+            spatial_ndim, in_channels, cfg.hidden, cfg.layers, len(self.label_names), cfg.w0, gen,
+            head_hidden=cfg.head_hidden, head_layers=cfg.head_layers)
         self.lrs: dict[str, torch.Tensor] | None = (
             {k: torch.full_like(v, cfg.inner_lr) for k, v in self.params.items()} if cfg.meta_sgd else None)
         self.t_f: int = cfg.default_tf

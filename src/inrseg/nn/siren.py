@@ -74,10 +74,24 @@ def siren_forward(params: Params, coords: torch.Tensor, w0: float = 30.0
     return out, feats
 
 
+def num_head_layers(params: Params) -> int:
+    """Number of linear layers of the head ``g`` (``g.0``, ``g.2``, ...) in a parameter dict."""
+    n = 0
+    while f"g.{2 * n}.weight" in params:
+        n += 1
+    return n
+
+
 def head_forward(params: Params, features: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
-    """Segmentation head ``g``: features ``(..., h)`` -> class logits ``(..., C)``."""
-    x = F.leaky_relu(F.linear(features, params["g.0.weight"], params["g.0.bias"]), slope)
-    return F.linear(x, params["g.2.weight"], params["g.2.bias"])
+    """Segmentation head ``g``: features ``(..., h)`` -> class logits ``(..., C)``; linear layers
+    ``g.0, g.2, ...`` with LeakyReLU between them (the paper's head has two)."""
+    n = num_head_layers(params)
+    x = features
+    for i in range(n):
+        x = F.linear(x, params[f"g.{2 * i}.weight"], params[f"g.{2 * i}.bias"])
+        if i < n - 1:
+            x = F.leaky_relu(x, slope)
+    return x
 
 
 def full_forward(params: Params, coords: torch.Tensor, w0: float = 30.0
@@ -89,8 +103,11 @@ def full_forward(params: Params, coords: torch.Tensor, w0: float = 30.0
 
 def init_params(in_features: int, out_features: int, hidden: int, layers: int, num_classes: int,
                 w0: float = 30.0, generator: torch.Generator | None = None,
-                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """SIREN-initialised ``f`` (``layers`` linear layers of width ``hidden``) and head ``g``.
+                dtype: torch.dtype = torch.float32, head_hidden: int | None = None,
+                head_layers: int = 2) -> dict[str, torch.Tensor]:
+    """SIREN-initialised ``f`` (``layers`` linear layers of width ``hidden``) and head ``g``
+    (``head_layers`` linear layers, hidden width ``head_hidden``, default ``hidden``: the
+    paper's ``Linear(h, h) -> LeakyReLU -> Linear(h, C)``).
 
     The head uses PyTorch's default ``nn.Linear`` init (``U(+-1/sqrt(in))`` for weight and bias).
     """
@@ -107,7 +124,11 @@ def init_params(in_features: int, out_features: int, hidden: int, layers: int, n
         bound = 1.0 / fan_in if i == 0 else math.sqrt(6.0 / fan_in) / w0
         params[f"f.{i}.weight"] = uniform((fan_out, fan_in), bound)
         params[f"f.{i}.bias"] = uniform((fan_out,), 1.0 / math.sqrt(fan_in))
-    for name, (fan_in, fan_out) in (("g.0", (hidden, hidden)), ("g.2", (hidden, num_classes))):
+    if head_layers < 1:
+        raise ValueError(f"the head needs at least 1 linear layer, got {head_layers}")
+    hdims = [hidden] + [head_hidden or hidden] * (head_layers - 1) + [num_classes]
+    for i in range(head_layers):
+        name, fan_in, fan_out = f"g.{2 * i}", hdims[i], hdims[i + 1]
         params[f"{name}.weight"] = uniform((fan_out, fan_in), 1.0 / math.sqrt(fan_in))
         params[f"{name}.bias"] = uniform((fan_out,), 1.0 / math.sqrt(fan_in))
     return params
@@ -121,15 +142,23 @@ class SirenSeg(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, hidden: int, layers: int,
-                 num_classes: int, w0: float = 30.0, generator: torch.Generator | None = None) -> None:
+                 num_classes: int, w0: float = 30.0, generator: torch.Generator | None = None,
+                 head_hidden: int | None = None, head_layers: int = 2) -> None:
         super().__init__()
         self.w0 = w0
         self.f = nn.ModuleList()
         dims = [in_features] + [hidden] * (layers - 1) + [out_features]
         for i in range(layers):
             self.f.append(nn.Linear(dims[i], dims[i + 1]))
-        self.g = nn.Sequential(nn.Linear(hidden, hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, num_classes))
-        init = init_params(in_features, out_features, hidden, layers, num_classes, w0, generator)
+        hdims = [hidden] + [head_hidden or hidden] * (head_layers - 1) + [num_classes]
+        mods: list[nn.Module] = []
+        for i in range(head_layers):
+            if i:
+                mods.append(nn.LeakyReLU(0.01))
+            mods.append(nn.Linear(hdims[i], hdims[i + 1]))
+        self.g = nn.Sequential(*mods)
+        init = init_params(in_features, out_features, hidden, layers, num_classes, w0, generator,
+                           head_hidden=head_hidden, head_layers=head_layers)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 p.copy_(init[name])
@@ -140,7 +169,7 @@ class SirenSeg(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for i, lin in enumerate(self.f):
             out[f"f.{i}.weight"], out[f"f.{i}.bias"] = lin.weight, lin.bias
-        for i in (0, 2):
+        for i in range(0, len(self.g), 2):
             out[f"g.{i}.weight"], out[f"g.{i}.bias"] = self.g[i].weight, self.g[i].bias
         return out
 
