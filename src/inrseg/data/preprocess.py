@@ -33,3 +33,14 @@ def normalize(image: np.ndarray, mode: str = "zscore") -> np.ndarray:
         else:
             raise ValueError(f"unknown normalisation {mode!r} (zscore, minmax)")
     return out
+
+
+def check_input(image, in_channels: int, spatial_ndim: int) -> None:
+    """Raise :class:`~inrseg.errors.InputError` (naming the image's file) unless ``image`` (a
+    :class:`~inrseg.data.io.Volume`) has the channel count and dimensionality a model expects."""
+    from inrseg.errors import InputError
+
+    if image.data.shape[0] != in_channels:
+        raise InputError(image.path, f"has {image.data.shape[0]} channels, the model expects {in_channels}")
+    if image.spatial_ndim != spatial_ndim:
+        raise InputError(image.path, f"is {image.spatial_ndim}D, the model is {spatial_ndim}D")

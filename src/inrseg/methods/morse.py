@@ -63,7 +63,7 @@ from inrseg.checkpoints import load_checkpoint, load_train_state, save_checkpoin
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
-from inrseg.data.preprocess import normalize
+from inrseg.data.preprocess import check_input, normalize
 from inrseg.errors import InputError
 from inrseg.methods.supervised import pad_to_multiple, sample_patch_batch
 from inrseg.metrics import case_metrics
@@ -441,12 +441,7 @@ class MORSE:
 
     # ------------------------------------------------------------------ data
     def _prepare(self, image: Volume) -> torch.Tensor:
-        if image.data.shape[0] != self.in_channels:
-            raise InputError(image.path, f"has {image.data.shape[0]} channels, the model expects "
-                                         f"{self.in_channels}")
-        if image.spatial_ndim != self.spatial_ndim:
-            raise InputError(image.path, f"is {image.spatial_ndim}D, the model is "
-                                         f"{self.spatial_ndim}D")
+        check_input(image, self.in_channels, self.spatial_ndim)
         return torch.from_numpy(normalize(image.data, self.config.normalization))
 
     def _patch_size(self, shape: Sequence[int]) -> tuple[int, ...]:
