@@ -69,7 +69,8 @@ from inrseg.data.io import Volume
 from inrseg.data.preprocess import normalize
 from inrseg.errors import InputError
 from inrseg.metrics import case_metrics
-from inrseg.nn.gabor import ACTIVATIONS, FourierFeatures, make_layer, split_linear
+from inrseg.nn.fourier import GaussianFourierFeatures
+from inrseg.nn.gabor import ACTIVATIONS, make_layer, split_linear
 from inrseg.progress import progress, status
 
 __all__ = ["NISF", "NISFConfig", "NISFNet", "PRESETS", "LatentFit", "HeldOutResult", "PlaneView",
@@ -161,9 +162,9 @@ class NISFNet(nn.Module):
         W, L = cfg.width, cfg.latent_dim
         self.coord_dim, self.latent_dim = coord_dim, L
         if cfg.activation == "relu":
-            self.encoding: nn.Module | None = FourierFeatures(coord_dim, cfg.fourier_frequencies,
-                                                              cfg.fourier_sigma, seed=cfg.seed)
-            in_c = self.encoding.out_features
+            self.encoding: nn.Module | None = GaussianFourierFeatures(
+                coord_dim, cfg.fourier_frequencies, cfg.fourier_sigma, trainable=False, seed=cfg.seed)
+            in_c = self.encoding.out_dim
         else:
             self.encoding = None
             in_c = coord_dim

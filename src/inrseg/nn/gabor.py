@@ -26,7 +26,7 @@ Layers
     others ``U(-sqrt(6/in)/w0, sqrt(6/in)/w0)``; ``w0 = 30``.
 :class:`ReluLayer`
     ``y = relu(W x + b)``, Kaiming-uniform (PyTorch default) initialisation; used after
-    :class:`FourierFeatures` (Tancik et al. 2020) for the ReLU + positional-encoding ablation.
+    :class:`inrseg.nn.fourier.GaussianFourierFeatures` (Tancik et al. 2020, fixed) for the ReLU + positional-encoding ablation.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GaborLayer", "gabor_activation", "SineLayer", "ReluLayer", "FourierFeatures", "make_layer",
+__all__ = ["GaborLayer", "gabor_activation", "SineLayer", "ReluLayer", "make_layer",
            "split_linear", "ACTIVATIONS"]
 
 #: the Gaussian envelope's exponent is clamped at this value (see GaborLayer.activate).
@@ -175,33 +175,6 @@ class ReluLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activate(self.linear(x))
-
-
-class FourierFeatures(nn.Module):
-    """Gaussian random Fourier features ``(..., d) -> (..., 2 * num_frequencies)``.
-
-    ``gamma(x) = [sin(2 pi B x), cos(2 pi B x)]`` with a fixed (non-trainable, but saved) matrix
-    ``B ~ N(0, sigma^2)`` of shape ``(num_frequencies, d)``; ``sigma`` is in cycles per unit of
-    coordinate (coordinates span ``[-1, 1]``, so ``sigma = 10`` resolves ~1/40 of the field of
-    view).
-
-    Args:
-        in_features: coordinate dimension ``d``.
-        num_frequencies: number of random frequencies.
-        sigma: standard deviation of the frequencies.
-        seed: seed of ``B`` (deterministic construction).
-    """
-
-    def __init__(self, in_features: int, num_frequencies: int = 128, sigma: float = 10.0,
-                 seed: int = 0) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("B", torch.randn(num_frequencies, in_features, generator=gen) * sigma)
-        self.in_features, self.out_features = in_features, 2 * num_frequencies
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = 2 * math.pi * F.linear(x, self.B)
-        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
 
 def make_layer(activation: str, in_features: int, out_features: int, *, w0: float | None = None,
