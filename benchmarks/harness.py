@@ -25,11 +25,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from inrseg.data.grids import resampled_affine
+from inrseg.data.io import Volume
 from inrseg.data.layouts import Case, Dataset
-from inrseg.metrics import case_metrics, summarize
+from inrseg.metrics import CaseMetrics, case_metrics, summarize
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# INRSEG_RESULTS: write elsewhere (smoke tests), default benchmarks/results/
+RESULTS = Path(os.environ.get("INRSEG_RESULTS", Path(__file__).resolve().parent / "results"))
 SHARED_DATA = Path(os.environ.get("INRSEG_SHARED_DATA",
                                   Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -56,7 +60,10 @@ class MethodResult:
 
 
 def num_params(model) -> int:
-    """Trainable + frozen parameters of a segmenter (sums every nn.Module attribute)."""
+    """Parameters of a segmenter: its ``num_params`` when it reports one (MetaSeg keeps its
+    weights in a dict), else the sum over its nn.Module attributes."""
+    if hasattr(model, "num_params"):
+        return int(model.num_params)
     seen, total = set(), 0
     for value in vars(model).values():
         if isinstance(value, torch.nn.Module):
@@ -67,16 +74,68 @@ def num_params(model) -> int:
     return total
 
 
+def frame_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                  spacing: Sequence[float] | None = None, distances: bool = True) -> list[CaseMetrics]:
+    """Metrics of one case as a list: ``[case_metrics(...)]`` for 2D / 3D label maps; for 3D+t
+    ``(X, Y, Z, T)`` maps one entry per time frame (3D metrics with the spatial ``spacing``), so
+    that HD95 / ASD stay physical distances. Summaries over the list weight frames equally."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if gt.ndim == 4:
+        sp = None if spacing is None else tuple(spacing)[:3]
+        return [case_metrics(pred[..., t], gt[..., t], num_classes, sp, distances)
+                for t in range(gt.shape[3])]
+    return [case_metrics(pred, gt, num_classes, spacing, distances)]
+
+
+def downsample2(image: Volume) -> Volume:
+    """2x mean pooling of every spatial axis (axes of odd length lose their last voxel).
+
+    3D+t images: the three spatial axes are pooled, time is kept (frame by frame)."""
+    if image.spatial_ndim == 4:
+        c, t = image.data.shape[0], image.data.shape[4]
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image.data, 4, 1)))  # (C, T, X, Y, Z)
+        low = F.avg_pool3d(x.reshape(c * t, *x.shape[2:]), 2)
+        low = np.moveaxis(low.reshape(c, t, *low.shape[1:]).numpy(), 1, 4)
+        return Volume(np.ascontiguousarray(low), resampled_affine(image.affine, image.shape, low.shape[1:]),
+                      4, image.time_step, path=image.path)
+    x = torch.from_numpy(image.data)[None]
+    pool = F.avg_pool2d if image.spatial_ndim == 2 else F.avg_pool3d
+    low = pool(x, 2)[0].numpy()
+    new_shape = low.shape[1:]
+    return Volume(low, resampled_affine(image.affine, image.shape, new_shape), image.spatial_ndim,
+                  path=image.path)
+
+
+def lowres_dice(model, cases: Sequence[Case], num_classes: int) -> float:
+    """Mean foreground Dice of predictions made from the 2x-downsampled image (:func:`downsample2`)
+    at full resolution (``model.predict(low, scale=2)``; 3D+t: ``scale=(2, 2, 2, 1)``, time kept),
+    against the full-resolution labels (cropped to the even part of odd axes)."""
+    metrics = []
+    for case in cases:
+        image, labels = case.load()
+        low = downsample2(image)
+        if image.spatial_ndim == 4:
+            pred = model.predict(low, scale=(2.0, 2.0, 2.0, 1.0))
+            full = tuple(2 * n for n in low.shape[:3]) + (low.shape[3],)
+        else:
+            pred = model.predict(low, scale=2.0)
+            full = tuple(2 * n for n in low.shape)
+        gt = labels.data[tuple(slice(0, n) for n in full)]
+        metrics += frame_metrics(pred.data, gt, num_classes, distances=False)
+    return summarize(metrics, [f"c{i}" for i in range(num_classes)])["mean_foreground_dice"]
+
+
 def evaluate_cases(model, cases: Sequence[Case], num_classes: int, scale: float = 1.0,
                    distances: bool = True) -> tuple[dict, list[float]]:
-    """Predict every case (timed) and score it; returns ``(summary, seconds_per_case)``."""
+    """Predict every case (timed) and score it; returns ``(summary, seconds_per_case)``.
+    3D+t cases are scored frame by frame (:func:`frame_metrics`)."""
     metrics, seconds = [], []
     for case in cases:
         image, labels = case.load()
         t0 = time.perf_counter()
         pred = model.predict(image, scale=scale)
         seconds.append(time.perf_counter() - t0)
-        metrics.append(case_metrics(pred.data, labels.data, num_classes, labels.spacing, distances))
+        metrics += frame_metrics(pred.data, labels.data, num_classes, labels.spacing, distances)
     names = [f"c{i}" for i in range(num_classes)]
     return summarize(metrics, names), seconds
 
@@ -151,3 +210,30 @@ def write_results(name: str, sections: dict[str, str], notes: str = "") -> Path:
         body += [f"## {title}", "", table, ""]
     path.write_text("\n".join(body))
     return path
+
+
+def parse_overrides(config_cls, items: Sequence[str]) -> dict:
+    """``["key=value", ...]`` -> keyword overrides for the dataclass ``config_cls``.
+
+    Values: ``none`` / ``true`` / ``false``; ``a,b,c`` -> a tuple of ints (or floats); numbers
+    with ``.`` or ``e`` -> float, other numbers -> int; anything else stays a string."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+
+    def scalar(v: str):
+        low = v.lower()
+        if low in ("none", "true", "false"):
+            return {"none": None, "true": True, "false": False}[low]
+        try:
+            return float(v) if any(c in low for c in ".e") and not low.isalpha() else int(v)
+        except ValueError:
+            return v
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: not KEY=VALUE with a field of {config_cls.__name__}")
+        out[key] = tuple(scalar(v) for v in value.split(",") if v) if "," in value else scalar(value)
+    return out

@@ -29,12 +29,9 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from baselines import supervised_factory
-from harness import SHARED_DATA, evaluate_cases, markdown_table, run_method, write_results
-from inrseg.data.grids import resampled_affine
-from inrseg.data.io import Volume
+from harness import SHARED_DATA, evaluate_cases, lowres_dice, markdown_table, run_method, write_results
 from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.methods.metaseg import PRESETS, MetaSeg, MetaSegConfig
 from inrseg.metrics import case_metrics, summarize
@@ -56,29 +53,6 @@ def parse_sets(items: list[str]) -> dict:
         else:
             out[key] = float(value) if any(c in value for c in ".e") else int(value)
     return out
-
-
-def downsample2(image: Volume) -> Volume:
-    """2x mean pooling of every spatial axis (axes of odd length lose their last voxel)."""
-    x = torch.from_numpy(image.data)[None]
-    pool = F.avg_pool2d if image.spatial_ndim == 2 else F.avg_pool3d
-    low = pool(x, 2)[0].numpy()
-    new_shape = low.shape[1:]
-    return Volume(low, resampled_affine(image.affine, image.shape, new_shape), image.spatial_ndim,
-                  path=image.path)
-
-
-def lowres_dice(model, cases, num_classes: int) -> float:
-    """Mean foreground Dice of predictions made from the 2x-downsampled image at full resolution."""
-    metrics = []
-    for case in cases:
-        image, labels = case.load()
-        low = downsample2(image)
-        pred = model.predict(low, scale=2.0)
-        full = tuple(2 * n for n in low.shape)
-        gt = labels.data[tuple(slice(0, n) for n in full)]
-        metrics.append(case_metrics(pred.data, gt, num_classes, distances=False))
-    return summarize(metrics, [f"c{i}" for i in range(num_classes)])["mean_foreground_dice"]
 
 
 def dice_at_steps(model: MetaSeg, cases, steps, num_classes: int) -> dict[int, float]:
