@@ -59,13 +59,13 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
 
-from inrseg.checkpoints import load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from inrseg.checkpoints import load_checkpoint, save_checkpoint, save_train_state
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
 from inrseg.errors import InputError
-from inrseg.methods.supervised import pad_to_multiple, sample_patch_batch
+from inrseg.methods.supervised import pad_to_multiple, restore_training, sample_patch_batch
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import BACKBONES, SegBackbone, build_backbone
 from inrseg.nn.fourier import GaussianFourierFeatures
@@ -496,18 +496,14 @@ class MORSE:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: max(0.0, 1 - min(s, cfg.steps) / cfg.steps) ** cfg.poly_power)
         start, best_score, best_state = 0, -1.0, None
-        if state_path is not None and Path(state_path).exists():
-            st = load_train_state(state_path, self.method)
-            self.net.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
+        st = restore_training(state_path, self.method, self.net, opt, sched)
+        if st is not None:
             start, best_score = int(st["step"]), float(st["best_score"])
             best_state = st.get("best_model")
             self.history, self.best_step = list(st["history"]), st["best_step"]
             self.rend_steps = int(st["rend_steps"])
             rng = np.random.default_rng([cfg.seed, start])
             torch.manual_seed(cfg.seed + start)
-            status(f"resuming from step {start} ({state_path})")
         t0 = time.perf_counter()
         bar = progress(total=cfg.steps, desc=f"training morse/{cfg.variant}", initial=start)
         for step in range(start, cfg.steps):

@@ -81,6 +81,21 @@ def build_network(cfg: SupervisedConfig, spatial_ndim: int, in_channels: int,
     raise ValueError(f"unknown architecture {cfg.arch!r} (unet, segresnet)")
 
 
+def restore_training(state_path: Path | None, method: str, net: torch.nn.Module,
+                     opt: torch.optim.Optimizer, sched) -> dict | None:
+    """Resume: if ``state_path`` exists, load the network, optimizer and scheduler states saved
+    there and return the whole state (step, best score, history, method-specific keys); else
+    ``None``."""
+    if state_path is None or not Path(state_path).exists():
+        return None
+    st = load_train_state(state_path, method)
+    net.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    status(f"resuming from step {int(st['step'])} ({state_path})")
+    return st
+
+
 def pad_to_multiple(x: torch.Tensor, k: int, spatial_ndim: int) -> tuple[torch.Tensor, list[slice]]:
     """Zero-pad the last ``spatial_ndim`` axes of ``x`` up to multiples of ``k`` (symmetric).
 
@@ -182,16 +197,12 @@ class SupervisedSegmenter:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
         start, best_score, best_state = 0, -1.0, None
-        if state_path is not None and Path(state_path).exists():
-            st = load_train_state(state_path, self.method)
-            self.net.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
+        st = restore_training(state_path, self.method, self.net, opt, sched)
+        if st is not None:
             start, best_score = int(st["step"]), float(st["best_score"])
             best_state = st.get("best_model")
             self.history, self.best_step = list(st["history"]), st["best_step"]
             rng = np.random.default_rng([cfg.seed, start])
-            status(f"resuming from step {start} ({state_path})")
         t0 = time.perf_counter()
         bar = progress(total=cfg.steps, desc=f"training {self.method}", initial=start)
         step = start
