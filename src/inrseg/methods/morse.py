@@ -65,7 +65,8 @@ from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
 from inrseg.errors import InputError
-from inrseg.methods.supervised import pad_to_multiple, restore_training, sample_patch_batch
+from inrseg.methods.supervised import (load_training_tensors, pad_to_multiple, restore_training,
+                                       sample_patch_batch)
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import BACKBONES, SegBackbone, build_backbone
 from inrseg.nn.fourier import GaussianFourierFeatures
@@ -480,11 +481,7 @@ class MORSE:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        images, labels = [], []
-        for case in progress(train, desc="loading training cases"):
-            img, lab = case.load()
-            images.append(self._prepare(img))
-            labels.append(torch.from_numpy(lab.data.astype(np.int64)))
+        images, labels = load_training_tensors(train, self._prepare)
         val_data = [c.load() for c in (val or [])]
         patch = self._patch_size(np.max([x.shape[1:] for x in images], axis=0))
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)

@@ -81,6 +81,17 @@ def build_network(cfg: SupervisedConfig, spatial_ndim: int, in_channels: int,
     raise ValueError(f"unknown architecture {cfg.arch!r} (unet, segresnet)")
 
 
+def load_training_tensors(cases: Sequence[Case], prepare) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Load every case: images through ``prepare`` (``Volume -> (C, *S)`` tensor) and label maps
+    as int64 ``(*S,)`` tensors."""
+    images, labels = [], []
+    for case in progress(cases, desc="loading training cases"):
+        img, lab = case.load()
+        images.append(prepare(img))
+        labels.append(torch.from_numpy(lab.data.astype(np.int64)))
+    return images, labels
+
+
 def restore_training(state_path: Path | None, method: str, net: torch.nn.Module,
                      opt: torch.optim.Optimizer, sched) -> dict | None:
     """Resume: if ``state_path`` exists, load the network, optimizer and scheduler states saved
@@ -185,11 +196,7 @@ class SupervisedSegmenter:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        images, labels = [], []
-        for case in progress(train, desc="loading training cases"):
-            img, lab = case.load()
-            images.append(self._prepare(img))
-            labels.append(torch.from_numpy(lab.data))
+        images, labels = load_training_tensors(train, self._prepare)
         val_data = [c.load() for c in (val or [])]
         patch = self._patch_size(np.max([x.shape[1:] for x in images], axis=0))
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
