@@ -9,7 +9,7 @@ import torch
 from conftest import write_blobs
 from inrseg.data.grids import resampled_affine
 from inrseg.data.layouts import open_dataset, split_by_subject
-from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
+from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter, sample_patch_batch
 from inrseg.metrics import case_metrics
 from inrseg.segmenter import Segmenter, load_segmenter
 
@@ -77,3 +77,21 @@ def test_3d_sliding_window_and_segresnet(tmp_path):
     seg = SegResNetSegmenter(ds.label_names, 3, 1, SupervisedConfig(arch="segresnet", init_filters=8,
                                                                      patch_size=(16, 16, 16)))
     assert seg.predict(img).shape == (20, 24, 28)
+
+
+def test_foreground_oversampling_of_crops():
+    """fraction 1: every crop holds foreground; fraction 0: crops are uniform (mostly empty here)."""
+    image = torch.randn(1, 40, 40, 40)
+    label = torch.zeros(40, 40, 40, dtype=torch.int64)
+    label[30:33, 2:4, 35:38] = 2                       # a small lesion near a corner
+    rng = np.random.default_rng(0)
+    x, y = sample_patch_batch([image], [label], (16, 16, 16), 32, rng, augment=False,
+                              foreground_fraction=1.0)
+    assert x.shape == (32, 1, 16, 16, 16) and y.shape == (32, 1, 16, 16, 16)
+    assert all((y[i] > 0).any() for i in range(32))
+    _, y0 = sample_patch_batch([image], [label], (16, 16, 16), 32, rng, augment=False)
+    assert sum(bool((y0[i] > 0).any()) for i in range(32)) < 16
+    # crops still match the image: the cropped labels come from the same place as the image
+    x1, y1 = sample_patch_batch([label[None].float()], [label], (16, 16, 16), 4, rng,
+                                augment=False, foreground_fraction=1.0)
+    assert torch.equal(x1[:, 0].long(), y1[:, 0])

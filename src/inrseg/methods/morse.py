@@ -127,6 +127,7 @@ class MorseConfig:
     val_every: int = 100
     budget_minutes: float | None = None
     augment: bool = True
+    foreground_fraction: float = 0.33       # 3D crops forced to contain foreground (nnU-Net: 1/3)
     normalization: str = "zscore"
     seed: int = 0
 
@@ -505,7 +506,8 @@ class MORSE:
         bar = progress(total=cfg.steps, desc=f"training morse/{cfg.variant}", initial=start)
         for step in range(start, cfg.steps):
             self.net.train()
-            x, y = sample_patch_batch(images, labels, patch, cfg.batch_size, rng, cfg.augment)
+            x, y = sample_patch_batch(images, labels, patch, cfg.batch_size, rng, cfg.augment,
+                                      cfg.foreground_fraction)
             weight = rend_weight(step + 1, cfg.steps, cfg.lambda_rend)
             loss, parts = self._losses(x, y, weight, loss_fn)
             opt.zero_grad(set_to_none=True)
