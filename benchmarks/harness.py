@@ -179,6 +179,10 @@ def commit() -> str:
         return "unknown"
 
 
+# the commit the run started from (a long run's results must not name a later commit)
+START_COMMIT = commit()
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """Rows of dicts -> a GitHub markdown table (floats to 4 significant decimals)."""
     cols: list[str] = []
@@ -202,7 +206,7 @@ def write_results(name: str, sections: dict[str, str], notes: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     path = RESULTS / f"{now:%Y-%m-%d}-{name}.md"
-    body = [f"# {name}", "", f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {commit()}",
+    body = [f"# {name}", "", f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {START_COMMIT}",
             f"- machine: {machine()}", f"- command: `{' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", ""]
     if notes:
         body += [notes, ""]
