@@ -183,3 +183,23 @@ def test_metaseg_cli_train_segment_2x_and_figures(cli, tmp_path):
     names = sorted(p.name for p in (tmp_path / "fig").iterdir())
     assert names == ["dice_psnr_vs_steps.json", "dice_psnr_vs_steps.png", "sub00_x_features_pca.png",
                      "sub00_x_overlay.png"]
+
+
+def test_train_3d_with_patch_and_foreground_options(cli, tmp_path):
+    """--patch / --foreground-fraction reach the 3D configs (U-Net and MORSE); a bad --patch is a
+    one-line usage error."""
+    data = write_blobs(tmp_path / "D3", n=5, shape=(40, 40, 36))
+    ckpt = tmp_path / "u3.safetensors"
+    res = cli("--quiet", "train", "unet", "--data", data, "--out", ckpt, "--steps", "2",
+              "--patch", "32", "--foreground-fraction", "1")
+    assert res.code == 0, res.err
+    cfg = json.loads(cli("info", ckpt).out)["config"]
+    assert cfg["patch_size"] == [32, 32, 32] and cfg["foreground_fraction"] == 1.0
+    ckpt = tmp_path / "m3.safetensors"
+    res = cli("--quiet", "train", "morse", "--data", data, "--out", ckpt, "--backbone", "unet3d",
+              "--variant", "baseline", "--steps", "2", "--patch", "32,32,8", "--foreground-fraction", "0")
+    assert res.code == 0, res.err
+    cfg = json.loads(cli("info", ckpt).out)["config"]
+    assert cfg["patch_size"] == [32, 32, 8] and cfg["foreground_fraction"] == 0.0
+    res = cli("train", "unet", "--data", data, "--out", tmp_path / "x.safetensors", "--patch", "16,16")
+    assert res.code == 2 and "--patch" in res.err and not (tmp_path / "x.safetensors").exists()

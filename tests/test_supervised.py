@@ -9,7 +9,7 @@ import torch
 from conftest import write_blobs
 from inrseg.data.grids import resampled_affine
 from inrseg.data.layouts import open_dataset, split_by_subject
-from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter, sample_patch_batch
+from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter, sample_patch_batch, training_patch
 from inrseg.metrics import case_metrics
 from inrseg.segmenter import Segmenter, load_segmenter
 
@@ -95,3 +95,10 @@ def test_foreground_oversampling_of_crops():
     x1, y1 = sample_patch_batch([label[None].float()], [label], (16, 16, 16), 4, rng,
                                 augment=False, foreground_fraction=1.0)
     assert torch.equal(x1[:, 0].long(), y1[:, 0])
+
+
+def test_training_patch_rounding():
+    assert training_patch((160, 190), None, 16) == (160, 192)            # 2D: the whole slice
+    assert training_patch((240, 240, 155), None, 16) == (96, 96, 96)     # 3D default, capped
+    assert training_patch((240, 240, 155), (64, 64, 8), 16) == (64, 64, 32)  # >= 2 x divisor
+    assert training_patch((40, 50, 20), (64, 64, 64), 16) == (48, 64, 32)    # volume smaller

@@ -253,7 +253,8 @@ def _state_path(out: Path, resume: bool) -> Path:
 
 def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Optional[int],
                       batch_size: Optional[int], budget_minutes: Optional[float], val_fraction: float,
-                      splits: Optional[Path], seed: int, resume: bool) -> None:
+                      splits: Optional[Path], seed: int, resume: bool, patch: Optional[str] = None,
+                      foreground_fraction: Optional[float] = None) -> None:
     from dataclasses import replace
 
     from inrseg.methods.supervised import PRESETS, SupervisedConfig
@@ -269,7 +270,9 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
         cfg = replace(cfg, steps=steps, val_every=max(1, min(cfg.val_every, steps)))
     if batch_size is not None:
         cfg = replace(cfg, batch_size=batch_size)
-    cfg = replace(cfg, budget_minutes=budget_minutes)
+    cfg = replace(cfg, budget_minutes=budget_minutes, patch_size=_patch(patch) or cfg.patch_size)
+    if foreground_fraction is not None:
+        cfg = replace(cfg, foreground_fraction=foreground_fraction)
     cls = segmenter_class(method)
     model = cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
     status(f"{method}: {model.num_params / 1e6:.2f}M parameters")
@@ -284,6 +287,23 @@ _VAL = typer.Option(0.2, help="Fraction of training subjects held out for valida
 _SPLITS = typer.Option(None, help="Splits JSON overriding subjects / validation split.")
 _RESUME = typer.Option(False, help="Continue from OUT.train-state if a killed run left one.")
 _BUDGET = typer.Option(None, help="Stop training after this many minutes (best-on-validation kept).")
+_PATCH = typer.Option(None, help="3D training crop in voxels: one edge (64) or three (96,96,64); "
+                                 "default 96^3, capped at the volume.")
+_FG = typer.Option(None, min=0.0, max=1.0, help="Share of 3D crops forced to contain foreground "
+                                                 "(default 0.33, as nnU-Net).")
+
+
+def _patch(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``"64"`` -> (64, 64, 64); ``"96,96,64"`` -> (96, 96, 64); None stays None."""
+    if text is None:
+        return None
+    try:
+        edges = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--patch {text!r}: expected N or N,N,N") from None
+    if len(edges) not in (1, 3) or min(edges) < 8:
+        raise typer.BadParameter(f"--patch {text!r}: expected N or N,N,N with edges >= 8")
+    return edges * 3 if len(edges) == 1 else edges
 
 
 @train_app.command("unet")
@@ -291,22 +311,24 @@ def train_unet(data: Path = _DATA, out: Path = _OUT,
                preset: str = typer.Option("unet-small", help="unet-small (1.6M) or unet-paper (6.5M)."),
                steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 2000)."),
                batch_size: Optional[int] = typer.Option(None, help="Slices / patches per step."),
+               patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
     """Train the MONAI U-Net baseline (2D or 3D, from the data)."""
     _train_supervised("unet", data, out, preset, steps, batch_size, budget_minutes, val_fraction,
-                      splits, seed, resume)
+                      splits, seed, resume, patch, foreground_fraction)
 
 
 @train_app.command("segresnet")
 def train_segresnet(data: Path = _DATA, out: Path = _OUT,
                     steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 2000)."),
                     batch_size: Optional[int] = typer.Option(None, help="Slices / patches per step."),
+                    patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                     budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                     splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
     """Train the MONAI SegResNet baseline (4.7M parameters)."""
     _train_supervised("segresnet", data, out, "segresnet", steps, batch_size, budget_minutes,
-                      val_fraction, splits, seed, resume)
+                      val_fraction, splits, seed, resume, patch, foreground_fraction)
 
 
 def metaseg_config(preset: str, paper: bool = False, **overrides):
@@ -416,6 +438,7 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
                 expert_dropout: Optional[str] = typer.Option(None, help="bernoulli (paper, alpha 0.7), count "
                                                                         "(official code) or none; slows short "
                                                                         "CPU runs down a lot."),
+                patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                 budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                 splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
     """Train MORSE or one of its ablation variants on a backbone."""
@@ -423,7 +446,8 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
 
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr,
-                                       expert_dropout=expert_dropout).items() if v is not None}
+                                       expert_dropout=expert_dropout, patch_size=_patch(patch),
+                                       foreground_fraction=foreground_fraction).items() if v is not None}
     try:
         cfg = morse_config(backbone.value, variant.value, ds.spatial_ndim, preset, seed=seed,
                            budget_minutes=budget_minutes, **overrides)

@@ -66,7 +66,7 @@ from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
 from inrseg.errors import InputError
 from inrseg.methods.supervised import (load_training_tensors, pad_to_multiple, restore_training,
-                                       sample_patch_batch)
+                                       sample_patch_batch, training_patch)
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import BACKBONES, SegBackbone, build_backbone
 from inrseg.nn.fourier import GaussianFourierFeatures
@@ -451,11 +451,7 @@ class MORSE:
         fixed = self.net.backbone.fixed_size
         if fixed is not None:
             return fixed
-        k = self.net.backbone.divisor
-        if self.spatial_ndim == 2:
-            return tuple(int(math.ceil(n / k) * k) for n in shape)
-        want = self.config.patch_size or (96,) * 3
-        return tuple(int(math.ceil(min(w, n) / k) * k) for w, n in zip(want, shape))
+        return training_patch(shape, self.config.patch_size, self.net.backbone.divisor)
 
     # ------------------------------------------------------------------ training
     def _losses(self, x: torch.Tensor, y: torch.Tensor, weight: float,

@@ -124,6 +124,21 @@ def pad_to_multiple(x: torch.Tensor, k: int, spatial_ndim: int) -> tuple[torch.T
     return F.pad(x, flat), crop
 
 
+def training_patch(shape: Sequence[int], want: Sequence[int] | None, divisor: int) -> tuple[int, ...]:
+    """Training crop (and sliding window) for images of grid ``shape`` (voxels).
+
+    2D: the whole slice. 3D: ``want`` (default 96^3) capped at the volume. Every edge is rounded
+    up to a multiple of the network's total down-sampling ``divisor`` and is at least twice it
+    (a 1-voxel bottleneck cannot be instance-normalised); the sampler zero-pads where the image
+    is smaller.
+    """
+    if len(shape) == 2:
+        return tuple(int(math.ceil(n / divisor) * divisor) for n in shape)
+    want = want or (96,) * 3
+    return tuple(max(2 * divisor, int(math.ceil(min(w, n) / divisor) * divisor))
+                 for w, n in zip(want, shape))
+
+
 def sample_patch_batch(images: list[torch.Tensor], labels: list[torch.Tensor],
                        patch: tuple[int, ...], batch_size: int, rng: np.random.Generator,
                        augment: bool = True,
@@ -193,11 +208,7 @@ class SupervisedSegmenter:
         return torch.from_numpy(normalize(image.data, self.config.normalization))
 
     def _patch_size(self, shape: Sequence[int]) -> tuple[int, ...]:
-        cfg, k = self.config, self.config.divisor
-        if self.spatial_ndim == 2:
-            return tuple(int(math.ceil(n / k) * k) for n in shape)
-        want = cfg.patch_size or (96,) * 3
-        return tuple(int(math.ceil(min(w, n) / k) * k) for w, n in zip(want, shape))
+        return training_patch(shape, self.config.patch_size, self.config.divisor)
 
     def _sample_batch(self, images: list[torch.Tensor], labels: list[torch.Tensor],
                       patch: tuple[int, ...], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
