@@ -121,6 +121,14 @@ Measured on brain2d-seg4 (60 train / 15 val / 25 test slices of 160x192), preset
   Use ``fit_batch > 1`` on a GPU.
 * Second-order meta step (6 x 128, 2 inner steps, 4096 pixels): 0.28 s; first order 0.10 s;
   with 2048 pixels 0.14 / 0.05 s (1 thread).
+* First-order MAML with a longer inner loop, to match test time's many steps more cheaply
+  (``first_order=True, inner_steps=10, outer_lr=3e-4, val_fit_steps=10``; 1929 outer steps in
+  5 min, 1 thread, machine shared with 2 other jobs): it does not learn. The outer loss stays
+  at 0.73-0.85 throughout and the meta-training validation Dice falls from 0.18 (step 50, kept
+  as best) to 0.005. Phase 2 validation at T_f 10/25/50/100/200 was 0.24/0.28/0.32/0.43/0.51,
+  and the test score 0.498, no better than a random SIREN with phase 2. Ten inner Adam steps
+  at lr 1e-3 move a w0 = 30 SIREN far enough that the gradient at the adapted point is a poor
+  direction for the initialisation. The second-order 2-step default stays.
 """
 
 PRESETS: dict[str, dict] = {
