@@ -9,7 +9,8 @@ import torch
 from conftest import write_blobs
 from inrseg.data.grids import resampled_affine
 from inrseg.data.layouts import open_dataset, split_by_subject
-from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter, sample_patch_batch, training_patch
+from inrseg.data.sampling import PatchSampler, training_patch
+from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
 from inrseg.metrics import case_metrics
 from inrseg.segmenter import Segmenter, load_segmenter
 
@@ -80,21 +81,44 @@ def test_3d_sliding_window_and_segresnet(tmp_path):
 
 
 def test_foreground_oversampling_of_crops():
-    """fraction 1: every crop holds foreground; fraction 0: crops are uniform (mostly empty here)."""
+    """fraction 1: every crop holds foreground; fraction 0: crops are centred on background
+    (mostly empty here); image and label crops come from the same place."""
     image = torch.randn(1, 40, 40, 40)
     label = torch.zeros(40, 40, 40, dtype=torch.int64)
     label[30:33, 2:4, 35:38] = 2                       # a small lesion near a corner
-    rng = np.random.default_rng(0)
-    x, y = sample_patch_batch([image], [label], (16, 16, 16), 32, rng, augment=False,
-                              foreground_fraction=1.0)
+    fg = PatchSampler([image], [label], (16, 16, 16), foreground_fraction=1.0, augment=False)
+    x, y = fg.batch(0, range(32), torch.device("cpu"))
     assert x.shape == (32, 1, 16, 16, 16) and y.shape == (32, 1, 16, 16, 16)
     assert all((y[i] > 0).any() for i in range(32))
-    _, y0 = sample_patch_batch([image], [label], (16, 16, 16), 32, rng, augment=False)
+    uniform = PatchSampler([image], [label], (16, 16, 16), foreground_fraction=0.0, augment=False)
+    _, y0 = uniform.batch(0, range(32), torch.device("cpu"))
     assert sum(bool((y0[i] > 0).any()) for i in range(32)) < 16
-    # crops still match the image: the cropped labels come from the same place as the image
-    x1, y1 = sample_patch_batch([label[None].float()], [label], (16, 16, 16), 4, rng,
-                                augment=False, foreground_fraction=1.0)
+    same = PatchSampler([label[None].float()], [label], (16, 16, 16), foreground_fraction=1.0, augment=False)
+    x1, y1 = same.batch(0, range(4), torch.device("cpu"))
     assert torch.equal(x1[:, 0].long(), y1[:, 0])
+
+
+def test_sampler_items_are_pure_functions_of_seed_step_index():
+    """Resume and DDP rely on it: item j of step s is the same whoever draws it, in any order."""
+    image, label = torch.randn(1, 30, 30, 30), torch.randint(0, 3, (30, 30, 30))
+    a = PatchSampler([image], [label], (16, 16, 16), 0.5, augment=True, seed=3)
+    b = PatchSampler([image], [label], (16, 16, 16), 0.5, augment=True, seed=3)
+    xa, ya = a.batch(5, [0, 1, 2, 3], torch.device("cpu"))
+    xb, yb = b.batch(5, [2, 3], torch.device("cpu"))
+    assert torch.equal(xa[2:], xb) and torch.equal(ya[2:], yb)
+    assert not torch.equal(a.batch(6, [0], torch.device("cpu"))[0], xa[:1])
+
+
+def test_intensity_augmentation_bounds():
+    """x -> x * (1 + U(-0.1, 0.1)) + U(-0.1, 0.1): a constant image of 1 stays in [0.8, 1.2],
+    and the draws span most of that range."""
+    image, label = torch.ones(1, 16, 16), torch.zeros(16, 16, dtype=torch.int64)
+    s = PatchSampler([image], [label], (16, 16), 0.0, augment=True)
+    x, _ = s.batch(0, range(200), torch.device("cpu"))
+    vals = x[:, 0, 0, 0]
+    assert torch.allclose(x, vals[:, None, None, None].expand_as(x))   # one scale/shift per item
+    assert vals.min() >= 0.8 - 1e-6 and vals.max() <= 1.2 + 1e-6
+    assert vals.max() - vals.min() > 0.25
 
 
 def test_training_patch_rounding():

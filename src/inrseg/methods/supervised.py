@@ -1,8 +1,9 @@
 """Supervised baselines: MONAI U-Net (2D / 3D) and SegResNet, behind the Segmenter protocol.
 
 These are the references MetaSeg, NISF and MORSE are measured against. The networks are
-MONAI's; this file holds the training loop (visible top to bottom in :meth:`fit`), sliding-window
-inference for volumes larger than the training patch, and checkpointing.
+MONAI's; this file holds the training step (the loop, budget, validation cadence, resume state
+and DDP are the engine's, :mod:`inrseg.training`), sliding-window inference for volumes larger
+than the training patch, and checkpointing.
 
 Training: DiceCE loss (MONAI), AdamW with a linear warm-up and cosine decay, random patches
 (3D) or whole slices (2D) padded to a multiple of the network's down-sampling factor, optional
@@ -13,7 +14,6 @@ kept. Resumable: a training state is written every ``val_every`` steps.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -25,13 +25,15 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNet, UNet
 
-from inrseg.checkpoints import load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
+from inrseg.data.sampling import PatchSampler, load_training_tensors, pad_to_multiple, training_patch
 from inrseg.metrics import case_metrics
-from inrseg.progress import progress, status
+from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, resolve_device, run_training,
+                             use_bf16, world, wrap_ddp)
 
 PRESETS: dict[str, dict] = {
     # MONAI UNet 16-256 channels, 1.6M parameters: the CPU-friendly default.
@@ -82,121 +84,39 @@ def build_network(cfg: SupervisedConfig, spatial_ndim: int, in_channels: int,
     raise ValueError(f"unknown architecture {cfg.arch!r} (unet, segresnet)")
 
 
-def load_training_tensors(cases: Sequence[Case], prepare) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Load every case: images through ``prepare`` (``Volume -> (C, *S)`` tensor) and label maps
-    as int64 ``(*S,)`` tensors."""
-    images, labels = [], []
-    for case in progress(cases, desc="loading training cases"):
-        img, lab = case.load()
-        images.append(prepare(img))
-        labels.append(torch.from_numpy(lab.data.astype(np.int64)))
-    return images, labels
-
-
-def restore_training(state_path: Path | None, method: str, net: torch.nn.Module,
-                     opt: torch.optim.Optimizer, sched) -> dict | None:
-    """Resume: if ``state_path`` exists, load the network, optimizer and scheduler states saved
-    there and return the whole state (step, best score, history, method-specific keys); else
-    ``None``."""
-    if state_path is None or not Path(state_path).exists():
-        return None
-    st = load_train_state(state_path, method)
-    net.load_state_dict(st["model"])
-    opt.load_state_dict(st["optimizer"])
-    sched.load_state_dict(st["scheduler"])
-    status(f"resuming from step {int(st['step'])} ({state_path})")
-    return st
-
-
-def pad_to_multiple(x: torch.Tensor, k: int, spatial_ndim: int) -> tuple[torch.Tensor, list[slice]]:
-    """Zero-pad the last ``spatial_ndim`` axes of ``x`` up to multiples of ``k`` (symmetric).
-
-    Returns the padded tensor and the slices that crop it back.
-    """
-    shape = x.shape[-spatial_ndim:]
-    pads, crop = [], []
-    for n in shape:
-        extra = (-n) % k
-        lo = extra // 2
-        pads.append((lo, extra - lo))
-        crop.append(slice(lo, lo + n))
-    flat = [p for pair in reversed(pads) for p in pair]
-    return F.pad(x, flat), crop
-
-
-def training_patch(shape: Sequence[int], want: Sequence[int] | None, divisor: int) -> tuple[int, ...]:
-    """Training crop (and sliding window) for images of grid ``shape`` (voxels).
-
-    2D: the whole slice. 3D: ``want`` (default 96^3) capped at the volume. Every edge is rounded
-    up to a multiple of the network's total down-sampling ``divisor`` and is at least twice it
-    (a 1-voxel bottleneck cannot be instance-normalised); the sampler zero-pads where the image
-    is smaller.
-    """
-    if len(shape) == 2:
-        return tuple(int(math.ceil(n / divisor) * divisor) for n in shape)
-    want = want or (96,) * 3
-    return tuple(max(2 * divisor, int(math.ceil(min(w, n) / divisor) * divisor))
-                 for w, n in zip(want, shape))
-
-
-def sample_patch_batch(images: list[torch.Tensor], labels: list[torch.Tensor],
-                       patch: tuple[int, ...], batch_size: int, rng: np.random.Generator,
-                       augment: bool = True,
-                       foreground_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random training batch: ``(B, C, *patch)`` images and ``(B, 1, *patch)`` labels.
-
-    Each item is a random training case (``images[i]``: ``(C, *S_i)``, ``labels[i]``: ``(*S_i)``),
-    zero-padded (symmetrically) up to ``patch`` where smaller, then cropped to ``patch``: with
-    probability ``foreground_fraction`` the crop contains a random foreground voxel (label > 0)
-    at a random position inside it (nnU-Net's foreground oversampling, 1/3 there), otherwise it
-    is uniform. Small structures (a tumour in a 240 x 240 x 155 volume) are then seen often
-    enough by short trainings. With ``augment``, intensities get a random scale (0.9-1.1) and
-    shift (+-0.1).
-    """
-    xs, ys = [], []
-    for _ in range(batch_size):
-        i = int(rng.integers(len(images)))
-        x, y = images[i], labels[i][None]
-        # pad up to the patch, then take a crop of it
-        pad = [max(0, p - n) for p, n in zip(patch, x.shape[1:])]
-        if any(pad):
-            flat = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
-            x, y = F.pad(x, flat), F.pad(y, flat)
-        shape = x.shape[1:]
-        starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, patch)]
-        cropped = any(n > p for n, p in zip(shape, patch))
-        if cropped and foreground_fraction > 0 and rng.random() < foreground_fraction:
-            fg = torch.nonzero(y[0] > 0)
-            if len(fg):
-                centre = fg[int(rng.integers(len(fg)))].tolist()
-                # a start that keeps the voxel inside the crop, uniform over those allowed
-                starts = [int(rng.integers(max(0, c - p + 1), min(c, n - p) + 1))
-                          for c, n, p in zip(centre, shape, patch)]
-        sl = tuple(slice(s, s + p) for s, p in zip(starts, patch))
-        x, y = x[(slice(None),) + sl], y[(slice(None),) + sl]
-        if augment:
-            scale = float(rng.uniform(0.9, 1.1))
-            shift = float(rng.uniform(-0.1, 0.1))
-            x = x * scale + shift
-        xs.append(x)
-        ys.append(y)
-    return torch.stack(xs), torch.stack(ys)
-
-
 class SupervisedSegmenter:
-    """A supervised CNN baseline (MONAI U-Net or SegResNet), 2D or 3D."""
+    """A supervised CNN baseline (MONAI U-Net or SegResNet), 2D or 3D.
+
+    Args:
+        label_names: class names indexed by label value.
+        spatial_ndim: 2 or 3.
+        in_channels: image channels.
+        config: hyper-parameters.
+        device: where the network lives and trains (``"cpu"``, ``"cuda:0"``, ``"auto"``...).
+    """
 
     method: ClassVar[str] = "unet"
+    #: bf16 autocast is safe for CNNs (``--precision auto`` uses it on CUDA)
+    bf16_safe: ClassVar[bool] = True
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int,
-                 config: SupervisedConfig | None = None) -> None:
+                 config: SupervisedConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.config = config or SupervisedConfig()
         self.label_names = list(label_names)
         self.spatial_ndim = spatial_ndim
         self.in_channels = in_channels
-        self.net = build_network(self.config, spatial_ndim, in_channels, len(self.label_names))
+        self.device = resolve_device(device)
+        with torch.device(self.device), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)  # the same initial weights on every rank
+            self.net = build_network(self.config, spatial_ndim, in_channels, len(self.label_names))
         self.history: list[dict] = []
         self.best_step: int | None = None
+
+    def to(self, device: str | torch.device) -> "SupervisedSegmenter":
+        """Move the network to ``device``."""
+        self.device = resolve_device(device)
+        self.net.to(self.device)
+        return self
 
     @property
     def num_params(self) -> int:
@@ -204,70 +124,55 @@ class SupervisedSegmenter:
 
     # ------------------------------------------------------------------ data
     def _prepare(self, image: Volume) -> torch.Tensor:
+        """Normalised ``(C, *S)`` float32 tensor on the CPU."""
         check_input(image, self.in_channels, self.spatial_ndim)
         return torch.from_numpy(normalize(image.data, self.config.normalization))
 
     def _patch_size(self, shape: Sequence[int]) -> tuple[int, ...]:
         return training_patch(shape, self.config.patch_size, self.config.divisor)
 
-    def _sample_batch(self, images: list[torch.Tensor], labels: list[torch.Tensor],
-                      patch: tuple[int, ...], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_patch_batch(images, labels, patch, self.config.batch_size, rng,
-                                  self.config.augment, self.config.foreground_fraction)
-
     # ------------------------------------------------------------------ training
     def fit(self, train: Sequence[Case], val: Sequence[Case] | None = None,
-            state_path: Path | None = None) -> None:
-        """Train on ``train`` cases; keep the best weights on ``val`` (mean foreground Dice)."""
+            state_path: Path | None = None, *, budget: Budget | None = None,
+            log_path: Path | None = None, precision: str = "auto") -> None:
+        """Train on ``train`` cases; keep the best weights on ``val`` (mean foreground Dice).
+
+        Under torchrun each rank draws its own ``batch_size`` items of every step's global
+        batch (``world_size x batch_size``) and DDP averages the gradients. ``budget`` bounds
+        the whole call (default: ``config.budget_minutes`` from now).
+        """
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        rng = np.random.default_rng(cfg.seed)
+        budget = as_budget(budget, cfg.budget_minutes)
+        rank, _ = world()
         images, labels = load_training_tensors(train, self._prepare)
-        val_data = [c.load() for c in (val or [])]
         patch = self._patch_size(np.max([x.shape[1:] for x in images], axis=0))
+        sampler = PatchSampler(images, labels, patch, cfg.foreground_fraction, cfg.augment, cfg.seed)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-        start, best_score, best_state = 0, -1.0, None
-        st = restore_training(state_path, self.method, self.net, opt, sched)
-        if st is not None:
-            start, best_score = int(st["step"]), float(st["best_score"])
-            best_state = st.get("best_model")
-            self.history, self.best_step = list(st["history"]), st["best_step"]
-            rng = np.random.default_rng([cfg.seed, start])
-        t0 = time.perf_counter()
-        bar = progress(total=cfg.steps, desc=f"training {self.method}", initial=start)
-        step = start
-        for step in range(start, cfg.steps):
-            self.net.train()
-            x, y = self._sample_batch(images, labels, patch, rng)
-            loss = loss_fn(self.net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            over_budget = cfg.budget_minutes is not None and time.perf_counter() - t0 > 60 * cfg.budget_minutes
-            last = step + 1 == cfg.steps or over_budget
-            if (step + 1) % cfg.val_every == 0 or last:
-                score = self._validate(val_data) if val_data else -float(loss.item())
-                self.history.append({"step": step + 1, "loss": float(loss.item()), "val_dice": score})
-                if score > best_score:
-                    best_score, self.best_step = score, step + 1
-                    best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-                if state_path is not None:
-                    save_train_state(state_path, self.method, {
-                        "model": self.net.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step + 1, "best_score": best_score,
-                        "best_step": self.best_step, "best_model": best_state, "history": self.history})
-            if over_budget:
-                status(f"time budget of {cfg.budget_minutes} min reached at step {step + 1}")
-                break
-        bar.close()
-        if best_state is not None:
-            self.net.load_state_dict(best_state)
+        train_net = wrap_ddp(self.net, self.device)
+        mine = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+        val_data: list[tuple[Volume, Volume]] = []
+
+        def step(i: int):
+            x, y = sampler.batch(i, mine, self.device)
+            return loss_fn(train_net(x), y), {}
+
+        def validate() -> dict[str, float]:
+            if not val_data:
+                val_data.extend(c.load() for c in val)
+            return {"val_dice": self._validate(val_data)}
+
+        res = run_training(
+            TrainTask(name=self.method, method=self.method, step=step, optimizers=[opt],
+                      schedulers=[sched], params=list(self.net.parameters()),
+                      weights=self.net.state_dict, load_weights=self.net.load_state_dict,
+                      validate=validate if val else None, modules=[self.net], grad_sync="ddp",
+                      bf16=use_bf16(self.device, precision, self.bf16_safe)),
+            LoopSettings(steps=cfg.steps, val_every=cfg.val_every, budget=budget, seed=cfg.seed,
+                         state_path=state_path, log_path=log_path, device=self.device))
+        self.history, self.best_step = res.history, res.best_step
 
     @torch.no_grad()
     def _validate(self, val_data: list[tuple[Volume, Volume]]) -> float:
@@ -278,9 +183,9 @@ class SupervisedSegmenter:
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict_logits(self, image: Volume) -> torch.Tensor:
-        """Class logits ``(num_classes, *S)`` on the image grid."""
+        """Class logits ``(num_classes, *S)`` on the image grid, on the model's device."""
         self.net.eval()
-        x = self._prepare(image)[None]
+        x = self._prepare(image)[None].to(self.device)
         patch = self._patch_size(image.shape)
         if self.spatial_ndim == 3 and any(n > p for n, p in zip(image.shape, patch)):
             logits = sliding_window_inference(x, patch, sw_batch_size=1, predictor=self.net,
@@ -288,7 +193,7 @@ class SupervisedSegmenter:
         else:
             xp, crop = pad_to_multiple(x, self.config.divisor, self.spatial_ndim)
             logits = self.net(xp)[(slice(None), slice(None)) + tuple(crop)]
-        return logits[0]
+        return torch.as_tensor(logits)[0]
 
     @torch.no_grad()
     def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
@@ -301,7 +206,7 @@ class SupervisedSegmenter:
             mode = "bilinear" if self.spatial_ndim == 2 else "trilinear"
             logits = F.interpolate(logits[None], size=new_shape, mode=mode, align_corners=False)[0]
             affine = resampled_affine(image.affine, image.shape, new_shape)
-        labels = logits.argmax(0).numpy().astype(np.int64)
+        labels = logits.argmax(0).cpu().numpy().astype(np.int64)
         return Volume(labels, affine, self.spatial_ndim, image.time_step, path=image.path)
 
     # ------------------------------------------------------------------ checkpoints
@@ -312,14 +217,14 @@ class SupervisedSegmenter:
             "best_step": self.best_step, "history": self.history, "num_params": self.num_params})
 
     @classmethod
-    def load(cls, path: str | Path) -> "SupervisedSegmenter":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SupervisedSegmenter":
         tensors, meta = load_checkpoint(path, cls.method)
         cfg_dict = dict(meta["config"])
         for k in ("channels", "patch_size"):
             if cfg_dict.get(k) is not None:
                 cfg_dict[k] = tuple(cfg_dict[k])
         obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"],
-                  SupervisedConfig(**cfg_dict))
+                  SupervisedConfig(**cfg_dict), device=device)
         obj.net.load_state_dict(tensors)
         obj.best_step, obj.history = meta.get("best_step"), meta.get("history", [])
         return obj
@@ -331,6 +236,6 @@ class SegResNetSegmenter(SupervisedSegmenter):
     method: ClassVar[str] = "segresnet"
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int,
-                 config: SupervisedConfig | None = None) -> None:
+                 config: SupervisedConfig | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__(label_names, spatial_ndim, in_channels,
-                         config or SupervisedConfig(**PRESETS["segresnet"]))
+                         config or SupervisedConfig(**PRESETS["segresnet"]), device)
