@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (Compose, DivisiblePad, RandCropByPosNegLabeld, RandScaleIntensityd,
                               RandShiftIntensityd, SpatialPadd)
 
@@ -25,6 +26,14 @@ from inrseg.training import step_rng
 #: intensity augmentation of training crops: x * (1 + U(-0.1, 0.1)) + U(-0.1, 0.1)
 AUG_SCALE = 0.1
 AUG_SHIFT = 0.1
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A MONAI ``MetaTensor`` as a plain tensor (same storage and device); others unchanged.
+
+    (``torch.as_tensor`` would also do it, but moves the tensor to the default device.)
+    """
+    return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
 def load_training_tensors(cases: Sequence[Case], prepare: Callable[[Volume], torch.Tensor]
@@ -44,8 +53,9 @@ def pad_to_multiple(x: torch.Tensor, k: int, spatial_ndim: int) -> tuple[torch.T
     MONAI's ``DivisiblePad``). Returns the padded tensor and the slices that crop it back."""
     shape = tuple(x.shape[-spatial_ndim:])
     lead = tuple(x.shape[:-spatial_ndim])
-    padded = DivisiblePad(k, method="symmetric")(x.reshape((-1,) + shape))
-    padded = torch.as_tensor(padded).reshape(lead + tuple(padded.shape[1:]))
+    with torch.device(x.device):  # MONAI makes some tensors without a device
+        padded = plain(DivisiblePad(k, method="symmetric")(x.reshape((-1,) + shape)))
+    padded = padded.reshape(lead + tuple(padded.shape[1:]))
     crop = [slice(((-n) % k) // 2, ((-n) % k) // 2 + n) for n in shape]
     return padded, crop
 
@@ -105,10 +115,12 @@ class PatchSampler:
         rng = step_rng(self.seed, step, index)
         i = int(rng.integers(len(self.images)))
         self.transform.set_random_state(seed=int(rng.integers(2 ** 31)))
-        with warnings.catch_warnings():  # a crop of a case without foreground: MONAI warns
-            warnings.simplefilter("ignore")
+        # MONAI's transforms make some tensors without a device: pin them to the CPU, where the
+        # data pipeline runs (batches move to the training device in :meth:`batch`)
+        with warnings.catch_warnings(), torch.device("cpu"):
+            warnings.simplefilter("ignore")  # a crop of a case without foreground: MONAI warns
             out = self.transform({"image": self.images[i], "label": self.labels[i][None]})[0]
-        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).long()
+        return plain(out["image"]).float(), plain(out["label"]).long()
 
     def batch(self, step: int, indices: Sequence[int], device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
-from inrseg.data.sampling import PatchSampler, load_training_tensors, pad_to_multiple, training_patch
+from inrseg.data.sampling import PatchSampler, load_training_tensors, pad_to_multiple, plain, training_patch
 from inrseg.metrics import case_metrics
 from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, resolve_device, run_training,
                              use_bf16, world, wrap_ddp)
@@ -157,7 +157,9 @@ class SupervisedSegmenter:
 
         def step(i: int):
             x, y = sampler.batch(i, mine, self.device)
-            return loss_fn(train_net(x), y), {}
+            logits = train_net(x)
+            with torch.device(self.device):  # MONAI's losses make tensors without a device
+                return loss_fn(logits, y), {}
 
         def validate() -> dict[str, float]:
             if not val_data:
@@ -188,12 +190,13 @@ class SupervisedSegmenter:
         x = self._prepare(image)[None].to(self.device)
         patch = self._patch_size(image.shape)
         if self.spatial_ndim == 3 and any(n > p for n, p in zip(image.shape, patch)):
-            logits = sliding_window_inference(x, patch, sw_batch_size=1, predictor=self.net,
-                                              overlap=0.25, mode="gaussian")
+            with torch.device(self.device):  # MONAI's inferer makes tensors without a device
+                logits = sliding_window_inference(x, patch, sw_batch_size=1, predictor=self.net,
+                                                  overlap=0.25, mode="gaussian")
         else:
             xp, crop = pad_to_multiple(x, self.config.divisor, self.spatial_ndim)
             logits = self.net(xp)[(slice(None), slice(None)) + tuple(crop)]
-        return torch.as_tensor(logits)[0]
+        return plain(logits)[0]
 
     @torch.no_grad()
     def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
