@@ -142,9 +142,12 @@ def evaluate_cases(model, cases: Sequence[Case], num_classes: int, scale: float 
 
 def run_method(name: str, make_model: Callable[[Dataset], object], ds: Dataset, train: Sequence[Case],
                val: Sequence[Case], test: Sequence[Case] | None = None,
-               state_path: Path | None = None) -> tuple[object, MethodResult]:
-    """Train ``make_model(ds)`` on ``train`` (selecting on ``val``) and score it on ``test``."""
-    model = make_model(ds)
+               state_path: Path | None = None, device: str = "cpu") -> tuple[object, MethodResult]:
+    """Train ``make_model(ds)`` on ``device`` on ``train`` (selecting on ``val``) and score it on
+    ``test``."""
+    from inrseg.training import resolve_device
+
+    model = make_model(ds).to(resolve_device(device))
     t0 = time.perf_counter()
     model.fit(train, val, state_path=state_path)
     train_s = time.perf_counter() - t0

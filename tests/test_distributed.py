@@ -70,3 +70,24 @@ def test_ddp_unet_equals_one_process_on_the_union_of_batches(tmp_path):
     assert moved > 1e-3  # the comparison is not between two untrained networks
     log = (out / "metrics.jsonl").read_text().splitlines()
     assert len(log) == 3  # rank 0 alone writes the metrics log
+
+
+def test_segment_under_two_ranks_writes_each_output_once_and_as_one_rank(tmp_path, cli):
+    data = write_blobs(tmp_path / "ds", n=5, shape=(32, 32))
+    model = tmp_path / "unet.safetensors"
+    assert cli("train", "unet", "--data", data, "--out", model, "--steps", "2", "--device", "cpu").code == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli("segment", "--model", model, "--input", data / "imagesTr", "--output", one,
+               "--device", "cpu").code == 0
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    torchrun(DIST / "segment_cli.py", rec, "--", "--model", model, "--input", data / "imagesTr",
+             "--output", two, "--device", "cpu")
+    writes = [(r, name) for r in (0, 1) for name in (rec / f"writes-rank{r}.txt").read_text().split()]
+    names = [n for _, n in writes]
+    assert sorted(names) == sorted(p.name for p in one.glob("*.nii.gz")) and len(names) == 5
+    assert {r for r, _ in writes} == {0, 1}  # both ranks worked
+    from inrseg.data.io import load_labels
+
+    for name in names:
+        assert (load_labels(one / name).data == load_labels(two / name).data).all()

@@ -14,6 +14,7 @@ traceback unless ``--debug``. ``--quiet`` silences progress bars and status line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -156,37 +157,45 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
                                                           "axes) or 'cx,cy,cz;ux,uy,uz;vx,vy,vz' in world mm."),
             plane_size: str = typer.Option("160,160", help="Plane size in pixels 'NU,NV'."),
             plane_mm: float = typer.Option(1.0, help="Plane pixel size in mm."),
-            frame: float = typer.Option(0.0, help="3D+t: time frame of the plane.")) -> None:
+            frame: float = typer.Option(0.0, help="3D+t: time frame of the plane."),
+            device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")) -> None:
     """Label images with a trained model; label maps carry the input's affine (or its resampled
-    version for --scale != 1). NISF models can also predict held-out slices and render planes."""
+    version for --scale != 1). NISF models can also predict held-out slices and render planes.
+    Under torchrun the inputs are split across the ranks; each output is written once."""
     from inrseg.data.io import load_image, save_labels
     from inrseg.data.layouts import case_id_of, image_files
     from inrseg.report import save_overlay
     from inrseg.segmenter import load_segmenter
+    from inrseg.training import barrier, is_main, shard
 
-    seg = load_segmenter(model, method)
-    for flag, needed in (("--heldout", heldout and "predict_heldout"), ("--plane", plane and "render_plane")):
-        if needed and not hasattr(seg, needed):
-            raise InputError(model, f"{flag} needs an implicit model that supports it (NISF); "
-                                    f"this is a {seg.method!r} checkpoint")
-    heldout_spec = _parse_heldout(heldout) if heldout else None
-    groups = image_files(input)
-    # Validate every input before writing anything, so a bad file leaves no partial output.
-    for files in progress(groups, desc="checking inputs"):
-        load_image(files, expect_ndim=seg.spatial_ndim)
-    output.mkdir(parents=True, exist_ok=True)
-    for files in progress(groups, desc=f"segmenting ({seg.method})"):
-        image = load_image(files, expect_ndim=seg.spatial_ndim)
-        cid = case_id_of(files)
-        if heldout_spec is not None:
-            labels = seg.predict_heldout(image, heldout_spec[0], heldout_spec[1]).labels
-        else:
-            labels = seg.predict(image, scale=scale)
-        save_labels(labels.data, output / f"{cid}.nii.gz", like=labels)
-        if plane:
-            _render_plane(seg, image, plane, _parse_shape(plane_size), plane_mm, frame, output / cid)
-        if overlays and scale == 1.0:
-            save_overlay(image, labels.data, output / f"{cid}.png", title=cid)
+    with _run_on(device) as dev:
+        seg = load_segmenter(model, method, device=dev)
+        for flag, needed in (("--heldout", heldout and "predict_heldout"), ("--plane", plane and "render_plane")):
+            if needed and not hasattr(seg, needed):
+                raise InputError(model, f"{flag} needs an implicit model that supports it (NISF); "
+                                        f"this is a {seg.method!r} checkpoint")
+        heldout_spec = _parse_heldout(heldout) if heldout else None
+        groups = image_files(input)
+        # Validate every input before writing anything, so a bad file leaves no partial output.
+        for files in progress(groups, desc="checking inputs"):
+            load_image(files, expect_ndim=seg.spatial_ndim)
+        if is_main():
+            output.mkdir(parents=True, exist_ok=True)
+        barrier()
+        # under torchrun each rank segments its share of the inputs and writes only those
+        for files in progress(shard(groups), desc=f"segmenting ({seg.method}, {dev})"):
+            image = load_image(files, expect_ndim=seg.spatial_ndim)
+            cid = case_id_of(files)
+            if heldout_spec is not None:
+                labels = seg.predict_heldout(image, heldout_spec[0], heldout_spec[1]).labels
+            else:
+                labels = seg.predict(image, scale=scale)
+            save_labels(labels.data, output / f"{cid}.nii.gz", like=labels)
+            if plane:
+                _render_plane(seg, image, plane, _parse_shape(plane_size), plane_mm, frame, output / cid)
+            if overlays and scale == 1.0:
+                save_overlay(image, labels.data, output / f"{cid}.png", title=cid)
+        barrier()
     status(f"wrote {len(groups)} label maps to {output}")
 
 
@@ -245,21 +254,64 @@ def _open_train_data(data: Path, splits: Optional[Path], val_fraction: float, se
 
 
 def _state_path(out: Path, resume: bool) -> Path:
+    """``OUT.train-state``; without ``--resume`` a stale one (and its metrics log) is removed
+    by rank 0 before any rank looks for it."""
+    from inrseg.training import barrier, is_main
+
     state = out.with_name(out.name + ".train-state")
-    if state.exists() and not resume:
-        state.unlink()
+    if not resume and is_main():
+        for stale in (state, _log_path(out)):
+            if stale.exists():
+                stale.unlink()
+    barrier()
     return state
+
+
+def _log_path(out: Path) -> Path:
+    """The per-step metrics log next to the checkpoint: ``OUT.metrics.jsonl``."""
+    return out.with_name(out.name + ".metrics.jsonl")
+
+
+@contextlib.contextmanager
+def _run_on(device: str):
+    """Resolve ``--device`` and, under torchrun, join the process group for the command
+    (NCCL on GPUs, gloo on CPUs); leaves it at the end. Yields the :class:`torch.device`."""
+    import torch.distributed as dist
+
+    from inrseg.training import init_distributed, resolve_device
+
+    dev = resolve_device(device)
+    joined = init_distributed(dev)
+    try:
+        yield dev
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit_and_save(model, train, val, out: Path, resume: bool, budget, precision: str) -> None:
+    """Train (every rank) and write the checkpoint (rank 0), atomically."""
+    from inrseg.training import barrier, is_main
+
+    model.fit(train, val, state_path=_state_path(out, resume), budget=budget,
+              log_path=_log_path(out), precision=precision)
+    if is_main():
+        model.save(out)
+    barrier()
 
 
 def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Optional[int],
                       batch_size: Optional[int], budget_minutes: Optional[float], val_fraction: float,
                       splits: Optional[Path], seed: int, resume: bool, patch: Optional[str] = None,
-                      foreground_fraction: Optional[float] = None) -> None:
+                      foreground_fraction: Optional[float] = None, device: str = "cpu",
+                      precision: str = "auto") -> None:
     from dataclasses import replace
 
     from inrseg.methods.supervised import PRESETS, SupervisedConfig
     from inrseg.segmenter import segmenter_class
+    from inrseg.training import Budget
 
+    budget = Budget(budget_minutes)
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
@@ -274,10 +326,10 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
     if foreground_fraction is not None:
         cfg = replace(cfg, foreground_fraction=foreground_fraction)
     cls = segmenter_class(method)
-    model = cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
-    status(f"{method}: {model.num_params / 1e6:.2f}M parameters")
-    model.fit(train, val, state_path=_state_path(out, resume))
-    model.save(out)
+    with _run_on(device) as dev:
+        model = cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
+        status(f"{method}: {model.num_params / 1e6:.2f}M parameters on {dev}")
+        _fit_and_save(model, train, val, out, resume, budget, precision)
     status(f"saved {out} (best validation step {model.best_step})")
 
 
@@ -291,6 +343,9 @@ _PATCH = typer.Option(None, help="3D training crop in voxels: one edge (64) or t
                                  "default 96^3, capped at the volume.")
 _FG = typer.Option(None, min=0.0, max=1.0, help="Share of 3D crops forced to contain foreground "
                                                  "(default 0.33, as nnU-Net).")
+_DEVICE = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps. Under torchrun "
+                                    "'cuda' means each rank's own GPU (LOCAL_RANK).")
+_PRECISION = typer.Option("auto", help="auto (bf16 autocast on CUDA for the CNN methods), fp32 or bf16.")
 
 
 def _patch(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -313,10 +368,11 @@ def train_unet(data: Path = _DATA, out: Path = _OUT,
                batch_size: Optional[int] = typer.Option(None, help="Slices / patches per step."),
                patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+               device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train the MONAI U-Net baseline (2D or 3D, from the data)."""
     _train_supervised("unet", data, out, preset, steps, batch_size, budget_minutes, val_fraction,
-                      splits, seed, resume, patch, foreground_fraction)
+                      splits, seed, resume, patch, foreground_fraction, device, precision)
 
 
 @train_app.command("segresnet")
@@ -325,10 +381,11 @@ def train_segresnet(data: Path = _DATA, out: Path = _OUT,
                     batch_size: Optional[int] = typer.Option(None, help="Slices / patches per step."),
                     patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                     budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-                    splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+                    splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+                    device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train the MONAI SegResNet baseline (4.7M parameters)."""
     _train_supervised("segresnet", data, out, "segresnet", steps, batch_size, budget_minutes,
-                      val_fraction, splits, seed, resume, patch, foreground_fraction)
+                      val_fraction, splits, seed, resume, patch, foreground_fraction, device, precision)
 
 
 def metaseg_config(preset: str, paper: bool = False, **overrides):
@@ -356,30 +413,39 @@ def train_metaseg(data: Path = _DATA, out: Path = _OUT,
                   inner_steps: Optional[int] = typer.Option(None, help="Inner Adam steps per task."),
                   meta_sgd: bool = typer.Option(False, help="Learn per-parameter inner learning rates."),
                   first_order: bool = typer.Option(False, help="First-order MAML (cheaper)."),
+                  meta_batch: Optional[int] = typer.Option(None, min=1, help="Tasks (images) per outer step "
+                                                                             "and rank (default 1)."),
                   paper: bool = typer.Option(False, help="The paper's full settings (all pixels per step, "
                                                          "lr 1e-4, joint inner loss, 5000 steps): for GPUs."),
                   budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-                  splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+                  splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+                  device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train MetaSeg: meta-learn a SIREN + segmentation head, retrain the head on fitted
-    features (phase 2) and choose the test-time step count T_f on the validation subjects."""
-    overrides = {k: v for k, v in dict(steps=steps, inner_steps=inner_steps).items() if v is not None}
+    features (phase 2) and choose the test-time step count T_f on the validation subjects.
+    Under torchrun the meta-batch (--meta-batch tasks per rank) is split across ranks."""
+    overrides = {k: v for k, v in dict(steps=steps, inner_steps=inner_steps,
+                                       meta_batch=meta_batch).items() if v is not None}
     _train_metaseg(data, out, preset, paper, budget_minutes, val_fraction, splits, seed, resume,
-                   meta_sgd=meta_sgd, first_order=first_order, **overrides)
+                   device=device, precision=precision, meta_sgd=meta_sgd, first_order=first_order,
+                   **overrides)
 
 
 def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minutes: Optional[float],
-                   val_fraction: float, splits: Optional[Path], seed: int, resume: bool, **overrides) -> None:
+                   val_fraction: float, splits: Optional[Path], seed: int, resume: bool,
+                   device: str = "cpu", precision: str = "auto", **overrides) -> None:
     from inrseg.methods.metaseg import MetaSeg
+    from inrseg.training import Budget
 
+    budget = Budget(budget_minutes)
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     try:
         cfg = metaseg_config(preset, paper=paper, seed=seed, budget_minutes=budget_minutes, **overrides)
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    model = MetaSeg(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
-    status(f"metaseg ({preset}): {model.num_params / 1e6:.3f}M parameters")
-    model.fit(train, val, state_path=_state_path(out, resume))
-    model.save(out)
+    with _run_on(device) as dev:
+        model = MetaSeg(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
+        status(f"metaseg ({preset}): {model.num_params / 1e6:.3f}M parameters on {dev}")
+        _fit_and_save(model, train, val, out, resume, budget, precision)
     status(f"saved {out} (T_f = {model.t_f} test-time steps, chosen on validation)")
 
 
@@ -392,21 +458,26 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
                infer_max_steps: Optional[int] = typer.Option(None, help="Longest latent fit tried on the "
                                                                        "validation cases when choosing the step count."),
                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
+               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+               device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train NISF: an auto-decoder prior (network + one latent per training case); the number of
-    latent-fitting steps used at inference is chosen on the validation subjects."""
+    latent-fitting steps used at inference is chosen on the validation subjects. Under torchrun
+    the network trains under DDP and each rank owns the latents of its share of the subjects."""
     from inrseg.methods.nisf import NISF, PRESETS, config_from_preset
+    from inrseg.training import Budget
 
+    budget = Budget(budget_minutes)
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     overrides = {k: v for k, v in dict(steps=steps, activation=activation,
                                        infer_max_steps=infer_max_steps).items() if v is not None}
     cfg = config_from_preset(preset, seed=seed, budget_minutes=budget_minutes, **overrides)
-    model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
-    status(f"nisf: {model.num_params / 1e6:.3f}M parameters ({cfg.activation}, {cfg.depth} x {cfg.width})")
-    model.fit(train, val, state_path=_state_path(out, resume))
-    model.save(out)
+    with _run_on(device) as dev:
+        model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
+        status(f"nisf: {model.num_params / 1e6:.3f}M parameters ({cfg.activation}, {cfg.depth} x {cfg.width}) "
+               f"on {dev}")
+        _fit_and_save(model, train, val, out, resume, budget, precision)
     status(f"saved {out} (inference steps chosen on validation: {model.infer_steps})")
 
 
@@ -440,10 +511,13 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
                                                                         "CPU runs down a lot."),
                 patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                 budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME) -> None:
-    """Train MORSE or one of its ablation variants on a backbone."""
+                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+                device: str = _DEVICE, precision: str = _PRECISION) -> None:
+    """Train MORSE or one of its ablation variants on a backbone (DDP under torchrun)."""
     from inrseg.methods.morse import MORSE, morse_config
+    from inrseg.training import Budget
 
+    budget = Budget(budget_minutes)
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr,
                                        expert_dropout=expert_dropout, patch_size=_patch(patch),
@@ -453,10 +527,10 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
                            budget_minutes=budget_minutes, **overrides)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    model = MORSE(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
-    status(f"morse ({backbone.value}, {variant.value}): {model.num_params / 1e6:.2f}M parameters")
-    model.fit(train, val, state_path=_state_path(out, resume))
-    model.save(out)
+    with _run_on(device) as dev:
+        model = MORSE(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
+        status(f"morse ({backbone.value}, {variant.value}): {model.num_params / 1e6:.2f}M parameters on {dev}")
+        _fit_and_save(model, train, val, out, resume, budget, precision)
     status(f"saved {out} (best validation step {model.best_step})")
 
 
@@ -466,15 +540,17 @@ def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
             data: Path = typer.Option(..., help="Dataset whose test cases (else training cases) are shown."),
             out: Path = typer.Option(..., help="Output directory for the PNGs."),
             cases: int = typer.Option(3, min=1, help="How many cases."),
-            max_steps: int = typer.Option(500, help="Longest test-time fit on the Dice/PSNR curve.")) -> None:
+            max_steps: int = typer.Option(500, help="Longest test-time fit on the Dice/PSNR curve."),
+            device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")) -> None:
     """MetaSeg figures: Dice and PSNR against test-time steps (paper Fig. 2), image / prediction /
     ground-truth overlays, and the PCA of the fitted INR's features (Fig. 4)."""
     from inrseg.data.layouts import open_dataset
     from inrseg.figures import feature_pca_png, metaseg_step_curve, plot_step_curves
     from inrseg.report import save_overlay
     from inrseg.segmenter import load_segmenter
+    from inrseg.training import resolve_device
 
-    seg = load_segmenter(model, "metaseg")
+    seg = load_segmenter(model, "metaseg", device=resolve_device(device))
     ds = open_dataset(data)
     chosen = (ds.test or ds.train)[:cases]
     curves = {}
@@ -496,7 +572,8 @@ def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
 def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is written."),
          minutes: float = typer.Option(2.0, help="Meta-training budget in minutes (phase 2 and the choice "
                                                  "of T_f take about as long again)."),
-         force: bool = typer.Option(True, help="Replace an earlier demo's output.")) -> None:
+         force: bool = typer.Option(True, help="Replace an earlier demo's output."),
+         device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")) -> None:
     """The whole MetaSeg pipeline on embedded data, on the CPU in a few minutes: brain phantoms
     -> meta-training -> test-time fitting of each test image -> NIfTI label maps, PNG overlays,
     a Dice table and the Dice/PSNR-vs-steps figure."""
@@ -506,6 +583,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is wr
     from inrseg.figures import metaseg_step_curve, plot_step_curves
     from inrseg.report import evaluate_dirs, format_table, save_overlay, write_report
     from inrseg.segmenter import load_segmenter
+    from inrseg.training import resolve_device
 
     if out.exists() and force:
         shutil.rmtree(out)
@@ -516,10 +594,10 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is wr
     status(f"2/4 meta-training MetaSeg (2d-seg4 preset, {minutes} min budget), phase 2, T_f on validation")
     ckpt = out / "metaseg.safetensors"
     # demo-sized phase 2 and T_f search: 8 training images, three candidate step counts
-    _train_metaseg(data, ckpt, "2d-seg4", False, minutes, 0.25, None, 0, False,
+    _train_metaseg(data, ckpt, "2d-seg4", False, minutes, 0.25, None, 0, False, device=device,
                    phase2_max_cases=8, tf_candidates=(25, 50, 100))
     status("3/4 fitting and segmenting the test images")
-    seg = load_segmenter(ckpt)
+    seg = load_segmenter(ckpt, device=resolve_device(device))
     pred_dir = out / "predictions"
     curves = {}
     for i, case in enumerate(progress(open_dataset(data).test, desc="segmenting")):

@@ -28,8 +28,16 @@ def is_quiet() -> bool:
     return _quiet
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _disabled() -> bool:
-    if _quiet:
+    if _quiet or _rank() != 0:
         return True
     if os.environ.get("INRSEG_PROGRESS", "") not in ("", "0"):
         return False
@@ -44,6 +52,6 @@ def progress(iterable: Iterable[T] | None = None, desc: str = "", total: int | N
 
 
 def status(message: str) -> None:
-    """Print a one-line status message to stderr unless quiet."""
-    if not _quiet:
+    """Print a one-line status message to stderr unless quiet (rank 0 only under torchrun)."""
+    if not _quiet and _rank() == 0:
         print(message, file=sys.stderr, flush=True)

@@ -11,10 +11,13 @@ import importlib
 from pathlib import Path
 from typing import ClassVar, Protocol, Sequence, runtime_checkable
 
+import torch
+
 from inrseg.checkpoints import read_metadata
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.errors import InputError
+from inrseg.training import Budget
 
 
 @runtime_checkable
@@ -25,19 +28,30 @@ class Segmenter(Protocol):
         method: registry name, stored in checkpoints (``"unet"``, ``"metaseg"``...).
         label_names: class names indexed by label value.
         spatial_ndim: grid axes of the images it labels (2, 3 or 4 for 3D + t).
+        device: where its network lives (constructors and ``load`` take ``device=``).
     """
 
     method: ClassVar[str]
     label_names: list[str]
     spatial_ndim: int
 
+    device: torch.device
+
     def fit(self, train: Sequence[Case], val: Sequence[Case] | None = None,
-            state_path: Path | None = None) -> None:
+            state_path: Path | None = None, *, budget: Budget | None = None,
+            log_path: Path | None = None, precision: str = "auto") -> None:
         """Train on ``train``; select models / step counts on ``val`` (never on test data).
 
         ``state_path``: where a resumable training state is written periodically; if the file
-        exists, training continues from it.
+        exists, training continues from it. ``budget``: the wall-time deadline of the whole
+        call, every phase included (default: the config's ``budget_minutes`` from now).
+        ``log_path``: per-step metrics log (JSON lines). ``precision``: ``auto`` (bf16 autocast
+        on CUDA where the method allows it), ``fp32`` or ``bf16``. Under torchrun every rank
+        calls it; the engine (:mod:`inrseg.training`) splits the work.
         """
+
+    def to(self, device: str | torch.device) -> "Segmenter":
+        """Move the model to ``device``."""
 
     def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
         """Label map ``(*S',)`` of ``image`` (``(C, *S)``) with an affine that overlays it.
@@ -50,8 +64,8 @@ class Segmenter(Protocol):
         """Write a checkpoint (safetensors + JSON header), atomically."""
 
     @classmethod
-    def load(cls, path: str | Path) -> "Segmenter":
-        """Read a checkpoint written by :meth:`save` of this method."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Segmenter":
+        """Read a checkpoint written by :meth:`save` of this method onto ``device``."""
 
 
 #: method name -> "module:Class". Imported lazily so that `inrseg --help` stays fast.
@@ -74,8 +88,10 @@ def segmenter_class(method: str, path: Path | None = None) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def load_segmenter(path: str | Path, method: str | None = None) -> Segmenter:
-    """Load any inrseg checkpoint; with ``method``, refuse a checkpoint of another method."""
+def load_segmenter(path: str | Path, method: str | None = None,
+                   device: str | torch.device = "cpu") -> Segmenter:
+    """Load any inrseg checkpoint onto ``device``; with ``method``, refuse a checkpoint of
+    another method. Checkpoints hold CPU tensors, so any checkpoint loads onto any device."""
     path = Path(path)
     meta = read_metadata(path)
     found = meta.get("method")
@@ -83,4 +99,4 @@ def load_segmenter(path: str | Path, method: str | None = None) -> Segmenter:
         raise InputError(path, "is a training-state file, not a model checkpoint")
     if method is not None and found != method:
         raise InputError(path, f"is a {found!r} checkpoint, not {method!r}")
-    return segmenter_class(found, path).load(path)
+    return segmenter_class(found, path).load(path, device=device)
