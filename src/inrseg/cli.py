@@ -272,6 +272,13 @@ def _log_path(out: Path) -> Path:
     return out.with_name(out.name + ".metrics.jsonl")
 
 
+def _check_device(device: str) -> None:
+    """Refuse a bad ``--device`` before any data is read."""
+    from inrseg.training import resolve_device
+
+    resolve_device(device)
+
+
 @contextlib.contextmanager
 def _run_on(device: str):
     """Resolve ``--device`` and, under torchrun, join the process group for the command
@@ -312,6 +319,7 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
+    _check_device(device)
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
@@ -437,6 +445,7 @@ def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minut
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
+    _check_device(device)
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     try:
         cfg = metaseg_config(preset, paper=paper, seed=seed, budget_minutes=budget_minutes, **overrides)
@@ -467,6 +476,8 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
+    _check_device(device)
+    _check_device(device)
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
@@ -518,6 +529,7 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
+    _check_device(device)
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr,
                                        expert_dropout=expert_dropout, patch_size=_patch(patch),
