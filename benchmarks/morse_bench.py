@@ -54,8 +54,8 @@ from monai.losses import DiceCELoss
 
 from harness import SHARED_DATA, markdown_table, parse_overrides, run_method, write_results
 from inrseg.data.layouts import open_dataset, split_by_subject
+from inrseg.data.sampling import PatchSampler
 from inrseg.methods.morse import MORSE, VARIANTS, MorseConfig, morse_config, rend_weight
-from inrseg.methods.supervised import sample_patch_batch
 
 LABEL = {"baseline": "baseline", "pointrend": "+ PointRend", "smoe": "+ SMoE", "iar": "+ IAR",
          "morse": "MORSE"}
@@ -72,15 +72,15 @@ def calibrate(model: MORSE, train, val, n_validations: int, minutes: float) -> t
         imgs.append(probe._prepare(img))
         labs.append(torch.from_numpy(lab.data.astype(np.int64)))
     patch = probe._patch_size(np.max([x.shape[1:] for x in imgs], axis=0))
-    rng = np.random.default_rng(cfg.seed)
+    sampler = PatchSampler(imgs, labs, patch, cfg.foreground_fraction, cfg.augment, cfg.seed)
     opt = torch.optim.AdamW(probe.net.parameters(), lr=cfg.lr)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     times = []
     for k in range(4):                     # step 0 is a warm-up
         t0 = time.perf_counter()
         probe.net.train()
-        x, y = sample_patch_batch(imgs, labs, patch, cfg.batch_size, rng, cfg.augment)
-        loss, _ = probe._losses(x, y, rend_weight(cfg.steps, cfg.steps, cfg.lambda_rend), loss_fn)
+        x, y = sampler.batch(k, range(cfg.batch_size), probe.device)
+        loss, _ = probe._losses(probe.net, x, y, rend_weight(cfg.steps, cfg.steps, cfg.lambda_rend), loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

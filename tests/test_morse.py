@@ -13,11 +13,11 @@ from conftest import write_blobs
 from inrseg.data.io import Volume
 from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.errors import InputError
-from inrseg.methods.morse import (VARIANTS, MORSE, MorseConfig, MorseNet, StochasticMoE,
-                                  morse_config, rend_weight)
+from inrseg.methods.morse import VARIANTS, MORSE, MorseConfig, morse_config, rend_weight
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import build_backbone
 from inrseg.nn.fourier import GaussianFourierFeatures
+from inrseg.nn.morse import MorseNet, StochasticMoE
 from inrseg.nn.point_sampling import (grid_point_coords, most_uncertain_points, point_sample,
                                       sample_training_points, uncertainty)
 from inrseg.segmenter import Segmenter, load_segmenter
@@ -150,6 +150,28 @@ def test_gate_weights_sum_to_one_and_dropout_only_in_training():
     assert (m.sum(1) >= 1).all() and set(m.sum(1).long().tolist()) == {1, 2, 3}
 
 
+def test_per_image_generators_make_draws_independent_of_the_batch():
+    """Expert dropout and training points of an image depend on its generator only, not on the
+    batch it is in (what makes 2 ranks x 1 image equal 1 process x 2 images)."""
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    moe = StochasticMoE(2, (4, 4, 4, 4), dim=4, gate_dim=4, expert_dropout="count").train()
+    torch.testing.assert_close(moe.expert_mask(3, generators=gens(5, 6, 7))[1:],
+                               moe.expert_mask(2, generators=gens(6, 7)))
+    torch.manual_seed(0)
+    net = MorseNet(build_backbone("unet", 2, 1, 3, **TINY_UNET), 3, _tiny_cfg("unet", "iar")).train()
+    x = torch.randn(2, 1, 16, 16)
+    both = net(x, 32, gens(1, 2))
+    alone = net(x[1:], 32, gens(2))
+    assert both.coords.shape == (2, 32, 2) and both.points.shape == (2, 3, 32)
+    torch.testing.assert_close(both.coords[1:], alone.coords)
+    torch.testing.assert_close(both.points[1:], alone.points)
+    assert net(x).coords is None                           # no points unless asked
+    with pytest.raises(ValueError, match="no point head"):
+        MorseNet(build_backbone("unet", 2, 1, 3, **TINY_UNET), 3, _tiny_cfg("unet", "smoe"))(x, 8)
+
+
 def test_rend_weight_schedule():
     assert rend_weight(0, 1000) == 0 and rend_weight(500, 1000) == 0.0
     assert rend_weight(501, 1000) == pytest.approx(0.1 * 1 / 1000)
@@ -246,9 +268,14 @@ def test_resume_continues_from_saved_step(blobs2d, tmp_path):
     train, val = split_by_subject(blobs2d.train, 0.25)
     first = MORSE(blobs2d.label_names, 2, 1, _tiny_cfg("unet", "morse", steps=6, val_every=3))
     first.fit(train, val[:1], state_path=state)
+    # rend_steps is that of the kept (best) weights: T = 6 turns L_rend on after step 3
+    assert first.rend_steps == max(0, first.best_step - 3)
     second = MORSE(blobs2d.label_names, 2, 1, _tiny_cfg("unet", "morse", steps=12, val_every=3))
     second.fit(train, val[:1], state_path=state)
     assert [h["step"] for h in second.history] == [3, 6, 9, 12]
+    # the resumed count (3 after step 6) goes on; with T = 12 every later step is a rend step
+    s = second.best_step
+    assert second.rend_steps == (max(0, s - 3) if s <= 6 else 3 + s - 6)
 
 
 def test_3d_training_crops_and_sliding_window(blobs3d, tmp_path):
@@ -264,6 +291,33 @@ def test_3d_training_crops_and_sliding_window(blobs3d, tmp_path):
         model.save(tmp_path / f"{backbone}.safetensors")
         again = MORSE.load(tmp_path / f"{backbone}.safetensors")
         np.testing.assert_array_equal(out.data, again.predict(img).data)
+
+
+def test_every_tensor_on_the_model_device(tmp_path):
+    """With the default device "meta", a CPU model trains (with validation, resume state and
+    metrics log) and predicts: nothing is created on an implicit device."""
+    d2 = open_dataset(write_blobs(tmp_path / "d2", n=3, shape=(16, 16)))
+    d3 = open_dataset(write_blobs(tmp_path / "d3", n=3, shape=(12, 12, 12)))
+    tiny = dict(backbone_overrides={"channels": (4, 8), "num_res_units": 1}, moe_dim=4, gate_dim=4,
+                point_width=8, fourier_frequencies=4, train_points=16, test_points=16, steps=4,
+                val_every=4, batch_size=2)  # validation at step 4, after 2 steps with L_rend
+    runs = [(d2, "unet", "morse", {}), (d2, "unet", "pointrend", {}),
+            (d3, "unet3d", "morse", {"patch_size": (8, 8, 8)})]
+    torch.set_default_device("meta")
+    try:
+        for k, (ds, backbone, variant, extra) in enumerate(runs):
+            nd = ds.spatial_ndim
+            model = MORSE(ds.label_names, nd, 1, morse_config(backbone, variant, nd, **tiny, **extra),
+                          device="cpu")
+            assert {p.device.type for p in model.net.parameters()} == {"cpu"}
+            model.fit(ds.train[:2], ds.train[2:], state_path=tmp_path / f"{k}.train-state",
+                      log_path=tmp_path / f"{k}.jsonl")
+            assert model.rend_steps > 0 and (tmp_path / f"{k}.train-state").exists()
+            img = ds.train[2].load_image()
+            assert model.predict(img).shape == img.shape   # 3D: 12^3 > 8^3, sliding windows
+            assert model.predict(img, scale=2).shape == tuple(2 * n for n in img.shape)
+    finally:
+        torch.set_default_device(None)
 
 
 def test_unetr_2d_predicts_images_of_other_sizes(blobs2d):

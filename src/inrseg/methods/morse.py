@@ -42,36 +42,41 @@ fixed input size).
 
 Coordinates of points are ``[-1, 1]`` over the network's input frame (the padded slice, the
 training crop or the sliding window), cell-centred (:mod:`inrseg.nn.point_sampling`).
+
+The networks (SMoE, point head, the model around a backbone) are :mod:`inrseg.nn.morse`; this
+file holds the configuration, the training step and validation (the loop, seeding, budget,
+best state, resume state and DDP are the engine's, :mod:`inrseg.training`), inference and
+checkpoints.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar, NamedTuple, Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from torch import nn
 
-from inrseg.checkpoints import load_checkpoint, save_checkpoint, save_train_state
+from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
+from inrseg.data.sampling import PatchSampler, load_training_tensors, pad_to_multiple, plain, training_patch
 from inrseg.errors import InputError
-from inrseg.methods.supervised import (load_training_tensors, pad_to_multiple, restore_training,
-                                       sample_patch_batch, training_patch)
 from inrseg.metrics import case_metrics
-from inrseg.nn.backbones import BACKBONES, SegBackbone, build_backbone
-from inrseg.nn.fourier import GaussianFourierFeatures
-from inrseg.nn.point_sampling import most_uncertain_points, point_sample, sample_training_points
-from inrseg.progress import progress, status
+from inrseg.nn.backbones import BACKBONES, build_backbone
+from inrseg.nn.morse import MorseNet, MorseOutput, PointHead, StochasticMoE, _upsample
+from inrseg.nn.point_sampling import point_sample
+from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, resolve_device, run_training,
+                             step_rng, torch_generator, use_bf16, world, wrap_ddp)
+
+__all__ = ["EXPERT_DROPOUT", "HEAD_PRESETS", "MORSE", "VARIANTS", "MorseConfig", "MorseNet", "MorseOutput",
+           "PointHead", "StochasticMoE", "morse_config", "rend_weight"]
 
 VARIANTS = ("baseline", "pointrend", "smoe", "iar", "morse")
 EXPERT_DROPOUT = ("bernoulli", "count", "none")
@@ -189,210 +194,12 @@ def rend_weight(t: int, total: int, lambda_rend: float = 0.1) -> float:
 
 
 # ============================================================================================
-# modules
-# ============================================================================================
-
-def _conv(nd: int) -> type[nn.Module]:
-    return nn.Conv2d if nd == 2 else nn.Conv3d
-
-
-def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    mode = "bilinear" if x.dim() == 4 else "trilinear"
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
-
-
-class StochasticMoE(nn.Module):
-    """SMoE: decoder-block features as experts, mixed per pixel by a softmax gate.
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: channels of each expert's decoder feature (coarsest first).
-        dim: expert feature width ``D`` (paper 256).
-        gate_dim: gate hidden width (paper 256).
-        expert_dropout: ``"bernoulli"`` (drop each expert with probability ``alpha``),
-            ``"count"`` (drop a uniformly random number ``0..N-1`` of random experts) or ``"none"``.
-        renormalize: renormalise the surviving experts' weights to sum to 1 (else their
-            softmax weights are only zeroed for the dropped experts).
-    """
-
-    def __init__(self, spatial_dims: int, in_channels: Sequence[int], dim: int = 256,
-                 gate_dim: int = 256, expert_dropout: str = "bernoulli", alpha: float = 0.7,
-                 renormalize: bool = True) -> None:
-        super().__init__()
-        conv, n = _conv(spatial_dims), len(in_channels)
-        self.num_experts, self.expert_dropout, self.alpha = n, expert_dropout, alpha
-        self.renormalize = renormalize
-        self.experts = nn.ModuleList([nn.Sequential(conv(c, dim, 1), nn.ReLU(inplace=True),
-                                                    conv(dim, dim, 1)) for c in in_channels])
-        bn = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
-        self.gate = nn.Sequential(conv(n * dim, gate_dim, 3, padding=1), bn(gate_dim),
-                                  nn.ReLU(inplace=True), conv(gate_dim, n, 3, padding=1))
-        self.fuse = nn.Sequential(conv(dim, dim, 1), nn.ReLU(inplace=True), conv(dim, dim, 1))
-
-    def expert_mask(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``(B, N)`` 0/1 mask of the active experts of each image (all ones in eval mode)."""
-        n = self.num_experts
-        if not self.training or self.expert_dropout == "none" or n == 1:
-            return torch.ones(batch, n, device=device)
-        if self.expert_dropout == "bernoulli":
-            mask = (torch.rand(batch, n, device=device) >= self.alpha).float()
-        else:  # "count": drop a random number (0..N-1) of random experts
-            k = torch.randint(0, n, (batch, 1), device=device)
-            rank = torch.rand(batch, n, device=device).argsort(dim=1).argsort(dim=1)
-            mask = (rank >= k).float()
-        dead = mask.sum(1) == 0  # keep one random expert where all were dropped
-        if dead.any():
-            keep = torch.randint(0, n, (int(dead.sum()),), device=device)
-            mask[dead.nonzero()[:, 0], keep] = 1.0
-        return mask
-
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fuse decoder features ``[(B, c_i, *S_i)]`` (coarsest first, last at the finest size).
-
-        Returns:
-            ``x_out`` ``(B, D, *S)`` and the gate weights ``W`` ``(B, N, *S)`` (sum 1 over N).
-        """
-        size = features[-1].shape[2:]
-        experts = [_upsample(mlp(f), size) for mlp, f in zip(self.experts, features)]
-        scores = self.gate(torch.cat(experts, dim=1))                      # (B, N, *S)
-        mask = self.expert_mask(scores.shape[0], scores.device)
-        mask = mask.reshape(*mask.shape, *([1] * (scores.dim() - 2)))
-        if self.renormalize:
-            weights = torch.softmax(scores.masked_fill(mask == 0, float("-inf")), dim=1)
-        else:
-            weights = torch.softmax(scores, dim=1) * mask
-        mixed = sum(weights[:, i:i + 1] * e for i, e in enumerate(experts))
-        return self.fuse(mixed), weights
-
-
-class PointHead(nn.Module):
-    """PointRend's point head: per-point MLP with the coarse logits re-concatenated at each layer.
-
-    ``(B, F, P)`` point features + ``(B, C, P)`` coarse logits -> ``(B, C, P)`` logits.
-
-    ``identity_init``: the predictor starts with zero weights on the hidden features and the
-    identity on the re-concatenated coarse logits, so an untrained head returns the coarse
-    logits (a no-op refinement) and training only moves it where ``L_rend`` asks; PointRend
-    initialises the predictor with N(0, 0.001) instead (``identity_init=False``).
-    """
-
-    def __init__(self, in_dim: int, num_classes: int, width: int = 512, num_layers: int = 3,
-                 identity_init: bool = True) -> None:
-        super().__init__()
-        dims = [in_dim] + [width] * num_layers
-        self.fcs = nn.ModuleList([nn.Conv1d(d + num_classes, width, 1) for d in dims[:-1]])
-        self.predictor = nn.Conv1d(dims[-1] + num_classes, num_classes, 1)
-        if identity_init:  # start as the coarse prediction: refinement is a no-op until trained
-            with torch.no_grad():
-                self.predictor.weight.zero_()
-                self.predictor.bias.zero_()
-                self.predictor.weight[:, -num_classes:, 0] = torch.eye(num_classes)
-        else:
-            nn.init.normal_(self.predictor.weight, std=0.001)
-            nn.init.zeros_(self.predictor.bias)
-
-    def forward(self, feats: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        h = feats
-        for fc in self.fcs:
-            h = F.relu(fc(torch.cat([h, coarse], dim=1)))
-        return self.predictor(torch.cat([h, coarse], dim=1))
-
-
-class MorseOutput(NamedTuple):
-    """A forward pass: ``coarse`` logits ``(B, C, *S)``, ``fine`` point features ``(B, F, *S)``
-    (``None`` without a point head) and SMoE ``gates`` ``(B, N, *S)`` (``None`` without SMoE)."""
-
-    coarse: torch.Tensor
-    fine: torch.Tensor | None
-    gates: torch.Tensor | None
-
-
-class MorseNet(nn.Module):
-    """Backbone + optional SMoE + optional point head (the variant decides; see module doc)."""
-
-    def __init__(self, backbone: SegBackbone, num_classes: int, cfg: MorseConfig) -> None:
-        super().__init__()
-        self.backbone, self.num_classes, self.variant = backbone, num_classes, cfg.variant
-        nd = backbone.spatial_dims
-        self.smoe: StochasticMoE | None = None
-        self.seg_head: nn.Module | None = None
-        if cfg.uses_smoe:
-            n = min(cfg.num_experts or backbone.default_experts, len(backbone.feature_channels))
-            self.smoe = StochasticMoE(nd, backbone.feature_channels[-n:], cfg.moe_dim, cfg.gate_dim,
-                                      cfg.expert_dropout, cfg.alpha, cfg.renormalize)
-            self.seg_head = _conv(nd)(cfg.moe_dim, num_classes, 1)
-        self.fourier: GaussianFourierFeatures | None = None
-        self.point_head: PointHead | None = None
-        if cfg.uses_points:
-            fine = cfg.moe_dim if cfg.uses_smoe else backbone.feature_channels[-1]
-            if cfg.uses_fourier:
-                self.fourier = GaussianFourierFeatures(nd, cfg.fourier_frequencies, cfg.fourier_sigma,
-                                                       cfg.fourier_trainable, seed=cfg.seed)
-                fine += self.fourier.out_dim
-            self.point_head = PointHead(fine, num_classes, cfg.point_width, cfg.point_layers,
-                                        cfg.point_identity_init)
-
-    def forward(self, x: torch.Tensor) -> MorseOutput:
-        """``(B, C_in, *S)`` -> :class:`MorseOutput` on the grid ``S``."""
-        logits, feats = self.backbone(x)
-        if self.smoe is None:
-            return MorseOutput(logits, feats[-1] if self.point_head is not None else None, None)
-        n = self.smoe.num_experts
-        fused, gates = self.smoe(feats[-n:])
-        coarse = _upsample(self.seg_head(fused), x.shape[2:])
-        return MorseOutput(coarse, fused, gates)
-
-    def point_logits(self, fine: torch.Tensor, coarse: torch.Tensor, coords: torch.Tensor,
-                     pe_coords: torch.Tensor | None = None) -> torch.Tensor:
-        """Point-head logits ``(B, C, P)`` at ``coords`` ``(B, P, d)`` (``[-1, 1]`` of the maps).
-
-        ``pe_coords``: the coordinates given to the Fourier features, when the maps are a crop
-        of the frame the network was trained on (default: ``coords``).
-        """
-        feats = point_sample(fine, coords)
-        if self.fourier is not None:
-            pe = self.fourier(coords if pe_coords is None else pe_coords)   # (B, P, 2L)
-            feats = torch.cat([feats, pe.transpose(1, 2)], dim=1)
-        return self.point_head(feats, point_sample(coarse, coords))
-
-    @torch.no_grad()
-    def render(self, out: MorseOutput, shape: Sequence[int], num_points: int,
-               coord_scale: torch.Tensor | None = None,
-               coord_offset: torch.Tensor | None = None) -> torch.Tensor:
-        """Refined logits ``(B, C, *shape)`` by PointRend-style adaptive subdivision.
-
-        Each step up-samples the logits 2x (the last one to ``shape`` exactly; a single step at
-        ``shape`` when it is not larger than the coarse grid) and re-predicts the ``num_points``
-        most uncertain voxels with the point head. ``coord_scale``/``coord_offset`` ``(d,)``
-        map the maps' coordinates to the Fourier coordinates (``pe = coords * scale + offset``).
-        """
-        shape = tuple(int(n) for n in shape)
-        logits = out.coarse
-        if self.point_head is None:
-            return _upsample(logits, shape)
-        src = logits.shape[2:]
-        steps = max(0, math.ceil(math.log2(max(t / s for t, s in zip(shape, src)) - 1e-9)))
-        plan = [tuple(min(s * 2 ** k, t) for s, t in zip(src, shape)) for k in range(1, steps)]
-        plan.append(shape)
-        b, c = logits.shape[:2]
-        for size in plan:
-            logits = _upsample(logits, size).clone()
-            idx, coords = most_uncertain_points(logits, num_points)
-            pe = coords
-            if coord_scale is not None:
-                pe = coords * coord_scale + coord_offset
-            pts = self.point_logits(out.fine, out.coarse, coords, pe)           # (B, C, P)
-            flat = logits.reshape(b, c, -1)
-            flat.scatter_(2, idx[:, None].expand(-1, c, -1), pts)
-            logits = flat.reshape(b, c, *size)
-        return logits
-
-
-# ============================================================================================
 # the Segmenter
 # ============================================================================================
+
+#: key of the rend_steps counter in the weights the engine keeps (best state, resume state)
+_REND_STEPS = "__rend_steps__"
+
 
 class MORSE:
     """MORSE (and its ablation variants) behind the :class:`~inrseg.segmenter.Segmenter` protocol.
@@ -402,20 +209,24 @@ class MORSE:
         spatial_ndim: 2 or 3.
         in_channels: image channels.
         config: hyper-parameters, including ``backbone`` and ``variant``.
+        device: where the network lives and trains (``"cpu"``, ``"cuda:0"``, ``"auto"``...).
     """
 
     method: ClassVar[str] = "morse"
+    #: bf16 autocast is safe for the CNN backbones and heads (``--precision auto`` uses it on CUDA)
+    bf16_safe: ClassVar[bool] = True
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int,
-                 config: MorseConfig | None = None) -> None:
+                 config: MorseConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.config = config or MorseConfig()
         if spatial_ndim not in (2, 3):
             raise InputError(None, f"MORSE segments 2D or 3D images, not {spatial_ndim}D")
         self.label_names = list(label_names)
         self.spatial_ndim, self.in_channels = spatial_ndim, in_channels
+        self.device = resolve_device(device)
         cfg = self.config
-        with torch.random.fork_rng():  # seeded initialisation, global RNG state untouched
-            torch.manual_seed(cfg.seed)
+        with torch.device(self.device), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             try:
                 backbone = build_backbone(cfg.backbone, spatial_ndim, in_channels,
                                           len(self.label_names), img_size=self._net_size(),
@@ -427,6 +238,12 @@ class MORSE:
         self.history: list[dict] = []
         self.best_step: int | None = None
         self.rend_steps = 0  # optimiser steps with L_rend active: refinement is used only after
+
+    def to(self, device: str | torch.device) -> "MORSE":
+        """Move the network to ``device``."""
+        self.device = resolve_device(device)
+        self.net.to(self.device)
+        return self
 
     @property
     def num_params(self) -> int:
@@ -443,6 +260,7 @@ class MORSE:
 
     # ------------------------------------------------------------------ data
     def _prepare(self, image: Volume) -> torch.Tensor:
+        """Normalised ``(C, *S)`` float32 tensor on the CPU."""
         check_input(image, self.in_channels, self.spatial_ndim)
         return torch.from_numpy(normalize(image.data, self.config.normalization))
 
@@ -454,33 +272,44 @@ class MORSE:
         return training_patch(shape, self.config.patch_size, self.net.backbone.divisor)
 
     # ------------------------------------------------------------------ training
-    def _losses(self, x: torch.Tensor, y: torch.Tensor, weight: float,
-                loss_fn: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss of a batch ``x`` ``(B, C_in, *S)``, ``y`` ``(B, 1, *S)``, and its parts."""
-        cfg = self.config
-        out = self.net(x)
-        loss = loss_fn(out.coarse, y)
-        parts = {"sup": float(loss.item())}
-        if self.net.point_head is not None and weight > 0:
-            coords = sample_training_points(out.coarse, cfg.train_points, cfg.oversample,
-                                            cfg.importance)
-            pts = self.net.point_logits(out.fine, out.coarse, coords)           # (B, C, P)
-            target = point_sample(y.float(), coords, mode="nearest")[:, 0].long()  # (B, P)
-            rend = F.cross_entropy(pts, target)
+    def _losses(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, weight: float,
+                loss_fn: torch.nn.Module, generators: Sequence[torch.Generator] | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss of a batch ``x`` ``(B, C_in, *S)``, ``y`` ``(B, 1, *S)`` (on the model's
+        device) through ``net`` (:attr:`net` or its DDP wrapper), and its parts for the log.
+
+        ``weight``: ``lambda_t`` of ``L_rend`` (0: the point head is not run); ``generators``:
+        one per image, for its random draws (see :class:`~inrseg.nn.morse.MorseNet`).
+        """
+        rend_on = self.net.point_head is not None and weight > 0
+        out = net(x, self.config.train_points if rend_on else 0, generators)
+        with torch.device(self.device):  # MONAI's losses make tensors without a device
+            loss = loss_fn(out.coarse, y)
+        parts = {"loss_sup": float(loss.detach()), "lambda_rend": weight}
+        if rend_on:
+            target = point_sample(y.float(), out.coords, mode="nearest")[:, 0].long()  # (B, P)
+            rend = F.cross_entropy(out.points, target)
             loss = loss + weight * rend
-            parts["rend"] = float(rend.item())
+            parts["loss_rend"] = float(rend.detach())
         return loss, parts
 
     def fit(self, train: Sequence[Case], val: Sequence[Case] | None = None,
-            state_path: Path | None = None) -> None:
+            state_path: Path | None = None, *, budget: Budget | None = None,
+            log_path: Path | None = None, precision: str = "auto") -> None:
         """Train on ``train`` cases; keep the best weights on ``val`` (mean foreground Dice of the
-        final, refined prediction). Resumable from ``state_path``; stops at ``budget_minutes``."""
+        final, refined prediction), with the ``rend_steps`` count that belongs to them.
+
+        Under torchrun each rank draws its own ``batch_size`` items of every step's global
+        batch (``world_size x batch_size``); an item's crop, expert dropout and training points
+        are draws of ``(seed, step, item)``, and DDP averages the gradients. ``budget`` bounds
+        the whole call (default: ``config.budget_minutes`` from now).
+        """
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        rng = np.random.default_rng(cfg.seed)
+        budget = as_budget(budget, cfg.budget_minutes)
+        rank, _ = world()
         images, labels = load_training_tensors(train, self._prepare)
-        val_data = [c.load() for c in (val or [])]
         patch = self._patch_size(np.max([x.shape[1:] for x in images], axis=0))
+        sampler = PatchSampler(images, labels, patch, cfg.foreground_fraction, cfg.augment, cfg.seed)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         if cfg.optimizer == "sgd":
             opt = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=0.9,
@@ -489,59 +318,45 @@ class MORSE:
             opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: max(0.0, 1 - min(s, cfg.steps) / cfg.steps) ** cfg.poly_power)
-        start, best_score, best_state = 0, -1.0, None
-        st = restore_training(state_path, self.method, self.net, opt, sched)
-        if st is not None:
-            start, best_score = int(st["step"]), float(st["best_score"])
-            best_state = st.get("best_model")
-            self.history, self.best_step = list(st["history"]), st["best_step"]
-            self.rend_steps = int(st["rend_steps"])
-            rng = np.random.default_rng([cfg.seed, start])
-            torch.manual_seed(cfg.seed + start)
-        t0 = time.perf_counter()
-        bar = progress(total=cfg.steps, desc=f"training morse/{cfg.variant}", initial=start)
-        for step in range(start, cfg.steps):
-            self.net.train()
-            x, y = sample_patch_batch(images, labels, patch, cfg.batch_size, rng, cfg.augment,
-                                      cfg.foreground_fraction)
-            weight = rend_weight(step + 1, cfg.steps, cfg.lambda_rend)
-            loss, parts = self._losses(x, y, weight, loss_fn)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            self.rend_steps += int("rend" in parts)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            over_budget = cfg.budget_minutes is not None and time.perf_counter() - t0 > 60 * cfg.budget_minutes
-            last = step + 1 == cfg.steps or over_budget
-            if (step + 1) % cfg.val_every == 0 or last:
-                entry = {"step": step + 1, "loss": float(loss.item()), **{f"loss_{k}": v for k, v in parts.items()},
-                         "lambda_rend": weight}
-                if val_data:
-                    entry.update(self._validate(val_data))
-                    score = entry["val_dice"]
-                else:
-                    score = -float(loss.item())
-                self.history.append(entry)
-                if score > best_score:
-                    best_score, self.best_step = score, step + 1
-                    best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-                    best_state["__rend_steps__"] = torch.tensor(self.rend_steps)
-                if state_path is not None:
-                    save_train_state(state_path, self.method, {
-                        "model": self.net.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step + 1, "best_score": best_score,
-                        "best_step": self.best_step, "best_model": best_state, "history": self.history,
-                        "rend_steps": self.rend_steps})
-            if over_budget:
-                status(f"time budget of {cfg.budget_minutes} min reached at step {step + 1}")
-                break
-        bar.close()
-        if best_state is not None:
-            best_state = dict(best_state)
-            self.rend_steps = int(best_state.pop("__rend_steps__"))
-            self.net.load_state_dict(best_state)
+        # the point head is unused in the first half of training (and by the baseline / smoe)
+        train_net = wrap_ddp(self.net, self.device, find_unused_parameters=True)
+        mine = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+        val_data: list[tuple[Volume, Volume]] = []
+
+        def step(i: int):
+            x, y = sampler.batch(i, mine, self.device)
+            # per item, a stream of (seed, step, item) apart from the sampler's: dropout, points
+            gens = [torch_generator(int(step_rng(cfg.seed, i, j, 1).integers(2 ** 63)), self.device)
+                    for j in mine]
+            loss, parts = self._losses(train_net, x, y, rend_weight(i + 1, cfg.steps, cfg.lambda_rend),
+                                       loss_fn, gens)
+            self.rend_steps += int("loss_rend" in parts)
+            return loss, parts
+
+        def weights() -> dict[str, torch.Tensor]:
+            # the rend_steps count travels with the weights it belongs to (best and resume state)
+            return {**self.net.state_dict(),
+                    _REND_STEPS: torch.tensor(self.rend_steps, dtype=torch.int64, device=self.device)}
+
+        def load_weights(state: dict[str, torch.Tensor]) -> None:
+            state = dict(state)
+            self.rend_steps = int(state.pop(_REND_STEPS))
+            self.net.load_state_dict(state)
+
+        def validate() -> dict[str, float]:
+            if not val_data:
+                val_data.extend(c.load() for c in val)
+            return self._validate(val_data)
+
+        res = run_training(
+            TrainTask(name=f"{self.method}/{cfg.variant}", method=self.method, step=step, optimizers=[opt],
+                      schedulers=[sched], params=list(self.net.parameters()), weights=weights,
+                      load_weights=load_weights, validate=validate if val else None,
+                      modules=[self.net], grad_sync="ddp",
+                      bf16=use_bf16(self.device, precision, self.bf16_safe)),
+            LoopSettings(steps=cfg.steps, val_every=cfg.val_every, budget=budget, seed=cfg.seed,
+                         state_path=state_path, log_path=log_path, device=self.device))
+        self.history, self.best_step = res.history, res.best_step
 
     @torch.no_grad()
     def _validate(self, val_data: list[tuple[Volume, Volume]]) -> dict[str, float]:
@@ -569,8 +384,8 @@ class MORSE:
         if crop is not None:
             sl = (slice(None), slice(None)) + tuple(crop)
             full = x.shape[2:]
-            scale = torch.tensor([(c.stop - c.start) / n for c, n in zip(crop, full)])
-            offset = torch.tensor([(c.stop + c.start) / n - 1 for c, n in zip(crop, full)])
+            scale = torch.tensor([(c.stop - c.start) / n for c, n in zip(crop, full)], device=x.device)
+            offset = torch.tensor([(c.stop + c.start) / n - 1 for c, n in zip(crop, full)], device=x.device)
             out = MorseOutput(out.coarse[sl], None if out.fine is None else out.fine[sl], None)
         else:
             scale = offset = None
@@ -581,7 +396,8 @@ class MORSE:
     @torch.no_grad()
     def predict_logits(self, image: Volume, scale: float | Sequence[float] = 1.0,
                        refine: bool | None = None) -> torch.Tensor:
-        """Class logits ``(num_classes, *S')`` on the image grid resampled by ``scale``.
+        """Class logits ``(num_classes, *S')`` on the image grid resampled by ``scale``, on the
+        model's device.
 
         ``refine``: use the rendering head (default: when the variant has one and it has been
         trained, i.e. training passed ``T/2``); ``False`` gives the coarse prediction.
@@ -589,7 +405,7 @@ class MORSE:
         self.net.eval()
         if refine is None:
             refine = self.rend_steps > 0
-        x = self._prepare(image)[None]
+        x = self._prepare(image)[None].to(self.device)
         shape = tuple(image.shape)
         new_shape = resampled_shape(shape, scale)
         patch = self._patch_size(shape)
@@ -600,9 +416,10 @@ class MORSE:
             def predictor(w: torch.Tensor) -> torch.Tensor:
                 return self._infer(w, [max(1, round(n * z)) for n, z in zip(w.shape[2:], zoom)], refine)
 
-            logits = sliding_window_inference(x, patch, sw_batch_size=1, predictor=predictor,
-                                              overlap=0.25, mode="gaussian")
-            logits = _upsample(logits, new_shape)
+            with torch.device(self.device):  # MONAI's inferer makes tensors without a device
+                logits = sliding_window_inference(x, patch, sw_batch_size=1, predictor=predictor,
+                                                  overlap=0.25, mode="gaussian")
+            logits = _upsample(plain(logits), new_shape)
         else:
             xp, crop = pad_to_multiple(x, self.net.backbone.divisor, self.spatial_ndim)
             logits = self._infer(xp, new_shape, refine, crop)
@@ -619,7 +436,7 @@ class MORSE:
         affine = image.affine
         if new_shape != tuple(image.shape):
             affine = resampled_affine(image.affine, image.shape, new_shape)
-        labels = logits.argmax(0).numpy().astype(np.int64)
+        labels = logits.argmax(0).cpu().numpy().astype(np.int64)
         return Volume(labels, affine, self.spatial_ndim, image.time_step, path=image.path)
 
     # ------------------------------------------------------------------ checkpoints
@@ -633,13 +450,13 @@ class MORSE:
             "num_params": self.num_params, "rend_steps": self.rend_steps})
 
     @classmethod
-    def load(cls, path: str | Path) -> "MORSE":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "MORSE":
         tensors, meta = load_checkpoint(path, cls.method)
         try:
             cfg = MorseConfig(**meta["config"])
         except (TypeError, ValueError) as exc:
             raise InputError(path, f"unusable MORSE configuration ({exc})") from None
-        obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"], cfg)
+        obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"], cfg, device=device)
         obj.net.load_state_dict(tensors)
         obj.best_step, obj.history = meta.get("best_step"), meta.get("history", [])
         obj.rend_steps = int(meta.get("rend_steps", 0))

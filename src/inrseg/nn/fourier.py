@@ -24,13 +24,18 @@ class GaussianFourierFeatures(nn.Module):
             (coordinates span ``[-1, 1]``, i.e. 2 units per field of view).
         trainable: learn ``B`` (paper) or keep it fixed as a buffer (official code).
         seed: seed of the generator drawing ``B`` (reproducible without touching global RNG).
+
+    ``B`` is drawn on the CPU (the same values whatever the device) and then placed, like the
+    parameters of torch's own layers, on the default device (that of an enclosing
+    ``with torch.device(...)``).
     """
 
     def __init__(self, in_dim: int, num_frequencies: int = 128, sigma: float = 1.0,
                  trainable: bool = True, seed: int = 0) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        b = torch.randn(in_dim, num_frequencies, generator=g) * sigma
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        b = torch.randn(in_dim, num_frequencies, generator=g, device="cpu") * sigma
+        b = b.to(torch.get_default_device())
         if trainable:
             self.B = nn.Parameter(b)
         else:
