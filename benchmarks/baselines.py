@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--presets", default=None, help="comma list (default: unet-small for 2D, "
                                                    "unet-small,segresnet for 3D)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,7 +48,7 @@ def main() -> None:
     presets = (args.presets or ("unet-small" if ds.spatial_ndim == 2 else "unet-small,segresnet")).split(",")
     rows = []
     for p in presets:
-        _, res = run_method(p, supervised_factory(p, args.minutes), ds, train, val)
+        _, res = run_method(p, supervised_factory(p, args.minutes), ds, train, val, device=args.device)
         rows.append(res.row())
         print(markdown_table(rows[-1:]), flush=True)
     table = markdown_table(rows)

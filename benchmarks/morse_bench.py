@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--max-test", type=int, default=None, help="score only the first N test cases")
     ap.add_argument("--max-val", type=int, default=None, help="smoke tests: fewer validation cases")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +174,7 @@ def main() -> None:
             def make(d, cfg=cfg):
                 return MORSE(d.label_names, nd, len(d.channel_names), cfg)
 
-            model, res = run_method(f"{bb} {LABEL[variant]}", make, ds, train, val, test)
+            model, res = run_method(f"{bb} {LABEL[variant]}", make, ds, train, val, test, device=args.device)
             hist = model.history
             row = {"variant": LABEL[variant], "DSC": res.summary["mean_foreground_dice"],
                    "Jaccard": res.summary["jaccard"], "HD95 mm": res.summary["hd95_mm"],
