@@ -15,10 +15,13 @@ import torch
 from inrseg.data.grids import resampled_affine
 from inrseg.data.io import Volume, save_image, save_labels
 from inrseg.data.layouts import Case
-from inrseg.methods.metaseg import MetaSeg, MetaSegConfig, Task, meta_loss
+from inrseg.methods import metaseg
+from inrseg.methods.metaseg import (ADAM_BETAS, ADAM_EPS, MetaSeg, MetaSegConfig, Task, focal_loss, inner_adapt,
+                                    meta_loss, weighted_mse)
 from inrseg.metrics import case_metrics
-from inrseg.nn.siren import SirenSeg, full_forward, init_params
+from inrseg.nn.siren import SirenSeg, full_forward, init_params, siren_forward
 from inrseg.segmenter import Segmenter, load_segmenter
+from inrseg.training import Budget
 
 SHAPE = (32, 32)
 NAMES = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf"]
@@ -178,6 +181,68 @@ def test_second_order_meta_gradient_matches_finite_differences(inner_loss):
     assert abs(float(fo_dir) - numeric) > 1e-3
 
 
+def _random_task(seed: int, n: int = 40, classes: int = 3) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    return Task(torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1,
+                torch.rand(n, 1, generator=g, dtype=torch.float64),
+                torch.randint(classes, (n,), generator=g))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
+def test_focal_loss_is_the_formula_and_twice_differentiable(gamma):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(64, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    target = torch.randint(5, (64,), generator=g)
+
+    def formula(z: torch.Tensor) -> torch.Tensor:  # -(1 - p_t)^gamma log p_t, averaged over points
+        p_t = torch.stack([torch.softmax(z[i], 0)[target[i]] for i in range(len(target))])
+        return (-((1 - p_t) ** gamma) * torch.log(p_t)).mean()
+
+    ours = focal_loss(logits, target, gamma)
+    assert ours.dtype == torch.float64 and ours.shape == ()
+    torch.testing.assert_close(ours, formula(logits), rtol=1e-12, atol=0)
+    if gamma == 0:
+        torch.testing.assert_close(ours, torch.nn.functional.cross_entropy(logits, target), rtol=1e-12, atol=0)
+    # gradients and Hessian-vector products (what second-order MAML differentiates) agree too
+    v = torch.randn(logits.shape, generator=g, dtype=torch.float64)
+    derivatives = []
+    for f in (lambda z: focal_loss(z, target, gamma), formula):
+        (grad,) = torch.autograd.grad(f(logits), logits, create_graph=True)
+        (hvp,) = torch.autograd.grad((grad * v).sum(), logits)
+        derivatives.append((grad.detach(), hvp))
+    for a, b in zip(*derivatives):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert float(derivatives[0][1].abs().max()) > 1e-3
+
+
+def test_inner_adam_equals_torch_adam_step_for_step(monkeypatch):
+    cfg = MetaSegConfig(hidden=8, layers=3, inner_lr=1e-2)   # inner_loss "pixels": theta only
+    params = {k: v.requires_grad_(True) for k, v in
+              init_params(2, 1, 8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).items()}
+    support = [_random_task(s) for s in range(1, 6)]
+    theta = {k: v.detach().clone().requires_grad_(True) for k, v in params.items() if k.startswith("f.")}
+    opt = torch.optim.Adam(theta.values(), lr=cfg.inner_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    reference = []  # torch.optim.Adam after 1, 2, ... steps, each on the gradient at its current point
+    for task in support:
+        opt.zero_grad()
+        weighted_mse(siren_forward(theta, task.coords, cfg.w0)[0], task.pixels, task.weight).backward()
+        opt.step()
+        reference.append({k: v.detach().clone() for k, v in theta.items()})
+
+    def largest_gap() -> float:
+        gaps = []
+        for n, ref in enumerate(reference, 1):
+            adapted = inner_adapt(params, support[:n], cfg, create_graph=False)
+            gaps += [float((adapted[k].detach() - ref[k]).abs().max()) for k in ref]
+            assert all(torch.equal(adapted[k], params[k]) for k in params if k.startswith("g."))
+        return max(gaps)
+
+    assert largest_gap() < 1e-12  # steps of lr 1e-2: equal up to float64 rounding
+    # the comparison sees Adam's bias correction: without it the first step is ~3x too long
+    monkeypatch.setattr(metaseg, "adam_direction", lambda m, v, t: m / ((v + 1e-30).sqrt() + ADAM_EPS))
+    assert largest_gap() > 1e-3
+
+
 # -------------------------------------------------------------------------------- training
 def test_meta_training_beats_random_init(trained, data):
     assert isinstance(trained, Segmenter)
@@ -279,3 +344,64 @@ def test_meta_sgd_learns_and_stores_inner_learning_rates(data, tmp_path):
         assert torch.equal(loaded.lrs[k], model.lrs[k])
     img, _ = data["test"][0].load()
     np.testing.assert_array_equal(loaded.predict(img).data, model.predict(img).data)
+
+
+# -------------------------------------------------------------------------------- budget, devices
+def test_budget_bounds_the_whole_fit(data):
+    """Meta-training stops early enough for phase 2 and the choice of T_f to end by the deadline
+    (head retraining that would run far longer stops there too)."""
+    cfg = tiny_config(steps=10 ** 6, val_every=50, tf_candidates=(20, 40), phase2_steps=10 ** 6,
+                      phase2_val_every=50)
+    model = MetaSeg(NAMES, 2, 1, cfg)
+    budget = Budget(0.1)
+    model.fit(data["train"][:4], data["val"], budget=budget)
+    assert budget.elapsed_s() < 6.0 + 1.5
+    assert 0.25 <= model.timings["meta_share"] <= 0.95
+    assert model.timings["meta_train_s"] < 6.0 * model.timings["meta_share"] + 0.5
+    assert model.history and model.history[-1]["step"] < cfg.steps
+    assert model.tf_curve and model.t_f in (20, 40)
+
+
+def test_phase2_past_its_deadline_does_the_least(trained, data):
+    model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=0, phase2_steps=50,
+                                                    tf_candidates=(0, 5, 10)))
+    model.params = {k: v.clone() for k, v in trained.params.items()}
+    train_s = [model._prepare(*c.load()) for c in data["train"]]
+    val_s = [model._prepare(*c.load()) for c in data["val"]]
+    model.select_tf_and_head(train_s, val_s, Budget(1e-6))  # expired by the time it is used
+    assert [e["t_f"] for e in model.tf_curve] == [0] and model.t_f == 0
+
+
+def test_every_tensor_on_an_explicit_device(data, tmp_path):
+    """With "meta" as the default device, a tensor made without an explicit device is a meta
+    tensor and the first operation that needs its data fails: a small fit (validation, resume
+    state, metrics log, Meta-SGD off and on), a resumed fit, predictions, the figures and a
+    checkpoint round trip all run through on device="cpu"."""
+    from inrseg.figures import feature_pca_png, metaseg_step_curve
+
+    img, lab = data["test"][0].load()
+    before = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        for meta_sgd in (False, True):
+            cfg = tiny_config(steps=4, val_every=2, val_fit_steps=2, meta_sgd=meta_sgd, meta_batch=2,
+                              first_order_steps=1, tf_candidates=(0, 3), phase2_steps=4, phase2_val_every=2)
+            state = tmp_path / f"state-{meta_sgd}"
+            model = MetaSeg(NAMES, 2, 1, cfg, device="cpu")
+            model.fit(data["train"][:2], data["val"][:1], state_path=state, log_path=tmp_path / f"log-{meta_sgd}.jsonl")
+            resumed = MetaSeg(NAMES, 2, 1, dataclasses.replace(cfg, steps=6), device="cpu")
+            resumed.fit(data["train"][:2], data["val"][:1], state_path=state)
+            assert resumed.start_step == 4
+            for m in (model, resumed):
+                assert all(v.device.type == "cpu" for v in m.params.values())
+                assert m.lrs is None or all(v.device.type == "cpu" for v in m.lrs.values())
+        assert resumed.predict(img).data.shape == SHAPE
+        assert resumed.predict(img, scale=2.0).data.shape == (64, 64)
+        assert resumed.predict_points(img, np.array([[0.0, 0.0], [0.5, -0.5]])).shape == (2,)
+        assert [c["step"] for c in metaseg_step_curve(resumed, img, lab, steps=(0, 2))] == [0, 2]
+        feature_pca_png(resumed, img, tmp_path / "pca.png", steps=2)
+        resumed.save(tmp_path / "m.safetensors")
+        loaded = MetaSeg.load(tmp_path / "m.safetensors", device="cpu")
+        np.testing.assert_array_equal(loaded.predict(img).data, resumed.predict(img).data)
+    finally:
+        torch.set_default_device(before)

@@ -42,7 +42,7 @@ def metaseg_step_curve(model, image: Volume, labels: Volume,
             recon = torch.cat([siren_forward(theta, prepared.coords[None, s:s + 16384], model.config.w0)[0]
                                for s in range(0, prepared.coords.shape[0], 16384)], 1)[0]
             mse = float((recon - prepared.pixels).pow(2).mean())
-            pred = model.logits(theta, prepared.coords)[0].argmax(-1).reshape(image.shape).numpy()
+            pred = model.logits(theta, prepared.coords)[0].argmax(-1).reshape(image.shape).cpu().numpy()
         dice = case_metrics(pred, labels.data, len(model.label_names), distances=False).mean_foreground_dice
         curve.append({"step": t, "dice": float(dice), "psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12))})
     return curve
@@ -79,12 +79,12 @@ def feature_pca_png(model, image: Volume, path: str | Path, steps: int | None = 
     theta = None
     for _, theta in model.fit_theta([prepared], model.t_f if steps is None else steps):
         pass
-    feats = model.features(theta, prepared.coords)[0]                      # (N, h)
+    feats = model.features(theta, prepared.coords)[0]                      # (N, h), model's device
     with torch.no_grad():
-        pred = model.logits(theta, prepared.coords)[0].argmax(-1).reshape(image.shape).numpy()
+        pred = model.logits(theta, prepared.coords)[0].argmax(-1).reshape(image.shape).cpu().numpy()
     x = feats - feats.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(x, full_matrices=False)
-    pcs = (x @ v[:3].T).reshape(*image.shape, 3).numpy()
+    pcs = (x @ v[:3].T).reshape(*image.shape, 3).cpu().numpy()
     lo, hi = np.percentile(pcs, 1, axis=tuple(range(pcs.ndim - 1))), np.percentile(pcs, 99, axis=tuple(range(pcs.ndim - 1)))
     rgb = np.clip((pcs - lo) / np.maximum(hi - lo, 1e-8), 0, 1)
     img = image.data[0]

@@ -347,6 +347,9 @@ class LoopSettings:
         state_path: resume file (``None``: not resumable); if it exists, training continues.
         log_path: per-step metrics log (JSON lines, appended; ``None``: no log).
         device: where collectives' tensors and the loss live.
+        solo: this process trains alone, without collectives (no gradient all-reduce; the budget
+            check and validation are its own): for work one rank does while the others wait,
+            e.g. MetaSeg's phase 2 on rank 0. Files are still written by rank 0 only.
     """
 
     steps: int
@@ -357,6 +360,7 @@ class LoopSettings:
     log_path: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     score_key: str = "val_dice"
+    solo: bool = False
 
 
 @dataclass
@@ -456,7 +460,7 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
             with autocast(loop.device, task.bf16):
                 loss, parts = task.step(step)
             loss.backward()
-            if task.grad_sync == "allreduce" and size > 1:
+            if task.grad_sync == "allreduce" and size > 1 and not loop.solo:
                 grads = [p.grad for p in task.params if p.grad is not None]
                 all_reduce_mean_(grads)
             if task.grad_clip is not None:
@@ -469,12 +473,13 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
             lr = task.optimizers[0].param_groups[0]["lr"] if task.optimizers else float("nan")
             entry = {"step": step + 1, "time_s": round(time.perf_counter() - t0, 4), "loss": loss_value,
                      **{k: float(v) for k, v in parts.items()}, "lr": lr}
-            stopped = any_rank(loop.budget.expired(), loop.device)
+            stopped = loop.budget.expired() if loop.solo else any_rank(loop.budget.expired(), loop.device)
             last = step + 1 == loop.steps or stopped
             if (step + 1) % max(1, loop.val_every) == 0 or last:
                 if task.validate is not None:
-                    metrics = task.validate() if is_main() else None
-                    metrics = broadcast_object(metrics)
+                    metrics = task.validate() if loop.solo or is_main() else None
+                    if not loop.solo:
+                        metrics = broadcast_object(metrics)
                     score = float(metrics[loop.score_key])
                 else:
                     metrics, score = {}, -loss_value

@@ -17,19 +17,26 @@ wider / deeper one (an option only: it did not help, see :data:`FINDINGS`). Trai
    first-order warm-up, Meta-SGD option (learned per-parameter inner learning rates).
    Validation every ``val_every`` steps fits ``theta`` to the validation images' pixels
    (head frozen, MSE only, exactly as at test time) and scores Dice with that adapted
-   network; the best meta-parameters are kept. Resumable (``state_path``).
+   network; the best meta-parameters are kept. The outer loop is the training engine's
+   (:func:`inrseg.training.run_training`: budget, validation cadence, best state, resume
+   state, metrics log); under torchrun every rank computes its share of each meta-batch and
+   the engine averages the meta-gradients by hand (DDP has no double backward).
 2. **Phase 2 + choice of T_f**: ``theta*`` is fitted (MSE only) to training and validation
    images; the penultimate features at each candidate step count ``t`` in ``tf_candidates``
    are stored on random pixel subsets. For every ``t`` a head is retrained from ``phi*`` on
-   the training features (focal loss, best on validation kept), and scored on the validation
-   features; the ``(t, head)`` with the best validation Dice becomes ``(T_f, phi)``. The
-   Dice-vs-steps curve is stored in the checkpoint (``tf_curve``). Validation Dice here is
-   computed on ``val_points`` random pixels per image (an estimate; full images in step 1).
+   the training features (focal loss, best on validation kept; an engine run too), and scored
+   on the validation features; the ``(t, head)`` with the best validation Dice becomes
+   ``(T_f, phi)``. The Dice-vs-steps curve is stored in the checkpoint (``tf_curve``).
+   Validation Dice here is computed on ``val_points`` random pixels per image (an estimate;
+   full images in step 1). Under torchrun phase 2 runs on rank 0 and its result is broadcast.
 3. **Test time** (:meth:`MetaSeg.predict`): copy ``theta*``, Adam on MSE only for ``T_f``
    steps (head frozen), labels = argmax of the head on any coordinates: the image grid, a
    finer/coarser grid (``scale``), or given points (:meth:`MetaSeg.predict_points`).
    Several images are fitted at once with stacked parameters (one batched matmul per layer,
    :meth:`MetaSeg.predict_batch`); Adam is element-wise, so this equals one-at-a-time fitting.
+
+The wall-time budget (``budget_minutes`` or the ``budget`` of :meth:`MetaSeg.fit`) bounds steps
+1 and 2 together: meta-training stops early enough to leave phase 2 its estimated time.
 
 Deviations from the paper / official code, and why (CPU budget):
 
@@ -53,13 +60,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Sequence
+from typing import Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.losses.focal_loss import softmax_focal_loss
 
-from inrseg.checkpoints import load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.data.grids import coordinate_grid, resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
@@ -68,6 +76,8 @@ from inrseg.errors import InputError
 from inrseg.metrics import case_metrics
 from inrseg.nn.siren import Params, full_forward, head_forward, init_params, siren_features, siren_forward
 from inrseg.progress import progress, status
+from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, broadcast_object, resolve_device,
+                             run_training, step_rng, torch_generator, use_bf16, world)
 
 FINDINGS = """
 Measured on brain2d-seg4 (60 train / 15 val / 25 test slices of 160x192), preset 2d-seg4
@@ -185,7 +195,7 @@ class MetaSegConfig:
     bg_mse_weight: float = 1.0             # MSE weight of background pixels (intensity == 0)
     # meta-training
     steps: int = 2000                      # outer steps
-    meta_batch: int = 1                    # images per outer step
+    meta_batch: int = 1                    # tasks (images) per outer step and rank
     inner_steps: int = 2
     inner_loss: str = "pixels"             # "pixels": MSE, theta only (= test time); "joint": paper
     inner_lr: float = 1e-3                 # inner Adam lr (init value of the learned lrs with meta_sgd)
@@ -198,7 +208,7 @@ class MetaSegConfig:
     val_every: int = 50
     val_fit_steps: int = 25                # test-time steps used by the meta-training validation
     val_max_cases: int = 4                 # validation images scored during meta-training
-    budget_minutes: float | None = None    # wall-time limit of the meta-training loop
+    budget_minutes: float | None = None    # wall-time limit of the whole fit (meta-training + phase 2)
     # test time
     test_lr: float | None = None           # test-time Adam lr (None: inner_lr)
     tf_candidates: tuple[int, ...] = (50, 100, 200, 300)   # Dice still rises to 200 (FINDINGS)
@@ -225,11 +235,17 @@ class MetaSegConfig:
 # ============================================================================================
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Mean focal loss ``-(1 - p_t)^gamma log p_t``; logits ``(..., C)``, target ``(...)`` int64."""
-    logp = F.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    if gamma == 0:
-        return -logp.mean()
-    return -(((1 - logp.exp()).clamp_min(0) ** gamma) * logp).mean()
+    """Mean over points of the focal loss ``-(1 - p_t)^gamma log p_t`` (``p_t``: softmax
+    probability of the target class); logits ``(N, C)``, target ``(N,)`` int64. Scalar, in the
+    logits' dtype, twice differentiable (second-order MAML).
+
+    MONAI's softmax focal loss (``softmax_focal_loss``, the function behind its ``FocalLoss``)
+    on a one-hot target, summed over classes. Not the ``FocalLoss`` module itself: its forward
+    casts the logits to float32, so float64 meta-gradients (their finite-difference checks)
+    would lose precision.
+    """
+    onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)                # (N, C)
+    return softmax_focal_loss(logits, onehot, gamma).sum(-1).mean()
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -243,7 +259,7 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
 
 @dataclass
 class Task:
-    """Pixels of one image (or a subset of them).
+    """Pixels of one image (or a subset of them), on one device.
 
     Attributes:
         coords: ``(N, d)`` coordinates in [-1, 1].
@@ -257,12 +273,13 @@ class Task:
     labels: torch.Tensor
     weight: torch.Tensor | None = None
 
-    def subset(self, n: int | None, gen: torch.Generator) -> "Task":
-        """``n`` random points (without replacement), or ``self`` when ``n`` is None / >= N."""
+    def subset(self, n: int | None, rng: np.random.Generator) -> "Task":
+        """``n`` random points (without replacement, drawn by ``rng``), or ``self`` when ``n`` is
+        None / >= N."""
         N = self.coords.shape[0]
         if n is None or n >= N:
             return self
-        idx = torch.randperm(N, generator=gen)[:n]
+        idx = torch.from_numpy(rng.choice(N, size=n, replace=False)).to(self.coords.device)   # (n,)
         return Task(self.coords[idx], self.pixels[idx], self.labels[idx],
                     None if self.weight is None else self.weight[idx])
 
@@ -276,6 +293,14 @@ def task_loss(params: Params, task: Task, cfg: MetaSegConfig) -> torch.Tensor:
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+
+
+def adam_direction(m: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+    """Adam's update direction ``m_hat / (sqrt(v_hat) + eps)`` after ``t`` steps, with the
+    bias-corrected moments of ``m`` and ``v`` (any shape, returned shape). ``+ 1e-30`` inside the
+    square root keeps its derivative finite where a gradient is exactly 0."""
+    b1, b2 = ADAM_BETAS
+    return (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t) + 1e-30).sqrt() + ADAM_EPS)
 
 
 def inner_adapt(params: Params, support: Sequence[Task], cfg: MetaSegConfig,
@@ -311,9 +336,7 @@ def inner_adapt(params: Params, support: Sequence[Task], cfg: MetaSegConfig,
         for k, g in zip(keys, grads):
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
-            # + 1e-30 inside the sqrt keeps its derivative finite where a gradient is exactly 0
-            step = (m[k] / (1 - b1 ** t)) / ((v[k] / (1 - b2 ** t) + 1e-30).sqrt() + ADAM_EPS)
-            new[k] = cur[k] - (lrs[k] if lrs is not None else cfg.inner_lr) * step
+            new[k] = cur[k] - (lrs[k] if lrs is not None else cfg.inner_lr) * adam_direction(m[k], v[k], t)
         cur = new
     return cur
 
@@ -328,9 +351,33 @@ def meta_loss(params: Params, support: Sequence[Task], query: Task, cfg: MetaSeg
 # The segmenter
 # ============================================================================================
 
+#: meta-training gets ``1 - (estimated phase-2 time) / (time left)`` of the time left when
+#: :meth:`MetaSeg.fit` starts, kept within these bounds
+META_SHARE_BOUNDS = (0.25, 0.95)
+#: phase-2 time over the time of its timed parts (test-time steps, head gradient steps): the
+#: Adam updates, feature extraction and head validations come on top
+PHASE2_OVERHEAD = 1.25
+#: offset of phase 2's random draws from meta-training's (both are functions of the seed)
+PHASE2_SEED = 17
+
+
+def _seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
+    """Mean wall time of ``fn()`` over ``calls`` calls on ``device``, after one untimed warm-up
+    call (allocations, kernel choice); waits for queued CUDA work before reading the clock."""
+    fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
 @dataclass
 class _Image:
-    """A prepared image: pixels on its grid, flattened. ``labels`` is None for unlabelled."""
+    """A prepared image: pixels on its grid, flattened, on the model's device. ``labels`` is
+    None for unlabelled."""
 
     shape: tuple[int, ...]
     coords: torch.Tensor                 # (N, d)
@@ -344,21 +391,32 @@ class _Image:
 
 
 class MetaSeg:
-    """MetaSeg segmenter (any number of grid axes; 2D and 3D presets)."""
+    """MetaSeg segmenter (any number of grid axes; 2D and 3D presets).
+
+    Args:
+        label_names: class names indexed by label value.
+        spatial_ndim: grid axes of the images (2, 3, or 4 for 3D + t).
+        in_channels: image channels.
+        config: hyper-parameters.
+        device: where the parameters live and every fit runs (``"cpu"``, ``"cuda:0"``, ``"auto"``...).
+    """
 
     method: ClassVar[str] = "metaseg"
+    #: sines at w0 = 30 lose their phase in bf16: fp32 unless ``precision="bf16"`` is asked for
+    bf16_safe: ClassVar[bool] = False
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int = 1,
-                 config: MetaSegConfig | None = None) -> None:
+                 config: MetaSegConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.config = config or MetaSegConfig()
         self.label_names = list(label_names)
         self.spatial_ndim = spatial_ndim
         self.in_channels = in_channels
+        self.device = resolve_device(device)
         cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed)
         self.params: dict[str, torch.Tensor] = init_params(
-            spatial_ndim, in_channels, cfg.hidden, cfg.layers, len(self.label_names), cfg.w0, gen,
-            head_hidden=cfg.head_hidden, head_layers=cfg.head_layers)
+            spatial_ndim, in_channels, cfg.hidden, cfg.layers, len(self.label_names), cfg.w0,
+            torch_generator(cfg.seed), head_hidden=cfg.head_hidden, head_layers=cfg.head_layers,
+            device=self.device)
         self.lrs: dict[str, torch.Tensor] | None = (
             {k: torch.full_like(v, cfg.inner_lr) for k, v in self.params.items()} if cfg.meta_sgd else None)
         self.t_f: int = cfg.default_tf
@@ -367,6 +425,14 @@ class MetaSeg:
         self.best_step: int | None = None
         self.start_step: int = 0          # outer step the last fit() started from (resume)
         self.timings: dict[str, float] = {}
+
+    def to(self, device: str | torch.device) -> "MetaSeg":
+        """Move the parameters (and learned learning rates) to ``device``."""
+        self.device = resolve_device(device)
+        self.params = {k: v.to(self.device) for k, v in self.params.items()}
+        if self.lrs is not None:
+            self.lrs = {k: v.to(self.device) for k, v in self.lrs.items()}
+        return self
 
     @property
     def num_params(self) -> int:
@@ -379,44 +445,51 @@ class MetaSeg:
 
     # ------------------------------------------------------------------ data
     def _prepare(self, image: Volume, labels: Volume | None = None) -> _Image:
+        """``image`` ``(C, *S)`` (and its label map ``(*S)``) as flattened tensors on the device."""
         if image.data.shape[0] != self.in_channels:
             raise InputError(image.path, f"has {image.data.shape[0]} channels, the model expects "
                                          f"{self.in_channels}")
         if image.spatial_ndim != self.spatial_ndim:
             raise InputError(image.path, f"is {image.spatial_ndim}D, the model is {self.spatial_ndim}D")
         cfg = self.config
-        x = torch.from_numpy(normalize(image.data, cfg.normalization))       # (C, *S)
-        pixels = x.reshape(x.shape[0], -1).T.contiguous()                    # (N, C)
-        coords = coordinate_grid(image.shape, image.spacing, cfg.keep_aspect)
+        x = torch.from_numpy(normalize(image.data, cfg.normalization)).to(self.device)   # (C, *S)
+        pixels = x.reshape(x.shape[0], -1).T.contiguous()                                # (N, C)
+        coords = coordinate_grid(image.shape, image.spacing, cfg.keep_aspect, device=self.device)
         weight = None
         if cfg.bg_mse_weight != 1.0:
-            weight = torch.where(pixels.abs().sum(1) == 0, cfg.bg_mse_weight, 1.0)
-        lab = None if labels is None else torch.from_numpy(labels.data.astype(np.int64).reshape(-1))
+            weight = torch.where(pixels.abs().sum(1) == 0, cfg.bg_mse_weight, 1.0)        # (N,)
+        lab = None if labels is None else torch.from_numpy(
+            labels.data.astype(np.int64).reshape(-1)).to(self.device)                     # (N,)
         return _Image(tuple(image.shape), coords, pixels, weight, lab)
 
     def _query_coords(self, image: Volume, scale: float | Sequence[float]) -> torch.Tensor:
-        return coordinate_grid(image.shape, image.spacing, self.config.keep_aspect, scale=scale)
+        """Coordinates ``(M, d)`` of ``image``'s grid resampled by ``scale``, on the device."""
+        return coordinate_grid(image.shape, image.spacing, self.config.keep_aspect, scale=scale,
+                               device=self.device)
 
     # ------------------------------------------------------------------ test-time fitting
     def _test_lrs(self) -> dict[str, torch.Tensor | float]:
+        """Test-time Adam lr per ``theta`` key: learned ``(1, *shape)`` tensors, or a float."""
         cfg = self.config
         if self.lrs is not None:
-            return {k: self.lrs[k].clamp_min(0).unsqueeze(0) for k in self.theta_keys}
+            return {k: self.lrs[k].detach().clamp_min(0).unsqueeze(0) for k in self.theta_keys}
         lr = cfg.test_lr if cfg.test_lr is not None else cfg.inner_lr
         return {k: lr for k in self.theta_keys}
 
     def fit_theta(self, images: Sequence[_Image], steps: int, snapshots: Sequence[int] = (),
                   gen: torch.Generator | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Fit one copy of ``theta*`` per image (stacked, all images of one grid shape), Adam on
-        MSE only, head untouched.
+        MSE only, head untouched. ``gen``: CPU generator of the pixel draws (default: seeded
+        with ``config.seed``).
 
         Yields ``(t, theta)`` after ``t`` steps for each ``t`` in ``snapshots`` (0 allowed) and
-        at ``steps``; ``theta`` holds stacked tensors ``(B, ...)`` (detached; do not modify).
+        at ``steps``; ``theta`` holds stacked tensors ``(B, ...)`` on the model's device
+        (detached; do not modify).
         """
         cfg = self.config
         if len({im.shape for im in images}) != 1:
             raise ValueError("fit_theta needs images of one grid shape")
-        gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)
+        gen = gen if gen is not None else torch_generator(cfg.seed)
         B = len(images)
         coords = images[0].coords                                             # (N, d)
         pixels = torch.stack([im.pixels for im in images])                    # (B, N, C)
@@ -433,11 +506,12 @@ class MetaSeg:
             yield 0, {k: t.detach() for k, t in theta.items()}
         for t in range(1, steps + 1):
             if cfg.fit_points is not None and cfg.fit_points < N:
-                idx = torch.randint(N, (B, cfg.fit_points), generator=gen)    # (B, n)
-                chunks = [idx]
+                idx = torch.randint(N, (B, cfg.fit_points), generator=gen, device=gen.device)
+                chunks = [idx.to(self.device)]                                # (B, n)
             else:
                 per = max(256, cfg.chunk // B)
-                chunks = [torch.arange(s, min(N, s + per)).expand(B, -1) for s in range(0, N, per)]
+                chunks = [torch.arange(s, min(N, s + per), device=self.device).expand(B, -1)
+                          for s in range(0, N, per)]
             grads = None
             for idx in chunks:
                 c = coords[idx]                                               # (B, n, d)
@@ -454,8 +528,7 @@ class MetaSeg:
                 for (k, p), g in zip(theta.items(), grads):
                     m[k].mul_(b1).add_(g, alpha=1 - b1)
                     v2[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (v2[k] / (1 - b2 ** t)).sqrt_().add_(ADAM_EPS)
-                    p.sub_(lrs[k] * (m[k] / (1 - b1 ** t)) / denom)
+                    p.sub_(lrs[k] * adam_direction(m[k], v2[k], t))
             if t in snaps or t == steps:
                 yield t, {k: t_.detach() for k, t_ in theta.items()}
 
@@ -477,8 +550,9 @@ class MetaSeg:
         return head_forward(head, self.features(theta, coords))
 
     def _fit_predict(self, images: Sequence[Volume], queries: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Labels ``(M_i,)`` int64 at ``queries[i]`` ``(M_i, d)`` after fitting each image
-        for ``T_f`` steps; images of one shape are fitted together, ``fit_batch`` at a time."""
+        """Labels ``(M_i,)`` int64 (on the device) at ``queries[i]`` ``(M_i, d)`` after fitting
+        each image for ``T_f`` steps; images of one shape are fitted together, ``fit_batch`` at a
+        time."""
         prepared = [self._prepare(im) for im in images]
         out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -508,182 +582,253 @@ class MetaSeg:
         for im, lab in zip(images, labels):
             new_shape = resampled_shape(im.shape, scale)
             affine = im.affine if new_shape == tuple(im.shape) else resampled_affine(im.affine, im.shape, new_shape)
-            result.append(Volume(lab.reshape(new_shape).numpy().astype(np.int64), np.asarray(affine, float),
+            result.append(Volume(lab.reshape(new_shape).cpu().numpy().astype(np.int64), np.asarray(affine, float),
                                  self.spatial_ndim, im.time_step, path=im.path))
         return result
 
     def predict_points(self, image: Volume, coords: torch.Tensor | np.ndarray) -> np.ndarray:
         """Labels ``(N,)`` int64 at continuous coordinates ``(N, d)`` (the convention of
         :mod:`inrseg.data.grids`: cell-centred, [-1, 1] per axis) after fitting ``image``."""
-        q = torch.as_tensor(np.asarray(coords), dtype=torch.float32)
+        q = torch.as_tensor(coords, dtype=torch.float32, device=self.device)
         if q.dim() != 2 or q.shape[1] != self.spatial_ndim:
             raise ValueError(f"coords must be (N, {self.spatial_ndim}), got {tuple(q.shape)}")
-        return self._fit_predict([image], [q])[0].numpy().astype(np.int64)
+        return self._fit_predict([image], [q])[0].cpu().numpy().astype(np.int64)
 
     # ------------------------------------------------------------------ training
     def fit(self, train: Sequence[Case], val: Sequence[Case] | None = None,
-            state_path: Path | None = None) -> None:
+            state_path: Path | None = None, *, budget: Budget | None = None,
+            log_path: Path | None = None, precision: str = "auto") -> None:
         """Meta-train on ``train``; choose the meta-parameters, ``T_f`` and the retrained head
-        on ``val`` (never on test data). ``state_path``: resumable meta-training state."""
+        on ``val`` (never on test data).
+
+        ``budget`` (default: ``config.budget_minutes`` from now) bounds the whole call, phase 2
+        included. ``state_path``: resumable meta-training state (phase 2 is redone after a
+        resume); ``log_path``: meta-training's per-step metrics. ``precision``: fp32 unless
+        ``"bf16"`` (sines need fp32). Under torchrun every rank meta-trains its share of each
+        meta-batch (``meta_batch`` tasks per rank); phase 2 and the choice of ``T_f`` run on
+        rank 0 and every rank ends with its result.
+        """
         cfg = self.config
-        torch.manual_seed(cfg.seed)
+        budget = as_budget(budget, cfg.budget_minutes)
+        rank, size = world()
         train_s = [self._prepare(*c.load()) for c in progress(train, desc="loading training cases")]
         val_s = [self._prepare(*c.load()) for c in (val or [])]
+        bf16 = use_bf16(self.device, precision, self.bf16_safe)
+        # The budget split. Phase 2 fits each of its images (at most phase2_max_cases training
+        # images, and the validation images) for max(T_f candidates) test-time steps, then
+        # retrains one head per candidate for phase2_steps. Its time is estimated here (rank 0)
+        # from a few timed test-time steps and head gradient steps (x PHASE2_OVERHEAD), plus one
+        # meta-training validation (the last one runs after meta-training's deadline). Meta-
+        # training gets the rest of the time left, within META_SHARE_BOUNDS; phase 2 then runs
+        # against the whole budget's deadline and cuts itself short where the estimate was low
+        # (select_tf_and_head).
+        share = broadcast_object(self._meta_share(train_s, val_s, budget) if rank == 0 else None)
         t0 = time.perf_counter()
-        self.meta_train(train_s, val_s[:cfg.val_max_cases], state_path)
+        res = run_training(
+            self._meta_task(train_s, val_s[:cfg.val_max_cases], bf16),
+            LoopSettings(steps=cfg.steps, val_every=cfg.val_every, budget=budget.share(share),
+                         seed=cfg.seed, state_path=state_path, log_path=log_path, device=self.device))
+        self.params = {k: v.detach() for k, v in self.params.items()}
+        if self.lrs is not None:
+            self.lrs = {k: v.detach() for k, v in self.lrs.items()}
+        self.history, self.best_step, self.start_step = res.history, res.best_step, res.start_step
         t1 = time.perf_counter()
-        self.select_tf_and_head(train_s, val_s)
-        self.timings = {"meta_train_s": t1 - t0, "phase2_and_tf_s": time.perf_counter() - t1}
+        if rank == 0:
+            self.select_tf_and_head(train_s, val_s, budget, bf16)
+        if size > 1:  # rank 0's T_f, head and T_f curve on every rank
+            head = {k: v.cpu() for k, v in self.params.items() if k.startswith("g.")} if rank == 0 else None
+            self.t_f, head, self.tf_curve = broadcast_object((self.t_f, head, self.tf_curve) if rank == 0 else None)
+            self.params.update({k: v.to(self.device) for k, v in head.items()})
+        self.timings = {"meta_train_s": t1 - t0, "phase2_and_tf_s": time.perf_counter() - t1,
+                        "meta_share": share}
 
-    def _val_dice(self, val_s: Sequence[_Image], params: Params, steps: int) -> float:
-        """Mean foreground Dice of ``val_s`` after fitting ``theta`` (of ``params``) for
-        ``steps`` (head frozen), on the full grids."""
-        saved = self.params
-        self.params = {k: v.detach() for k, v in params.items()}
-        try:
-            scores = []
-            nb = self.config.fit_batch
-            for s in range(0, len(val_s), nb):
-                block = val_s[s:s + nb]
-                theta = None
-                for _, theta in self.fit_theta(block, steps):
-                    pass
-                pred = self.logits(theta, block[0].coords).argmax(-1)
-                for j, im in enumerate(block):
-                    scores.append(case_metrics(pred[j].reshape(im.shape).numpy(), im.labels.reshape(im.shape).numpy(),
-                                               len(self.label_names), distances=False).mean_foreground_dice)
-            return float(np.nanmean(scores))
-        finally:
-            self.params = saved
-
-    def meta_train(self, train_s: Sequence[_Image], val_s: Sequence[_Image],
-                   state_path: Path | None = None) -> None:
-        """The MAML outer loop (see module docstring). Keeps the best meta-parameters on
-        ``val_s`` (or the last ones without validation data)."""
+    def _meta_share(self, train_s: Sequence[_Image], val_s: Sequence[_Image], budget: Budget) -> float:
+        """Meta-training's share of the time left (see the budget split in :meth:`fit`)."""
+        if not budget.limited:
+            return 1.0
         cfg = self.config
-        if cfg.steps <= 0:
-            return
+        fb = cfg.fit_batch
+        fitting = self.fit_theta([im for im in train_s if im.shape == train_s[0].shape][:fb], 4, range(1, 5))
+        per_fit_step = _seconds_per_call(lambda: next(fitting), self.device)
+        n_train = 0 if cfg.phase2_steps <= 0 else (
+            len(train_s) if cfg.phase2_max_cases is None else min(len(train_s), cfg.phase2_max_cases))
+        cands = self._tf_candidates(bool(val_s))
+        fit_steps = (math.ceil(n_train / fb) + math.ceil(len(val_s) / fb)) * max(cands)
+        head_s = 0.0
+        if n_train:
+            head = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items() if k.startswith("g.")}
+            rows = torch.zeros(min(cfg.phase2_batch, n_train * cfg.phase2_points), cfg.hidden, device=self.device)
+            labels = torch.zeros(rows.shape[0], dtype=torch.int64, device=self.device)
+            head_s = cfg.phase2_steps * len(cands) * _seconds_per_call(lambda: torch.autograd.grad(
+                focal_loss(head_forward(head, rows), labels, cfg.focal_gamma), list(head.values())), self.device)
+        last_val_s = math.ceil(min(len(val_s), cfg.val_max_cases) / fb) * cfg.val_fit_steps * per_fit_step
+        estimate = PHASE2_OVERHEAD * (fit_steps * per_fit_step + head_s) + last_val_s
+        lo, hi = META_SHARE_BOUNDS
+        return min(hi, max(lo, 1.0 - estimate / max(budget.remaining_s(), 1e-9)))
+
+    def _meta_task(self, train_s: Sequence[_Image], val_s: Sequence[_Image], bf16: bool = False) -> TrainTask:
+        """Meta-training (the MAML outer loop) as an engine task.
+
+        Makes ``self.params`` (and ``self.lrs`` with ``meta_sgd``) leaf tensors that the task
+        trains in place. The global meta-batch of step ``s`` holds ``world_size x meta_batch``
+        tasks; task ``j`` (its training image and pixel subsets) is drawn from
+        ``step_rng(seed, s, j)``, and rank ``r`` computes tasks ``r * meta_batch`` to
+        ``(r + 1) * meta_batch - 1``. The step's loss is the mean meta-loss of this rank's tasks
+        (their graphs are all held until the backward); the engine averages the meta-gradients,
+        the learned learning rates' included, over ranks: the mean over the global meta-batch.
+        Validation: mean foreground Dice of ``val_s`` after ``val_fit_steps`` test-time steps.
+        """
+        cfg = self.config
+        rank, _ = world()
         params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
         lrs = None if self.lrs is None else {k: v.detach().clone().requires_grad_(True) for k, v in self.lrs.items()}
-        opt = torch.optim.Adam(list(params.values()) + (list(lrs.values()) if lrs else []), lr=cfg.outer_lr)
-        start, best_score = 0, -math.inf
-        best = None
-        if state_path is not None and Path(state_path).exists():
-            st = load_train_state(state_path, self.method)
+        self.params, self.lrs = params, lrs
+        trained = {**params, **{f"lr.{k}": v for k, v in (lrs or {}).items()}}
+        mine = range(rank * cfg.meta_batch, (rank + 1) * cfg.meta_batch)
+
+        def step(s: int) -> tuple[torch.Tensor, dict[str, float]]:
+            first_order = cfg.first_order or s < cfg.first_order_steps
+            losses = []
+            for j in mine:
+                rng = step_rng(cfg.seed, s, j)
+                task = train_s[int(rng.integers(len(train_s)))].task()
+                support = [task.subset(cfg.points_per_task, rng) for _ in range(cfg.inner_steps)]
+                query = task.subset(cfg.points_per_task, rng)
+                losses.append(meta_loss(params, support, query, cfg, lrs, create_graph=not first_order))
+            return torch.stack(losses).mean(), {}
+
+        def load_weights(weights: dict[str, torch.Tensor]) -> None:
             with torch.no_grad():
-                for k in params:
-                    params[k].copy_(st["params"][k])
-                if lrs is not None:
-                    for k in lrs:
-                        lrs[k].copy_(st["lrs"][k])
-            opt.load_state_dict(st["optimizer"])
-            start, best_score = int(st["step"]), float(st["best_score"])
-            best = (st["best_params"], st.get("best_lrs"))
-            self.history, self.best_step = list(st["history"]), st["best_step"]
-            status(f"resuming meta-training from step {start} ({state_path})")
-        self.start_step = start
-        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + start)
-        t0 = time.perf_counter()
-        bar = progress(total=cfg.steps, desc="meta-training metaseg", initial=start)
-        for step in range(start, cfg.steps):
-            first_order = cfg.first_order or step < cfg.first_order_steps
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for _ in range(cfg.meta_batch):
-                task = train_s[int(torch.randint(len(train_s), (1,), generator=gen))].task()
-                support = [task.subset(cfg.points_per_task, gen) for _ in range(cfg.inner_steps)]
-                query = task.subset(cfg.points_per_task, gen)
-                loss = meta_loss(params, support, query, cfg, lrs, create_graph=not first_order)
-                (loss / cfg.meta_batch).backward()
-                total += float(loss.detach()) / cfg.meta_batch
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
-            over_budget = cfg.budget_minutes is not None and time.perf_counter() - t0 > 60 * cfg.budget_minutes
-            last = step + 1 == cfg.steps or over_budget
-            if (step + 1) % cfg.val_every == 0 or last:
-                score = self._val_dice(val_s, params, cfg.val_fit_steps) if val_s else -total
-                self.history.append({"step": step + 1, "loss": total, "val_dice": score,
-                                     "time_s": time.perf_counter() - t0})
-                if score > best_score:
-                    best_score, self.best_step = score, step + 1
-                    best = ({k: v.detach().clone() for k, v in params.items()},
-                            None if lrs is None else {k: v.detach().clone() for k, v in lrs.items()})
-                if state_path is not None:
-                    save_train_state(state_path, self.method, {
-                        "params": params, "lrs": lrs, "optimizer": opt.state_dict(), "step": step + 1,
-                        "best_score": best_score, "best_step": self.best_step,
-                        "best_params": best[0], "best_lrs": best[1], "history": self.history})
-            if over_budget:
-                status(f"time budget of {cfg.budget_minutes} min reached at step {step + 1}")
-                break
-        bar.close()
-        if best is not None:
-            self.params = {k: v.detach().clone() for k, v in best[0].items()}
-            if best[1] is not None:
-                self.lrs = {k: v.detach().clone() for k, v in best[1].items()}
+                for k, v in trained.items():
+                    v.copy_(weights[k])
+
+        def validate() -> dict[str, float]:
+            return {"val_dice": self._val_dice(val_s, cfg.val_fit_steps)}
+
+        return TrainTask(name="metaseg meta-training", method=self.method, step=step,
+                         optimizers=[torch.optim.Adam(trained.values(), lr=cfg.outer_lr)],
+                         params=list(trained.values()), weights=lambda: dict(trained),
+                         load_weights=load_weights, validate=validate if val_s else None,
+                         grad_sync="allreduce", grad_clip=cfg.grad_clip, bf16=bf16)
+
+    def _val_dice(self, val_s: Sequence[_Image], steps: int) -> float:
+        """Mean foreground Dice of ``val_s`` after fitting ``theta`` for ``steps`` (head frozen),
+        on the full grids."""
+        scores = []
+        nb = self.config.fit_batch
+        for s in range(0, len(val_s), nb):
+            block = val_s[s:s + nb]
+            theta = None
+            for _, theta in self.fit_theta(block, steps):
+                pass
+            pred = self.logits(theta, block[0].coords).argmax(-1).cpu()             # (B, N)
+            for j, im in enumerate(block):
+                scores.append(case_metrics(pred[j].reshape(im.shape).numpy(),
+                                           im.labels.reshape(im.shape).cpu().numpy(),
+                                           len(self.label_names), distances=False).mean_foreground_dice)
+        return float(np.nanmean(scores))
 
     # ------------------------------------------------------------------ phase 2 + T_f
+    def _tf_candidates(self, with_val: bool) -> list[int]:
+        """The T_f values tried (ascending), or the default alone without validation data."""
+        cfg = self.config
+        return sorted({int(t) for t in cfg.tf_candidates if t >= 0}) if with_val else [cfg.default_tf]
+
     def _snapshot_features(self, images: Sequence[_Image], n_points: int, snaps: Sequence[int],
-                           gen: torch.Generator) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+                           gen: torch.Generator, budget: Budget) -> tuple[dict[int, torch.Tensor], torch.Tensor, int]:
         """Fit ``images`` up to ``max(snaps)`` steps; features ``{t: (M, h)}`` at ``n_points``
-        random pixels per image (the same pixels for every ``t``) and their labels ``(M,)``."""
+        random pixels per image (the same pixels for every ``t``), their labels ``(M,)``, and the
+        number of images fitted: once ``budget`` has expired no further block of images is
+        started (the first always is)."""
         feats: dict[int, list[torch.Tensor]] = {t: [] for t in snaps}
         labels = []
         groups: dict[tuple[int, ...], list[_Image]] = {}
         for im in images:
             groups.setdefault(im.shape, []).append(im)
-        for group in groups.values():
-            for s in range(0, len(group), self.config.fit_batch):
-                block = group[s:s + self.config.fit_batch]
-                N = block[0].coords.shape[0]
-                idx = torch.stack([torch.randperm(N, generator=gen)[:n_points] for _ in block])  # (B, n)
-                q = block[0].coords[idx]                                                       # (B, n, d)
-                labels.append(torch.stack([im.labels[i] for im, i in zip(block, idx)]).reshape(-1))
-                for t, theta in self.fit_theta(block, max(snaps), snaps, gen):
-                    if t in feats:
-                        feats[t].append(self.features(theta, q).reshape(-1, self.config.hidden))
-        return {t: torch.cat(v) for t, v in feats.items()}, torch.cat(labels)
+        fb = self.config.fit_batch
+        blocks = [group[s:s + fb] for group in groups.values() for s in range(0, len(group), fb)]
+        fitted = 0
+        for block in blocks:
+            if fitted and budget.expired():
+                status(f"time budget reached: features of {fitted} of {len(images)} images")
+                break
+            N = block[0].coords.shape[0]
+            idx = torch.stack([torch.randperm(N, generator=gen, device=gen.device)[:n_points]
+                               for _ in block]).to(self.device)                        # (B, n)
+            q = block[0].coords[idx]                                                  # (B, n, d)
+            labels.append(torch.stack([im.labels[i] for im, i in zip(block, idx)]).reshape(-1))
+            for t, theta in self.fit_theta(block, max(snaps), snaps, gen):
+                if t in feats:
+                    feats[t].append(self.features(theta, q).reshape(-1, self.config.hidden))
+            fitted += len(block)
+        return {t: torch.cat(v) for t, v in feats.items()}, torch.cat(labels), fitted
 
     def _subset_dice(self, head: Params, feats: torch.Tensor, labels: torch.Tensor, n_images: int) -> float:
-        """Mean over images of the mean foreground Dice on the stored pixel subsets."""
+        """Mean over images of the mean foreground Dice on the stored pixel subsets: features
+        ``(n_images * P, h)``, labels ``(n_images * P,)``."""
         with torch.no_grad():
-            pred = head_forward(head, feats).argmax(-1).reshape(n_images, -1)
-        lab = labels.reshape(n_images, -1)
+            pred = head_forward(head, feats).argmax(-1).reshape(n_images, -1).cpu()
+        lab = labels.reshape(n_images, -1).cpu()
         scores = [case_metrics(p[None].numpy(), g[None].numpy(), len(self.label_names),
                                distances=False).mean_foreground_dice for p, g in zip(pred, lab)]
         return float(np.nanmean(scores))
 
-    def _retrain_head(self, feats: torch.Tensor, labels: torch.Tensor, val_feats: torch.Tensor | None,
-                      val_labels: torch.Tensor | None, n_val: int, gen: torch.Generator) -> tuple[dict, float]:
-        """Phase 2: Adam on the focal loss of the head over stored features ``(M, h)``, from
-        ``phi*``; returns the best head on validation and its score."""
+    def _retrain_head(self, t: int, feats: torch.Tensor, labels: torch.Tensor, val_feats: torch.Tensor | None,
+                      val_labels: torch.Tensor | None, n_val: int, budget: Budget,
+                      bf16: bool = False) -> tuple[dict, float]:
+        """Phase 2 for candidate ``t``: Adam on the focal loss of the head over stored features
+        ``feats`` ``(M, h)`` with labels ``(M,)``, from ``phi*``, in this process alone (an engine
+        run that stops at ``budget``'s deadline). Batches of ``phase2_batch`` rows are drawn
+        from ``step_rng(seed + PHASE2_SEED, i, t)``.
+
+        Returns:
+            the best head on the ``n_val`` images' features ``val_feats`` ``(n_val * P, h)``
+            (``phi*`` itself unless a step beats it) and its score; without validation images,
+            the last head and ``-inf``.
+        """
         cfg = self.config
         head = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items() if k.startswith("g.")}
-        opt = torch.optim.Adam(head.values(), lr=cfg.phase2_lr)
-        score = self._subset_dice(head, val_feats, val_labels, n_val) if n_val else -math.inf
-        best = ({k: v.detach().clone() for k, v in head.items()}, score)
-        for step in range(1, cfg.phase2_steps + 1):
-            idx = torch.randint(feats.shape[0], (min(cfg.phase2_batch, feats.shape[0]),), generator=gen)
-            loss = focal_loss(head_forward(head, feats[idx]), labels[idx], cfg.focal_gamma)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if n_val and (step % cfg.phase2_val_every == 0 or step == cfg.phase2_steps):
-                score = self._subset_dice(head, val_feats, val_labels, n_val)
-                if score > best[1]:
-                    best = ({k: v.detach().clone() for k, v in head.items()}, score)
-        if not n_val:
-            best = ({k: v.detach().clone() for k, v in head.items()}, -math.inf)
-        return best
+        start = ({k: v.detach().clone() for k, v in head.items()},
+                 self._subset_dice(head, val_feats, val_labels, n_val) if n_val else -math.inf)
+        n = min(cfg.phase2_batch, feats.shape[0])
 
-    def select_tf_and_head(self, train_s: Sequence[_Image], val_s: Sequence[_Image]) -> None:
-        """Phase 2 (head retraining per candidate T_f) and the choice of T_f on ``val_s``."""
+        def step(i: int) -> tuple[torch.Tensor, dict[str, float]]:
+            rng = step_rng(cfg.seed + PHASE2_SEED, i, t)
+            idx = torch.from_numpy(rng.integers(feats.shape[0], size=n)).to(feats.device)   # (n,)
+            return focal_loss(head_forward(head, feats[idx]), labels[idx], cfg.focal_gamma), {}
+
+        def load_weights(weights: dict[str, torch.Tensor]) -> None:
+            with torch.no_grad():
+                for k, v in head.items():
+                    v.copy_(weights[k])
+
+        def validate() -> dict[str, float]:
+            return {"val_dice": self._subset_dice(head, val_feats, val_labels, n_val)}
+
+        res = run_training(
+            TrainTask(name=f"metaseg head (T_f = {t})", method=self.method, step=step,
+                      optimizers=[torch.optim.Adam(head.values(), lr=cfg.phase2_lr)],
+                      params=list(head.values()), weights=lambda: dict(head), load_weights=load_weights,
+                      validate=validate if n_val else None, grad_sync="none", bf16=bf16),
+            LoopSettings(steps=cfg.phase2_steps, val_every=cfg.phase2_val_every, budget=budget,
+                         seed=cfg.seed, device=self.device, solo=True))
+        if n_val and not res.best_score > start[1]:
+            return start
+        return {k: v.detach() for k, v in head.items()}, res.best_score if n_val else -math.inf
+
+    def select_tf_and_head(self, train_s: Sequence[_Image], val_s: Sequence[_Image],
+                           budget: Budget | None = None, bf16: bool = False) -> None:
+        """Phase 2 (head retraining per candidate T_f) and the choice of T_f on ``val_s``.
+
+        Ends by ``budget``'s deadline (default: none) where it can: once it has passed, no
+        further images are fitted (one block of training and one of validation images always
+        are), a head being retrained stops with its best so far, and the candidates left
+        (ascending; the first is always tried) are skipped.
+        """
         cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed + 17)
-        cands = sorted({int(t) for t in cfg.tf_candidates if t >= 0}) if val_s else [cfg.default_tf]
+        budget = budget if budget is not None else Budget(None)
+        gen = torch_generator(cfg.seed + PHASE2_SEED)
+        cands = self._tf_candidates(bool(val_s))
         phase2 = cfg.phase2_steps > 0 and len(train_s) > 0
         if not val_s and not phase2:
             self.t_f = cfg.default_tf
@@ -692,24 +837,28 @@ class MetaSeg:
         if phase2:
             chosen = list(train_s)
             if cfg.phase2_max_cases is not None and len(chosen) > cfg.phase2_max_cases:
-                order = torch.randperm(len(chosen), generator=gen)[:cfg.phase2_max_cases]
+                order = torch.randperm(len(chosen), generator=gen, device=gen.device)[:cfg.phase2_max_cases]
                 chosen = [chosen[int(i)] for i in order]
             status(f"phase 2: fitting {len(chosen)} training images for up to {max(cands)} steps")
-            tr_feats, tr_labels = self._snapshot_features(chosen, cfg.phase2_points, cands, gen)
+            tr_feats, tr_labels, _ = self._snapshot_features(chosen, cfg.phase2_points, cands, gen, budget)
         va_feats = va_labels = None
+        n_val = 0
         if val_s:
             status(f"choosing T_f among {cands} on {len(val_s)} validation images")
-            va_feats, va_labels = self._snapshot_features(val_s, cfg.val_points, cands, gen)
+            va_feats, va_labels, n_val = self._snapshot_features(val_s, cfg.val_points, cands, gen, budget)
         meta_head = {k: v for k, v in self.params.items() if k.startswith("g.")}
         self.tf_curve, best = [], None
         for t in cands:
+            if best is not None and budget.expired():
+                status(f"time budget reached: T_f candidates {cands[len(self.tf_curve):]} skipped")
+                break
             entry: dict = {"t_f": t}
             if val_s:
-                entry["val_dice_meta_head"] = self._subset_dice(meta_head, va_feats[t], va_labels, len(val_s))
+                entry["val_dice_meta_head"] = self._subset_dice(meta_head, va_feats[t], va_labels, n_val)
             head, score = meta_head, entry.get("val_dice_meta_head", -math.inf)
             if phase2:
-                head, score = self._retrain_head(tr_feats[t], tr_labels, None if va_feats is None else va_feats[t],
-                                                 va_labels, len(val_s), gen)
+                head, score = self._retrain_head(t, tr_feats[t], tr_labels, None if va_feats is None else va_feats[t],
+                                                 va_labels, n_val, budget, bf16)
                 entry["val_dice_phase2"] = score
             self.tf_curve.append(entry)
             if best is None or score > best[1]:
@@ -730,15 +879,16 @@ class MetaSeg:
             "num_params": self.num_params, "timings": self.timings})
 
     @classmethod
-    def load(cls, path: str | Path) -> "MetaSeg":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "MetaSeg":
+        """Read a checkpoint written by :meth:`save` onto ``device``."""
         tensors, meta = load_checkpoint(path, cls.method)
         cfg_dict = dict(meta["config"])
         cfg_dict["tf_candidates"] = tuple(cfg_dict["tf_candidates"])
         known = MetaSegConfig.__dataclass_fields__
         obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"],
-                  MetaSegConfig(**{k: v for k, v in cfg_dict.items() if k in known}))
-        obj.params = {k: v for k, v in tensors.items() if not k.startswith("lr.")}
-        lrs = {k[3:]: v for k, v in tensors.items() if k.startswith("lr.")}
+                  MetaSegConfig(**{k: v for k, v in cfg_dict.items() if k in known}), device=device)
+        obj.params = {k: v.to(obj.device) for k, v in tensors.items() if not k.startswith("lr.")}
+        lrs = {k[3:]: v.to(obj.device) for k, v in tensors.items() if k.startswith("lr.")}
         obj.lrs = lrs or None
         obj.t_f = int(meta["t_f"])
         obj.best_step, obj.history = meta.get("best_step"), meta.get("history", [])

@@ -104,18 +104,22 @@ def full_forward(params: Params, coords: torch.Tensor, w0: float = 30.0
 def init_params(in_features: int, out_features: int, hidden: int, layers: int, num_classes: int,
                 w0: float = 30.0, generator: torch.Generator | None = None,
                 dtype: torch.dtype = torch.float32, head_hidden: int | None = None,
-                head_layers: int = 2) -> dict[str, torch.Tensor]:
+                head_layers: int = 2, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """SIREN-initialised ``f`` (``layers`` linear layers of width ``hidden``) and head ``g``
     (``head_layers`` linear layers, hidden width ``head_hidden``, default ``hidden``: the
     paper's ``Linear(h, h) -> LeakyReLU -> Linear(h, C)``).
 
     The head uses PyTorch's default ``nn.Linear`` init (``U(+-1/sqrt(in))`` for weight and bias).
+    The values are drawn on the generator's device (the CPU without one), so one seed gives the
+    same network whatever ``device`` the tensors are then moved to.
     """
     if layers < 2:
         raise ValueError(f"a SIREN needs at least 2 linear layers, got {layers}")
+    draw_on = generator.device if generator is not None else torch.device("cpu")
 
     def uniform(shape: tuple[int, ...], bound: float) -> torch.Tensor:
-        return (torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * bound
+        u = torch.rand(shape, generator=generator, dtype=dtype, device=draw_on)
+        return ((u * 2 - 1) * bound).to(device)
 
     params: dict[str, torch.Tensor] = {}
     dims = [in_features] + [hidden] * (layers - 1) + [out_features]
