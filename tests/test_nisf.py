@@ -9,15 +9,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from inrseg.data.grids import resampled_affine
 from inrseg.data.io import Volume
 from inrseg.data.phantoms import BRAIN_LABELS, CARDIAC_LABELS, brain_phantom, cardiac_phantom
 from inrseg.errors import InputError
-from inrseg.methods.nisf import (NISF, NISFConfig, NISFNet, _dice, config_from_preset, heldout_mask,
-                                 plane_points, save_plane_png)
+from inrseg.methods.nisf import (NISF, NISFConfig, _dice, _point_weights, build_network,
+                                 config_from_preset, heldout_mask, plane_points, save_plane_png,
+                                 soft_dice_loss)
 from inrseg.nn.gabor import (GaborLayer, SineLayer, gabor_activation, make_layer,
                              split_linear)
+from inrseg.training import Budget
 
 BRAIN_NAMES = list(BRAIN_LABELS)
 CARDIAC_NAMES = list(CARDIAC_LABELS)
@@ -124,14 +128,66 @@ def test_split_linear_equals_concatenation():
 @pytest.mark.parametrize("activation", ["gabor", "sine", "relu"])
 def test_network_shapes_and_residual_latent(activation):
     cfg = NISFConfig(activation=activation, width=16, depth=3, latent_size=8, fourier_frequencies=4)
-    net = NISFNet(4, 3, 2, cfg)
+    net = build_network(cfg, 4, 3, 2)
     seg, rec = net(torch.rand(2, 11, 4), torch.randn(2, 8))
     assert seg.shape == (2, 11, 3) and rec.shape == (2, 11, 2)
     assert net.latent_proj is not None
     # latent size = width: the latent is added at the first residual without a projection
-    net2 = NISFNet(2, 3, 1, NISFConfig(width=16, depth=2))
+    net2 = build_network(NISFConfig(width=16, depth=2), 2, 3, 1)
     assert net2.latent_proj is None and len(net2.layers) == 2
-    assert NISFNet(2, 5, 1, NISFConfig()).layers[0].freq.in_features == 2 + 128
+    assert build_network(NISFConfig(), 2, 5, 1).layers[0].freq.in_features == 2 + 128
+
+
+def test_monai_soft_dice_equals_the_formula():
+    g = torch.Generator().manual_seed(0)
+    N, C = 50, 4
+    p = torch.softmax(torch.randn(N, C, generator=g), -1)                          # (N, C)
+    onehot = F.one_hot(torch.randint(0, C, (N,), generator=g), C).float()
+    inter = (p * onehot).sum(0)
+    want = 1.0 - ((2 * inter + 1.0) / (p.sum(0) + onehot.sum(0) + 1.0)).mean()
+    got = soft_dice_loss(p.T[None], onehot.T[None])                                 # (1, C, N)
+    assert got.shape == (1,)
+    torch.testing.assert_close(got[0], want)
+
+
+def test_padded_batch_loss_is_the_mean_of_per_image_losses():
+    """A step stacks images of different sizes (zero-padded) into one forward pass; its loss is
+    the mean of each image's loss, and an image's loss is the paper's formula on its points."""
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2))
+    cfg, C = model.config, len(BRAIN_NAMES)
+    g = torch.Generator().manual_seed(0)
+    sizes = [7, 12]
+    items = [(torch.randn(n, C, generator=g), torch.randn(n, 1, generator=g),
+              torch.randint(0, C, (n,), generator=g), torch.rand(n, 1, generator=g)) for n in sizes]
+    lat = torch.randn(2, 16, generator=g)
+    both, parts = model._training_loss(*(pad_sequence([it[k] for it in items], batch_first=True)
+                                         for k in range(4)), _point_weights(sizes), lat)
+    ones = []
+    for b, (seg, rec, lab, inten) in enumerate(items):
+        p = torch.softmax(seg, -1)
+        onehot = F.one_hot(lab, C).float()
+        inter = (p * onehot).sum(0)
+        want = (F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), onehot)
+                + 1.0 - ((2 * inter + 1.0) / (p.sum(0) + onehot.sum(0) + 1.0)).mean()
+                + cfg.alpha * F.binary_cross_entropy_with_logits(rec, inten)
+                + cfg.latent_reg * lat[b].pow(2).mean())
+        one, _ = model._training_loss(seg[None], rec[None], lab[None], inten[None],
+                                      _point_weights([sizes[b]]), lat[b: b + 1])
+        torch.testing.assert_close(one, want)
+        ones.append(one)
+    torch.testing.assert_close(both, (ones[0] + ones[1]) / 2)
+    assert set(parts) == {"bce", "dice", "rec"}
+
+
+def test_construction_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    a = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2))
+    assert torch.equal(torch.rand(3), want)
+    b = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2))
+    assert all(torch.equal(v, b.net.state_dict()[k]) for k, v in a.net.state_dict().items())
+    assert NISF.bf16_safe is False
 
 
 # ------------------------------------------------------------------------------ training / inference
@@ -209,9 +265,61 @@ def test_resume_continues_from_saved_step(tmp_path, brain_data):
 
 
 def test_time_budget_stops_training(tmp_path, brain_data):
-    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2, steps=1000, budget_minutes=0.0))
-    model.fit(brain_data[0][:2], state_path=tmp_path / "s")
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2, steps=1000))
+    model.fit(brain_data[0][:2], state_path=tmp_path / "s", budget=Budget(1e-6))
     assert model.history[-1]["step"] == 1 and (tmp_path / "s").exists()
+
+
+def test_budget_bounds_prior_and_steps_curve(brain_data):
+    """An expired budget: one prior step, and the steps curve stops after its step 0 (no step
+    >= 1 to choose from: the configured infer_steps stay)."""
+    train, val, _ = brain_data
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2, steps=1000, infer_max_steps=1000,
+                                               infer_steps=7))
+    model.fit(train[:2], val[:1], budget=Budget(1e-6))
+    assert model.history[-1]["step"] == 1
+    assert [c["step"] for c in model.val_curve] == [0] and model.infer_steps == 7
+
+
+def test_prior_share_leaves_time_for_the_steps_curve(brain_data, monkeypatch):
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2))
+    subs = [model._prepare(*brain_data[1][0])]
+    monkeypatch.setattr(model, "_curve_seconds", lambda s: 12.0)
+    assert model._prior_share(subs, Budget(None)) == 1.0           # no deadline
+    assert model._prior_share([], Budget(1.0)) == 1.0              # no steps curve
+    assert model._prior_share(subs, Budget(1.0)) == pytest.approx(1 - 1.5 * 12 / 60, abs=0.01)
+    monkeypatch.setattr(model, "_curve_seconds", lambda s: 40.0)
+    assert model._prior_share(subs, Budget(1.0)) == 0.5            # at least half for the prior
+
+
+def test_every_tensor_on_an_explicit_device(tmp_path, brain_data, cardiac_data):
+    """With "meta" as the default device, any tensor, generator or module made without an
+    explicit device would be a meta tensor and fail: fit (budget split, resume, log),
+    predict, predict_heldout and render_plane run on an explicit "cpu"."""
+    train, val, test = brain_data
+    c_train, c_val, (c_img, c_lab) = cardiac_data
+    cfg2 = dict(width=16, depth=2, save_every=2, points_per_step=300, infer_points=200,
+                infer_max_steps=4, curve_every=2)
+    torch.set_default_device("meta")
+    try:
+        part = NISF(BRAIN_NAMES, 2, 1, NISFConfig(steps=2, **cfg2), device="cpu")
+        part.fit(train[:2], val[:1], tmp_path / "s", log_path=tmp_path / "log.jsonl", budget=Budget(10.0))
+        m2 = NISF(BRAIN_NAMES, 2, 1, NISFConfig(steps=4, **cfg2), device="cpu")
+        m2.fit(train[:2], val[:1], tmp_path / "s", log_path=tmp_path / "log.jsonl", budget=Budget(10.0))
+        pred = m2.predict(test[0][0], scale=2)
+        m4 = NISF(CARDIAC_NAMES, 4, 1, NISFConfig(**{**TINY_4D, "steps": 2, "activation": "relu",
+                                                      "fourier_frequencies": 8}), device="cpu")
+        m4.fit(c_train[:2], c_val)
+        held = m4.predict_heldout(c_img, axis=2, indices=[1], labels=c_lab, steps=2)
+        fit = m4.fit_latents([c_img], steps=2)[0]
+        centre = c_img.affine[:3, :3] @ np.array([11.5, 11.5, 1.5]) + c_img.affine[:3, 3]
+        view = m4.render_plane(fit, centre, [1, 0, 0], [0, 0, 1], (8, 6), frame=0.5)
+    finally:
+        torch.set_default_device(None)
+    assert [h["step"] for h in m2.history] == [2, 4] and m2.train_latents.device.type == "cpu"
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
+    assert pred.shape == (64, 64) and held.labels.shape == c_img.shape
+    assert view.labels.shape == (8, 6) and m2.val_curve and m4.val_curve
 
 
 @pytest.mark.parametrize("activation", ["sine", "relu"])

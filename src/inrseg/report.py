@@ -1,4 +1,5 @@
-"""Evaluation reports (``per_case.csv``, ``summary.json``, a printed table) and PNG overlays."""
+"""Evaluation reports (``per_case.csv``, ``summary.json``, a printed table) and PNG overlays
+(a prediction on its image, and an image and labels rendered on an oblique plane)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from inrseg.data.io import Volume, atomic_path, load_labels, strip_nifti_suffix, is_nifti
 from inrseg.data.layouts import _read_json, label_names_from_json
+from inrseg.data.planes import PlaneView
 from inrseg.errors import InputError
 from inrseg.metrics import CaseMetrics, case_metrics, summarize
 from inrseg.progress import progress
@@ -193,3 +195,35 @@ def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarr
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def save_plane_png(view: PlaneView, path: str | Path, alpha: float = 0.45,
+                   title: str | None = None) -> Path:
+    """Write a PNG: the plane's image (left) and its labels over the image (right).
+
+    ``view``: ``(nu, nv)`` image and labels. Pixel ``(i, j)`` is drawn with ``i`` horizontal and
+    ``j`` vertical (upwards). Atomic.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    img, lab = view.image.T, view.labels.T
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2 * img.shape[0] / max(img.shape[1], 1) + 0.6))
+    for ax in axes:
+        ax.imshow(img, cmap="gray", origin="lower", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_axis_off()
+    n = max(int(lab.max()) + 1, 2)
+    colours = plt.get_cmap("tab10")(np.arange(n) % 10)
+    colours[0, 3] = 0.0  # background transparent
+    axes[1].imshow(np.ma.masked_equal(lab, 0), cmap=ListedColormap(colours), vmin=0, vmax=n - 1,
+                   origin="lower", alpha=alpha, interpolation="nearest")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

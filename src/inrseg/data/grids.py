@@ -42,14 +42,14 @@ def axis_scales(shape: Sequence[int], spacing: Sequence[float] | None = None,
     return scales
 
 
-def axis_coords(n: int) -> torch.Tensor:
-    """Cell-centred coordinates ``(n,)`` of an axis of ``n`` voxels, in (-1, 1)."""
-    return (2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1
+def axis_coords(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cell-centred coordinates ``(n,)`` of an axis of ``n`` voxels, in (-1, 1), on ``device``."""
+    return (2 * torch.arange(n, dtype=torch.float32, device=device) + 1) / n - 1
 
 
 def coordinate_grid(shape: Sequence[int], spacing: Sequence[float] | None = None,
                     keep_aspect: bool = False, scale: float | Sequence[float] = 1.0,
-                    flatten: bool = True) -> torch.Tensor:
+                    flatten: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
     """Coordinates of every voxel of a grid, at the native or any other resolution.
 
     Args:
@@ -60,13 +60,14 @@ def coordinate_grid(shape: Sequence[int], spacing: Sequence[float] | None = None
             same field of view; 0.5 a coarser one. The result has ``round(n * scale)`` points
             per axis.
         flatten: return ``(N, d)`` (``N = prod``) instead of ``(*S', d)``.
+        device: where the coordinates are made.
 
     Returns:
         float32 tensor of coordinates, last axis ordered like ``shape``.
     """
     new_shape = resampled_shape(shape, scale)
     s = axis_scales(shape, spacing, keep_aspect)
-    axes = [axis_coords(n) * float(s[i]) for i, n in enumerate(new_shape)]
+    axes = [axis_coords(n, device) * float(s[i]) for i, n in enumerate(new_shape)]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
     return grid.reshape(-1, len(shape)) if flatten else grid
 
@@ -81,18 +82,20 @@ def resampled_shape(shape: Sequence[int], scale: float | Sequence[float]) -> tup
 
 def voxel_to_coords(index: torch.Tensor | np.ndarray, shape: Sequence[int],
                     spacing: Sequence[float] | None = None, keep_aspect: bool = False) -> torch.Tensor:
-    """Continuous voxel indices ``(N, d)`` (may be fractional) -> coordinates ``(N, d)``."""
-    index = torch.as_tensor(index, dtype=torch.float32)
-    n = torch.as_tensor(list(shape), dtype=torch.float32)
-    s = torch.as_tensor(axis_scales(shape, spacing, keep_aspect), dtype=torch.float32)
+    """Continuous voxel indices ``(N, d)`` (may be fractional) -> coordinates ``(N, d)`` on the
+    device of ``index`` (the CPU for an array)."""
+    dev = index.device if isinstance(index, torch.Tensor) else torch.device("cpu")
+    index = torch.as_tensor(index, dtype=torch.float32, device=dev)
+    n = torch.as_tensor(list(shape), dtype=torch.float32, device=dev)
+    s = torch.as_tensor(axis_scales(shape, spacing, keep_aspect), dtype=torch.float32, device=dev)
     return ((2 * index + 1) / n - 1) * s
 
 
 def coords_to_voxel(coords: torch.Tensor, shape: Sequence[int],
                     spacing: Sequence[float] | None = None, keep_aspect: bool = False) -> torch.Tensor:
     """Inverse of :func:`voxel_to_coords`: coordinates ``(N, d)`` -> fractional voxel indices."""
-    n = torch.as_tensor(list(shape), dtype=torch.float32)
-    s = torch.as_tensor(axis_scales(shape, spacing, keep_aspect), dtype=torch.float32)
+    n = torch.as_tensor(list(shape), dtype=torch.float32, device=coords.device)
+    s = torch.as_tensor(axis_scales(shape, spacing, keep_aspect), dtype=torch.float32, device=coords.device)
     return ((coords / s + 1) * n - 1) / 2
 
 

@@ -7,12 +7,13 @@ At test time the MLP is frozen and a fresh latent is optimised on the image inte
 the segmentation head then reads labels anywhere in continuous space: on the image grid, on a
 finer grid, in slices that were held out of the fit, or on an arbitrary oblique plane.
 
-Network (:class:`NISFNet`; see ``shared/METHODS.md``)
+Network (:class:`~inrseg.nn.nisf.NISFNet`; see ``shared/METHODS.md``)
     ``x_0 = G_0([c, h]) + h``, ``x_k = G_k(x_{k-1}) + x_{k-1}`` (k = 1..depth-1), with real Gabor
     (WIRE) layers ``G`` (:mod:`inrseg.nn.gabor`); heads ``softmax(Linear(x, C))`` and
     ``sigmoid(Linear(x, C_in))``. Defaults: depth 8, width 128, latent 128, w0 = s0 = 10.
     SIREN (``activation="sine"``) and ReLU + Gaussian Fourier features (``"relu"``) are
-    selectable for ablations.
+    selectable for ablations. bf16 autocast is off unless forced: sine and Gabor activations
+    at w0 = 10-30 lose their phase in bf16.
 
 Coordinates (a deliberate change from the official code, which uses ``index / length`` in
 [0, 1) and ignores the spacing)
@@ -25,11 +26,32 @@ Prior training loss (per image of the batch, averaged over the batch)
     ``BCE(softmax, one-hot) + softDice(softmax, one-hot; background included)
     + alpha * BCE(sigmoid, intensity in [0, 1]) + latent_reg * mean(h^2)``
     plus ``weight_reg * sum(p^2)`` over the backbone (Gabor layers; heads excluded) once per step.
-    Intensities: :func:`inrseg.data.preprocess.normalize` ``"minmax"``. Adam, no schedule.
-    One latent per training *case* (for 3D+t one case is one subject across all its frames).
-    A step draws ``subjects_per_step`` cases, for 3D+t one random frame of each, and either all
-    its voxels (the paper) or ``points_per_step`` random ones (CPU presets); Gaussian jitter of
-    std ``coord_jitter`` is added to the training coordinates.
+    Each image's terms are means over its own points; the soft Dice is MONAI's
+    :class:`~monai.losses.DiceLoss` (smooth 1 in numerator and denominator, see
+    :func:`soft_dice_loss`). Intensities: :func:`inrseg.data.preprocess.normalize` ``"minmax"``.
+    Adam (one for the network, one for the latents), no schedule. One latent per training
+    *case* (for 3D+t one case is one subject across all its frames). A step draws
+    ``subjects_per_step`` cases, for 3D+t one random frame of each, and either all its voxels
+    (the paper) or ``points_per_step`` random ones (CPU presets); Gaussian jitter of std
+    ``coord_jitter`` is added to the training coordinates. The step's cases are stacked
+    (zero-padded to the largest) into one ``(B, N, d)`` forward pass.
+
+Training runs on the engine (:func:`inrseg.training.run_training`): resumable (a state file
+every ``save_every`` steps), per-step draws a pure function of ``(seed, step, rank)``, so a
+resumed run reproduces an uninterrupted one. Under torchrun the network trains under DDP and
+each rank *owns* the latents of its share ``r::world`` of the training cases: it loads and
+draws only those cases, so only their rows of the ``(n, L)`` latent table receive gradients
+(the other rows have zero gradient and zero Adam moments and never move); the table and its
+Adam moments are gathered (a sum of each rank's own rows) for the resume state and the
+checkpoint. A step's global batch is ``world x subjects_per_step`` cases (a rank owning
+fewer cases draws all of its own).
+
+Time budget (``budget`` / ``config.budget_minutes``) bounds the whole :meth:`NISF.fit`:
+prior training gets the time that is left after the validation steps curve, whose cost is
+estimated on the validation cases before training (the mean of 4 timed latent steps x
+``infer_max_steps`` + a timed Dice evaluation x the curve's evaluations, all timed warm: the
+first call pays one-off costs of many steps) with a 50 % margin for a busy machine, but never
+less than half of the time; the curve stops at the deadline and keeps the best step so far.
 
 Inference (:meth:`NISF.fit_latents`)
     Network frozen (``requires_grad`` off, weights untouched); a latent initialised to
@@ -43,9 +65,8 @@ Inference (:meth:`NISF.fit_latents`)
     (best mean foreground Dice on a steps curve, stored with the curve in the checkpoint), never
     on test data.
 
-Training is resumable (a state file every ``save_every`` steps; the per-step random draws are
-seeded by ``(seed, step)``, so a resumed run reproduces an uninterrupted one) and can stop on a
-time budget.
+Devices: the network and the optimisation live on ``device``; image data stays on the CPU and
+moves to the device chunk by chunk; results (labels, latents) come back on the CPU.
 """
 
 from __future__ import annotations
@@ -53,28 +74,43 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
-from inrseg.checkpoints import load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.data.grids import (coordinate_grid, resampled_affine, resampled_shape,
                                world_to_coords)
 from inrseg.data.io import Volume
+from inrseg.data.planes import PlaneView, heldout_mask, plane_points
 from inrseg.data.preprocess import normalize
 from inrseg.errors import InputError
 from inrseg.metrics import case_metrics
-from inrseg.nn.fourier import GaussianFourierFeatures
-from inrseg.nn.gabor import ACTIVATIONS, make_layer, split_linear
+from inrseg.nn.gabor import ACTIVATIONS
+from inrseg.nn.nisf import NISFNet
 from inrseg.progress import progress, status
+from inrseg.report import save_plane_png
+from inrseg.training import (Budget, LoopSettings, TrainTask, all_reduce_sum_, as_budget,
+                             broadcast_object, resolve_device, run_training, shard, step_rng,
+                             use_bf16, world, wrap_ddp)
 
+# NISFNet, PlaneView, heldout_mask, plane_points and save_plane_png live in inrseg.nn.nisf,
+# inrseg.data.planes and inrseg.report; re-exported here for existing imports.
 __all__ = ["NISF", "NISFConfig", "NISFNet", "PRESETS", "LatentFit", "HeldOutResult", "PlaneView",
-           "heldout_mask", "plane_points", "save_plane_png"]
+           "build_network", "config_from_preset", "heldout_mask", "plane_points", "save_plane_png",
+           "soft_dice_loss"]
+
+#: margin on the estimated cost of the validation steps curve when splitting the budget
+_CURVE_MARGIN = 1.5
+#: prior training gets at least this share of the budget left when it starts
+_MIN_PRIOR_SHARE = 0.5
 
 
 @dataclass
@@ -102,7 +138,7 @@ class NISFConfig:
     coord_jitter: float = 1e-4          # std of Gaussian noise on training coordinates
     latent_init_std: float = 1e-2       # h ~ N(0, std^2) (variance 1e-4), training and inference
     save_every: int = 100               # training-state interval (steps)
-    budget_minutes: float | None = None  # stop prior training after this wall time
+    budget_minutes: float | None = None  # wall time of the whole fit (prior + steps curve)
     # inference
     infer_lr: float = 1e-4              # Adam on the latent
     infer_steps: int = 672              # used when no validation cases choose it
@@ -112,7 +148,7 @@ class NISFConfig:
     # data / numerics
     keep_aspect: bool = True            # physical aspect of the coordinates (see module doc)
     normalization: str = "minmax"
-    chunk: int = 16384                  # max points per forward pass
+    chunk: int = 16384                  # max points per inference forward pass
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -140,67 +176,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# ============================================================================================
-# network
-# ============================================================================================
 
-class NISFNet(nn.Module):
-    """Residual coordinate MLP with a segmentation and a reconstruction head.
-
-    Args:
-        coord_dim: coordinate dimension ``d`` (2, 3 or 4).
-        num_classes: ``C``, background included.
-        out_channels: reconstructed intensity channels ``C_in``.
-        cfg: architecture options (activation, width, depth, latent size, w0, s0, Fourier).
-
-    ``forward(coords (B, N, d), latents (B, L)) -> (seg_logits (B, N, C), rec_logits (B, N, C_in))``;
-    probabilities are ``softmax(seg_logits, -1)`` and ``sigmoid(rec_logits)``.
-    """
-
-    def __init__(self, coord_dim: int, num_classes: int, out_channels: int, cfg: NISFConfig) -> None:
-        super().__init__()
-        W, L = cfg.width, cfg.latent_dim
-        self.coord_dim, self.latent_dim = coord_dim, L
-        if cfg.activation == "relu":
-            self.encoding: nn.Module | None = GaussianFourierFeatures(
-                coord_dim, cfg.fourier_frequencies, cfg.fourier_sigma, trainable=False, seed=cfg.seed)
-            in_c = self.encoding.out_dim
-        else:
-            self.encoding = None
-            in_c = coord_dim
-        kw = dict(w0=cfg.w0, s0=cfg.s0)
-        self.layers = nn.ModuleList(
-            [make_layer(cfg.activation, in_c + L, W, is_first=True, **kw)]
-            + [make_layer(cfg.activation, W, W, **kw) for _ in range(cfg.depth - 1)])
-        # the latent joins the first residual; a projection only when its size differs
-        self.latent_proj = nn.Linear(L, W, bias=False) if L != W else None
-        self.seg_head = nn.Linear(W, num_classes)
-        self.rec_head = nn.Linear(W, out_channels)
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """The weights regularised by ``weight_reg`` (layers and latent projection, no heads)."""
-        yield from self.layers.parameters()
-        if self.latent_proj is not None:
-            yield from self.latent_proj.parameters()
-
-    def features(self, coords: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """Last hidden features ``(B, N, W)`` of ``coords (B, N, d)`` under ``latents (B, L)``."""
-        x = self.encoding(coords) if self.encoding is not None else coords
-        first = self.layers[0]
-        pre = [split_linear(lin, x, latents) for lin in first.linears]
-        skip = latents if self.latent_proj is None else self.latent_proj(latents)
-        h = first.activate(*pre) + skip[:, None, :]
-        for layer in self.layers[1:]:
-            h = layer(h) + h
-        return h
-
-    def forward(self, coords: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(coords, latents)
-        return self.seg_head(h), self.rec_head(h)
-
-    def reconstruct(self, coords: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """Reconstruction logits ``(B, N, C_in)`` only (inference skips the segmentation head)."""
-        return self.rec_head(self.features(coords, latents))
+def build_network(cfg: NISFConfig, coord_dim: int, num_classes: int, out_channels: int) -> NISFNet:
+    """:class:`~inrseg.nn.nisf.NISFNet` with ``cfg``'s architecture:
+    ``coords (B, N, coord_dim), latents (B, L) -> (B, N, num_classes), (B, N, out_channels)``."""
+    return NISFNet(coord_dim, num_classes, out_channels, activation=cfg.activation,
+                   width=cfg.width, depth=cfg.depth, latent_dim=cfg.latent_dim, w0=cfg.w0,
+                   s0=cfg.s0, fourier_frequencies=cfg.fourier_frequencies,
+                   fourier_sigma=cfg.fourier_sigma, seed=cfg.seed)
 
 
 # ============================================================================================
@@ -254,117 +237,9 @@ class HeldOutResult:
     observed_mean_foreground_dice: float = float("nan")
 
 
-@dataclass
-class PlaneView:
-    """An image and label map rendered on an arbitrary plane.
-
-    Attributes:
-        image: ``(nu, nv)`` reconstructed intensity (first channel, normalised [0, 1]).
-        labels: ``(nu, nv)`` int64 labels.
-        affine: ``(4, 4)``: pixel ``(i, j, 0)`` -> world mm; columns are ``du * u``, ``dv * v``
-            and the unit normal ``u x v`` (1 mm), so ``Volume(labels, affine, 2)`` writes a 2D
-            NIfTI that overlays the source image in a viewer.
-        frame: the (possibly fractional) time frame it was rendered at (4D), else ``None``.
-    """
-
-    image: np.ndarray
-    labels: np.ndarray
-    affine: np.ndarray
-    frame: float | None = None
-
-    def as_volumes(self) -> tuple[Volume, Volume]:
-        """``(image (1, nu, nv), labels (nu, nv))`` as 2D :class:`Volume` objects."""
-        return (Volume(self.image[None].astype(np.float32), self.affine, 2),
-                Volume(self.labels, self.affine, 2))
-
-
 # ============================================================================================
 # small pure helpers
 # ============================================================================================
-
-def heldout_mask(shape: Sequence[int], axis: int, indices: Sequence[int]) -> np.ndarray:
-    """Boolean ``(*S,)`` mask, ``True`` where a voxel is observed (not in a held-out slice)."""
-    if not 0 <= axis < len(shape):
-        raise ValueError(f"axis {axis} out of range for a {len(shape)}-axis grid")
-    idx = sorted({int(i) for i in indices})
-    if not idx or idx[0] < 0 or idx[-1] >= shape[axis]:
-        raise ValueError(f"held-out indices {list(indices)} must be a non-empty subset of "
-                         f"[0, {shape[axis] - 1}]")
-    if len(idx) == shape[axis]:
-        raise ValueError("cannot hold out every slice")
-    keep = np.ones(shape[axis], bool)
-    keep[idx] = False
-    view = [1] * len(shape)
-    view[axis] = shape[axis]
-    return np.broadcast_to(keep.reshape(view), tuple(shape)).copy()
-
-
-def plane_points(centre_mm: Sequence[float], u: Sequence[float], v: Sequence[float],
-                 size: tuple[int, int], pixel_mm: float | tuple[float, float]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """World points of a plane's pixel centres and the plane's affine.
-
-    Args:
-        centre_mm: ``(3,)`` world position of the plane's centre (mm).
-        u, v: in-plane directions ``(3,)`` (normalised here; ``v`` is orthogonalised to ``u``).
-        size: ``(nu, nv)`` pixels along ``u`` and ``v``.
-        pixel_mm: pixel size in mm (one value or ``(du, dv)``).
-
-    Returns:
-        ``(points (nu * nv, 3) mm, row-major over (i, j)``, ``affine (4, 4))``.
-    """
-    c = np.asarray(centre_mm, float)
-    u = np.asarray(u, float)
-    v = np.asarray(v, float)
-    if c.shape != (3,) or u.shape != (3,) or v.shape != (3,):
-        raise ValueError("centre and directions must be 3-vectors (world mm)")
-    u = u / np.linalg.norm(u)
-    v = v - (v @ u) * u
-    if np.linalg.norm(v) < 1e-6:
-        raise ValueError("the plane's directions u and v are parallel")
-    v = v / np.linalg.norm(v)
-    du, dv = (float(pixel_mm),) * 2 if np.isscalar(pixel_mm) else tuple(float(p) for p in pixel_mm)
-    nu, nv = int(size[0]), int(size[1])
-    origin = c - 0.5 * (nu - 1) * du * u - 0.5 * (nv - 1) * dv * v
-    affine = np.eye(4)
-    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = du * u, dv * v, np.cross(u, v), origin
-    i, j = np.meshgrid(np.arange(nu), np.arange(nv), indexing="ij")
-    pts = origin + i.reshape(-1, 1) * du * u + j.reshape(-1, 1) * dv * v
-    return pts, affine
-
-
-def save_plane_png(view: PlaneView, path: str | Path, alpha: float = 0.45,
-                   title: str | None = None) -> Path:
-    """Write a PNG: the plane's image (left) and its labels over the image (right).
-
-    Pixel ``(i, j)`` is drawn with ``i`` horizontal and ``j`` vertical (upwards). Atomic.
-    """
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    from inrseg.data.io import atomic_path
-
-    img, lab = view.image.T, view.labels.T
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2 * img.shape[0] / max(img.shape[1], 1) + 0.6))
-    for ax in axes:
-        ax.imshow(img, cmap="gray", origin="lower", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_axis_off()
-    n = max(int(lab.max()) + 1, 2)
-    colours = plt.get_cmap("tab10")(np.arange(n) % 10)
-    colours[0, 3] = 0.0  # background transparent
-    axes[1].imshow(np.ma.masked_equal(lab, 0), cmap=ListedColormap(colours), vmin=0, vmax=n - 1,
-                   origin="lower", alpha=alpha, interpolation="nearest")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
-
 
 def _labels_for_metrics(a: np.ndarray) -> np.ndarray:
     """Reshape any label array to 2D/3D for :func:`case_metrics` (Dice is reshape-invariant)."""
@@ -380,6 +255,37 @@ def _dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> tuple[np.ndarra
     m = case_metrics(_labels_for_metrics(pred), _labels_for_metrics(gt), num_classes,
                      distances=False)
     return m.dice, m.mean_foreground_dice
+
+
+def soft_dice_loss(probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Per-image soft Dice loss ``(B,)`` of class probabilities and one-hot labels ``(B, C, N)``.
+
+    ``1 - mean_c (2 sum_n p y + 1) / (sum_n p + sum_n y + 1)``, background included: MONAI's
+    :class:`~monai.losses.DiceLoss` with smooth 1 in numerator and denominator. Points where
+    ``p = y = 0`` (padding) add nothing.
+    """
+    loss = DiceLoss(include_background=True, smooth_nr=1.0, smooth_dr=1.0, reduction="none")
+    with torch.device(probs.device):  # MONAI's losses make tensors without a device
+        return loss(probs, onehot).flatten(1).mean(1)
+
+
+def _point_weights(sizes: Sequence[int]) -> torch.Tensor:
+    """``(B, max n_b)`` on the CPU: ``1 / n_b`` on the ``n_b`` points of item ``b``, 0 on its
+    padding, so a weighted sum over points is each item's own mean."""
+    w = torch.zeros(len(sizes), max(sizes), device="cpu")
+    for b, n in enumerate(sizes):
+        w[b, :n] = 1.0 / n
+    return w
+
+
+def _gather_rows(table: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """The whole ``(n, ...)`` table on every rank, each row from the rank that owns it.
+
+    ``own (n,)`` bool marks this rank's rows; every row has exactly one owner, so the sum over
+    ranks of ``table`` with the other rows zeroed is the owners' rows. A copy (detached).
+    """
+    mask = own.reshape(-1, *([1] * (table.dim() - 1))).to(table.dtype)
+    return all_reduce_sum_(table.detach() * mask)
 
 
 # ============================================================================================
@@ -398,7 +304,6 @@ class _Subject:
     affine: np.ndarray
     time_step: float | None
     path: Path | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class NISF:
@@ -410,30 +315,35 @@ class NISF:
         spatial_ndim: grid axes of the images: 2, 3 or 4 (3D + t; time is a 4th coordinate).
         in_channels: image channels (all are reconstructed).
         config: hyper-parameters (default: the paper's).
+        device: where the network lives and trains (``"cpu"``, ``"cuda:0"``, ``"auto"``...).
     """
 
     method: ClassVar[str] = "nisf"
+    #: bf16 autocast is not safe: Gabor / sine activations lose their phase in bf16
+    bf16_safe: ClassVar[bool] = False
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int = 1,
-                 config: NISFConfig | None = None) -> None:
+                 config: NISFConfig | None = None, device: str | torch.device = "cpu") -> None:
         if spatial_ndim not in (2, 3, 4):
             raise ValueError(f"spatial_ndim must be 2, 3 or 4, got {spatial_ndim}")
         self.config = config or NISFConfig()
         self.label_names = list(label_names)
         self.spatial_ndim = int(spatial_ndim)
         self.in_channels = int(in_channels)
-        torch.manual_seed(self.config.seed)
-        self.net = NISFNet(self.spatial_ndim, len(self.label_names), self.in_channels, self.config)
-        self.train_latents: torch.Tensor | None = None   # (n_train, L) after fit
+        self.device = resolve_device(device)
+        cuda = [self.device.index] if self.device.type == "cuda" else []
+        with torch.device(self.device), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.config.seed)  # the same initial weights on every rank
+            self.net = build_network(self.config, self.spatial_ndim, self.num_classes, self.in_channels)
+        self.train_latents: torch.Tensor | None = None   # (n_train, L) after fit, on the CPU
         self.infer_steps: int = self.config.infer_steps
         self.val_curve: list[dict] = []
         self.history: list[dict] = []
-        self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> "NISF":
         """Run the network on ``device`` (``"cuda"``...). Image data stays in host memory and
         is moved chunk by chunk; results (labels, latents) are returned on the CPU."""
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.net.to(self.device)
         return self
 
@@ -505,22 +415,16 @@ class NISF:
         for s in range(0, n, step):
             yield slice(s, min(n, s + step))
 
-    def _forward(self, coords: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunked forward ``(B, N, d), (B, L) -> (B, N, C), (B, N, C_in)`` (keeps the graph)."""
-        dev = self.device
-        outs = [self.net(coords[:, sl].to(dev), latents.to(dev))
-                for sl in self._chunks(coords.shape[1], coords.shape[0])]
-        return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
-
     @torch.no_grad()
     def _evaluate(self, coords: torch.Tensor, latents: torch.Tensor, want_image: bool = True,
                   want_probs: bool = False) -> dict[str, torch.Tensor]:
-        """Labels ``(B, N)``, intensities ``(B, N, C_in)`` and optionally probabilities."""
+        """Chunked forward of ``coords (B, N, d)`` under ``latents (B, L)``: labels ``(B, N)``,
+        intensities ``(B, N, C_in)`` and optionally probabilities ``(B, N, C)``, on the CPU."""
         self.net.eval()
         B, N = coords.shape[:2]
-        labels = torch.empty(B, N, dtype=torch.int64)
-        image = torch.empty(B, N, self.in_channels) if want_image else None
-        probs = torch.empty(B, N, self.num_classes) if want_probs else None
+        labels = torch.empty(B, N, dtype=torch.int64, device="cpu")
+        image = torch.empty(B, N, self.in_channels, device="cpu") if want_image else None
+        probs = torch.empty(B, N, self.num_classes, device="cpu") if want_probs else None
         for sl in self._chunks(N, B):
             seg, rec = self.net(coords[:, sl].to(self.device), latents.to(self.device))
             labels[:, sl] = seg.argmax(-1).cpu()
@@ -536,123 +440,166 @@ class NISF:
         return out
 
     def _training_loss(self, seg_logits: torch.Tensor, rec_logits: torch.Tensor,
-                       labels: torch.Tensor, intensity: torch.Tensor, latent: torch.Tensor
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one image: ``seg (N, C)``, ``rec (N, C_in)``, ``labels (N,)``,
-        ``intensity (N, C_in)``, ``latent (L,)``."""
+                       labels: torch.Tensor, intensity: torch.Tensor, weight: torch.Tensor,
+                       latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over the ``B`` images of a step of each image's loss (terms are means over the
+        image's own points).
+
+        Args:
+            seg_logits: ``(B, N, C)``; rec_logits: ``(B, N, C_in)``.
+            labels: ``(B, N)`` int64; intensity: ``(B, N, C_in)`` in [0, 1].
+            weight: ``(B, N)``: ``1 / N_b`` on the ``N_b`` points of image ``b``, 0 on padding.
+            latents: ``(B, L)``.
+
+        Returns:
+            the scalar loss and the batch means of its ``bce``, ``dice`` and ``rec`` terms.
+        """
         cfg = self.config
-        p = torch.softmax(seg_logits, -1)
-        onehot = F.one_hot(labels, self.num_classes).to(p.dtype)
-        bce_seg = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), onehot)
-        inter = (p * onehot).sum(0)
-        dice = 1.0 - ((2 * inter + 1.0) / (p.sum(0) + onehot.sum(0) + 1.0)).mean()
-        rec = F.binary_cross_entropy_with_logits(rec_logits, intensity)
-        lat = cfg.latent_reg * latent.pow(2).mean()
-        total = bce_seg + dice + cfg.alpha * rec + lat
-        return total, {"bce": bce_seg.item(), "dice": dice.item(), "rec": rec.item()}
+        with torch.autocast(self.device.type, enabled=False):  # losses in fp32 under bf16
+            p = torch.softmax(seg_logits.float(), -1)                               # (B, N, C)
+            onehot = F.one_hot(labels, self.num_classes).to(p.dtype)
+            valid = (weight > 0).to(p.dtype)[..., None]                             # (B, N, 1)
+            bce = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), onehot, reduction="none")
+            bce_seg = (bce.mean(-1) * weight).sum(-1)                               # (B,)
+            dice = soft_dice_loss((p * valid).transpose(1, 2), (onehot * valid).transpose(1, 2))
+            rec = F.binary_cross_entropy_with_logits(rec_logits.float(), intensity, reduction="none")
+            rec = (rec.mean(-1) * weight).sum(-1)
+            lat = cfg.latent_reg * latents.float().pow(2).mean(-1)
+            total = (bce_seg + dice + cfg.alpha * rec + lat).mean()
+        return total, {"bce": bce_seg.mean().item(), "dice": dice.mean().item(), "rec": rec.mean().item()}
 
     # ------------------------------------------------------------------ prior training
+    def initial_train_latents(self, n: int) -> torch.Tensor:
+        """The seeded prior-training initialisation ``(n, L) ~ N(0, latent_init_std^2)``, CPU."""
+        cfg = self.config
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        return torch.randn(n, cfg.latent_dim, generator=gen, device="cpu") * cfg.latent_init_std
+
     def fit(self, train: Sequence[Any], val: Sequence[Any] | None = None,
-            state_path: Path | None = None) -> None:
+            state_path: Path | None = None, *, budget: Budget | None = None,
+            log_path: Path | None = None, precision: str = "auto") -> None:
         """Train the prior (network + one latent per training case), then choose the number of
         inference steps on ``val`` (best mean foreground Dice; ``config.infer_steps`` without
         ``val``).
 
         ``train`` / ``val``: :class:`~inrseg.data.layouts.Case` objects or ``(image, labels)``
         Volume pairs. ``state_path``: resumable training state, written every ``save_every``
-        steps and at the end; if it exists, training continues from it.
+        steps and at the end; if it exists, training continues from it. ``budget``: deadline of
+        the whole call, prior training and steps curve (default: ``config.budget_minutes``
+        from now; see the module doc for the split). ``log_path``: per-step metrics (JSON
+        lines). ``precision``: ``auto`` (fp32: :attr:`bf16_safe` is off), ``fp32`` or ``bf16``.
+
+        Under torchrun every rank calls it: rank ``r`` loads and trains the cases
+        ``r::world`` (their latents), DDP averages the network's gradients, rank 0 alone
+        loads ``val`` and runs the steps curve, and every rank ends with the same model.
         """
         cfg = self.config
-        subjects = []
-        for item in progress(train, desc="loading training cases"):
-            img, lab = self._load_pair(item)
+        budget = as_budget(budget, cfg.budget_minutes)
+        rank, size = world()
+        n, L = len(train), cfg.latent_dim
+        if n == 0:
+            raise ValueError("NISF.fit needs at least one training case")
+        if n < size:
+            raise InputError(None, f"{n} training cases for {size} ranks: NISF needs at least one "
+                                   f"case per rank")
+        mine = shard(range(n))
+        subjects: dict[int, _Subject] = {}
+        for i in progress(mine, desc="loading training cases"):
+            img, lab = self._load_pair(train[i])
             if lab is None:
                 raise InputError(img.path, "NISF prior training needs labelled cases")
-            subjects.append(self._prepare(img, lab))
-        if not subjects:
-            raise ValueError("NISF.fit needs at least one training case")
-        n, L = len(subjects), cfg.latent_dim
-        gen = torch.Generator().manual_seed(cfg.seed)
-        latents = nn.Parameter((torch.randn(n, L, generator=gen) * cfg.latent_init_std).to(self.device))
-        opt = torch.optim.Adam([
-            {"params": list(self.net.parameters()), "lr": cfg.lr},
-            {"params": [latents], "lr": cfg.latent_lr if cfg.latent_lr is not None else cfg.lr}])
-        start = 0
-        if state_path is not None and Path(state_path).exists():
-            st = load_train_state(state_path, self.method)
-            if tuple(st["latents"].shape) != (n, L):
-                raise InputError(state_path, f"training state has {st['latents'].shape[0]} latents, "
-                                             f"the training set {n} cases")
-            self.net.load_state_dict(st["model"])
-            with torch.no_grad():
-                latents.copy_(st["latents"])
-            opt.load_state_dict(st["optimizer"])
-            start, self.history = int(st["step"]), list(st["history"])
-            status(f"resuming NISF from step {start} ({state_path})")
+            subjects[i] = self._prepare(img, lab)
+        val_subs = []
+        if rank == 0:
+            pairs = [self._load_pair(v) for v in (val or [])]
+            val_subs = [self._prepare(img, lab) for img, lab in pairs if lab is not None]
+        prior_budget = budget.share(self._prior_share(val_subs, budget))
 
-        def save_state(step: int) -> None:
-            if state_path is not None:
-                save_train_state(state_path, self.method, {
-                    "model": self.net.state_dict(), "latents": latents.detach(),
-                    "optimizer": opt.state_dict(), "step": step, "history": self.history})
+        own = torch.as_tensor(np.isin(np.arange(n), mine), device=self.device)      # (n,) bool
+        latents = nn.Parameter(self.initial_train_latents(n).to(self.device))       # (n, L)
+        opt_net = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        opt_lat = torch.optim.Adam([latents], lr=cfg.latent_lr if cfg.latent_lr is not None else cfg.lr)
+        train_net = wrap_ddp(self.net, self.device)
 
-        t0 = time.perf_counter()
-        bar = progress(total=cfg.steps, desc="training nisf prior", initial=start)
-        step = start
-        for step in range(start, cfg.steps):
-            self.net.train()
-            rng = np.random.default_rng([cfg.seed, step])   # per-step draws: exact resumption
-            picks = rng.choice(n, size=min(cfg.subjects_per_step, n), replace=False)
-            total = torch.zeros((), device=self.device)
-            parts = {"bce": 0.0, "dice": 0.0, "rec": 0.0}
-            for i in picks:
-                coords, inten, labs = self._sample_points(subjects[int(i)], rng)
-                h = latents[int(i)]
-                seg, rec = self._forward(coords[None], h[None])
-                loss, info = self._training_loss(seg[0], rec[0], labs.to(self.device),
-                                                 inten.to(self.device), h)
-                total = total + loss / len(picks)
-                for k in parts:
-                    parts[k] += info[k] / len(picks)
+        def step(i: int) -> tuple[torch.Tensor, dict[str, float]]:
+            rng = step_rng(cfg.seed, i, rank)
+            k = min(cfg.subjects_per_step, len(mine))
+            picks = [int(j) for j in rng.choice(mine, size=k, replace=False)]
+            samples = [self._sample_points(subjects[j], rng) for j in picks]
+            coords, inten, labs = (pad_sequence([s[c] for s in samples], batch_first=True).to(self.device)
+                                   for c in range(3))                   # (B, N, d), (B, N, C_in), (B, N)
+            weight = _point_weights([s[0].shape[0] for s in samples]).to(self.device)   # (B, N)
+            h = latents[torch.as_tensor(picks, device=self.device)]                     # (B, L)
+            seg, rec = train_net(coords, h)
+            loss, parts = self._training_loss(seg, rec, labs, inten, weight, h)
             if cfg.weight_reg > 0:
-                total = total + cfg.weight_reg * sum(p.pow(2).sum() for p in self.net.backbone_parameters())
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{total.item():.3f}")
-            over_budget = (cfg.budget_minutes is not None
-                           and time.perf_counter() - t0 > 60 * cfg.budget_minutes)
-            last = step + 1 == cfg.steps or over_budget
-            if (step + 1) % max(1, cfg.save_every) == 0 or last:
-                self.history.append({"step": step + 1, "loss": total.item(), **parts})
-                save_state(step + 1)
-            if over_budget:
-                status(f"time budget of {cfg.budget_minutes} min reached at step {step + 1}")
-                break
-        bar.close()
-        self.train_latents = latents.detach().cpu().clone()
+                loss = loss + cfg.weight_reg * sum(p.pow(2).sum() for p in self.net.backbone_parameters())
+            return loss, parts
+
+        def weights() -> dict[str, torch.Tensor]:
+            return {**{f"net.{k}": v for k, v in self.net.state_dict().items()},
+                    "latents": _gather_rows(latents, own)}
+
+        def load_weights(w: dict[str, torch.Tensor]) -> None:
+            if tuple(w["latents"].shape) != (n, L):
+                raise InputError(state_path, f"training state has {w['latents'].shape[0]} latents, "
+                                             f"the training set {n} cases")
+            self.net.load_state_dict({k[4:]: v for k, v in w.items() if k.startswith("net.")})
+            with torch.no_grad():  # own rows only: the others stay as an uninterrupted run left them
+                latents.copy_(torch.where(own[:, None], w["latents"].to(self.device), latents))
+
+        moments = ("exp_avg", "exp_avg_sq")
+
+        def extra_state() -> dict[str, torch.Tensor]:
+            st = opt_lat.state[latents]
+            return {f"latent_{k}": _gather_rows(st[k], own) for k in moments}
+
+        def load_extra_state(extra: dict[str, torch.Tensor]) -> None:
+            st = opt_lat.state[latents]  # rank 0's, loaded by the engine: own rows only here
+            for k in moments:
+                st[k].copy_(extra[f"latent_{k}"].to(self.device) * own[:, None])
+
+        res = run_training(
+            TrainTask(name="nisf prior", method=self.method, step=step, optimizers=[opt_net, opt_lat],
+                      params=[*self.net.parameters(), latents], weights=weights,
+                      load_weights=load_weights, modules=[self.net], grad_sync="ddp",
+                      extra_state=extra_state, load_extra_state=load_extra_state,
+                      bf16=use_bf16(self.device, precision, self.bf16_safe)),
+            LoopSettings(steps=cfg.steps, val_every=cfg.save_every, budget=prior_budget, seed=cfg.seed,
+                         state_path=state_path, log_path=log_path, device=self.device))
+        self.history = res.history
+        self.train_latents = _gather_rows(latents, own).cpu()
         self.net.eval()
 
-        val_pairs = [self._load_pair(v) for v in (val or [])]
-        val_pairs = [(i, l) for i, l in val_pairs if l is not None]
-        if val_pairs:
-            self.infer_steps, self.val_curve = self.select_infer_steps(val_pairs)
-            status(f"nisf: {self.infer_steps} inference steps chosen on {len(val_pairs)} "
-                   f"validation cases")
-        else:
+        chosen = self._steps_curve(val_subs, budget) if val_subs else None
+        chosen = broadcast_object(chosen)
+        if chosen is None:
             self.infer_steps = cfg.infer_steps
+        else:
+            self.infer_steps, self.val_curve = chosen
+            status(f"nisf: {self.infer_steps} inference steps chosen on {len(val_subs)} validation cases")
+
+    def _prior_share(self, val_subs: list[_Subject], budget: Budget) -> float:
+        """The share of ``budget``'s remaining time that prior training gets (the same on every
+        rank: rank 0, which holds ``val_subs``, decides): all of it without a time limit or
+        validation cases, else what the validation steps curve leaves (its estimated cost, see
+        :meth:`_curve_seconds`, x 1.5), but at least half."""
+        share = 1.0
+        if budget.limited and val_subs:
+            need = _CURVE_MARGIN * self._curve_seconds(val_subs)
+            share = min(1.0, max(_MIN_PRIOR_SHARE, 1.0 - need / max(budget.remaining_s(), 1e-9)))
+        return float(broadcast_object(share))
 
     def _sample_points(self, s: _Subject, rng: np.random.Generator
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One training sample of a case: a random frame (4D), all or ``points_per_step`` of its
         voxels, with coordinate jitter. Returns ``coords (n, d)``, ``intensity (n, C_in)``,
-        ``labels (n,)``."""
+        ``labels (n,)``, on the CPU."""
         cfg = self.config
         if self.spatial_ndim == 4:
             T = s.shape[3]
             t = int(rng.integers(T))
-            idx = torch.arange(t, s.coords.shape[0], T)        # C order: time is the fastest axis
+            idx = torch.arange(t, s.coords.shape[0], T, device="cpu")   # C order: time is the fastest axis
         else:
             idx = None
         n_all = s.coords.shape[0] if idx is None else idx.numel()
@@ -682,54 +629,54 @@ class NISF:
                 p.requires_grad_(f)
 
     def initial_latent(self) -> torch.Tensor:
-        """The seeded inference initialisation ``(L,) ~ N(0, latent_init_std^2)``."""
-        gen = torch.Generator().manual_seed(self.config.seed + 1)
-        return torch.randn(self.config.latent_dim, generator=gen) * self.config.latent_init_std
+        """The seeded inference initialisation ``(L,) ~ N(0, latent_init_std^2)``, CPU."""
+        gen = torch.Generator(device="cpu").manual_seed(self.config.seed + 1)
+        return torch.randn(self.config.latent_dim, generator=gen, device="cpu") * self.config.latent_init_std
 
     def _optimise_latents(self, coords: list[torch.Tensor], targets: list[torch.Tensor],
                           steps: int,
-                          callback: Callable[[int, torch.Tensor], None] | None = None,
+                          callback: Callable[[int, torch.Tensor], bool | None] | None = None,
                           desc: str = "fitting latents") -> torch.Tensor:
         """Optimise one latent per image on reconstruction BCE + latent L2, network frozen.
 
         Args:
-            coords: per image ``(N_b, d)`` coordinates of the observed voxels.
-            targets: per image ``(N_b, C_in)`` intensities in [0, 1].
+            coords: per image ``(N_b, d)`` coordinates of the observed voxels (CPU).
+            targets: per image ``(N_b, C_in)`` intensities in [0, 1] (CPU).
             steps: Adam steps.
             callback: called as ``callback(step, latents (B, L))`` after step 0 (the initial
-                latent) and after every step.
+                latent) and after every step; returning ``True`` ends the fit there.
 
         Returns:
-            latents ``(B, L)``.
+            latents ``(B, L)`` on the CPU.
         """
         cfg = self.config
         B = len(coords)
         sizes = [c.shape[0] for c in coords]
         n_max = max(sizes)
         d = coords[0].shape[1]
-        X = torch.zeros(B, n_max, d)
-        Y = torch.zeros(B, n_max, self.in_channels)
-        Wt = torch.zeros(B, n_max)                       # per-point weight 1/N_b, 0 on padding
-        for b, (c, y) in enumerate(zip(coords, targets)):
-            X[b, : sizes[b]], Y[b, : sizes[b]], Wt[b, : sizes[b]] = c, y, 1.0 / sizes[b]
+        X = pad_sequence(list(coords), batch_first=True)             # (B, n_max, d)
+        Y = pad_sequence(list(targets), batch_first=True)            # (B, n_max, C_in)
+        Wt = _point_weights(sizes)                                   # (B, n_max), 0 on padding
         h = self.initial_latent().expand(B, -1).clone().to(self.device).requires_grad_(True)
         opt = torch.optim.Adam([h], lr=cfg.infer_lr)
         use_subsets = cfg.infer_points is not None and cfg.infer_points < n_max
         with self._frozen():
-            if callback is not None:
-                callback(0, h.detach().cpu())
+            stop = callback is not None and bool(callback(0, h.detach().cpu()))
             for step in progress(range(steps), desc=desc):
+                if stop:
+                    break
                 opt.zero_grad(set_to_none=True)
                 if use_subsets:
                     # the same draw for every image (seeded by step): batch-independent results
                     idx = torch.stack([torch.from_numpy(np.random.default_rng([cfg.seed, step]).choice(
                         sizes[b], size=min(cfg.infer_points, sizes[b]), replace=False))
                         if sizes[b] > cfg.infer_points else
-                        torch.arange(sizes[b]).repeat(math.ceil(cfg.infer_points / sizes[b]))[: cfg.infer_points]
+                        torch.arange(sizes[b], device="cpu").repeat(
+                            math.ceil(cfg.infer_points / sizes[b]))[: cfg.infer_points]
                         for b in range(B)])                                   # (B, n)
                     xs = torch.gather(X, 1, idx[..., None].expand(-1, -1, d))
                     ys = torch.gather(Y, 1, idx[..., None].expand(-1, -1, self.in_channels))
-                    ws = torch.full(idx.shape, 1.0 / idx.shape[1])
+                    ws = torch.full(idx.shape, 1.0 / idx.shape[1], device="cpu")
                     batches = [(xs, ys, ws)]
                 else:
                     batches = [(X, Y, Wt)]                  # all points, chunked below
@@ -743,8 +690,7 @@ class NISF:
                 reg = cfg.latent_reg * h.pow(2).mean(-1).sum()
                 reg.backward()
                 opt.step()
-                if callback is not None:
-                    callback(step + 1, h.detach().cpu())
+                stop = callback is not None and bool(callback(step + 1, h.detach().cpu()))
         return h.detach().cpu()
 
     def fit_latents(self, images: Sequence[Volume], steps: int | None = None,
@@ -768,32 +714,63 @@ class NISF:
         return [LatentFit(lat[k].clone(), s.shape, s.spacing, s.affine, self.spatial_ndim,
                           s.time_step, steps, s.path) for k, s in enumerate(subs)]
 
-    def select_infer_steps(self, val_pairs: Sequence[tuple[Volume, Volume]]
-                           ) -> tuple[int, list[dict]]:
+    def select_infer_steps(self, val_pairs: Sequence[tuple[Volume, Volume]],
+                           budget: Budget | None = None) -> tuple[int, list[dict]]:
         """Steps curve on validation cases: mean foreground Dice every ``curve_every`` steps up
-        to ``infer_max_steps`` (all cases fitted in one batch). Returns the best step (>= 1) and
-        the curve ``[{"step", "dice", "per_case"}]``."""
+        to ``infer_max_steps`` (all cases fitted in one batch); stops early, keeping the best
+        step so far, when ``budget`` expires. Returns the best step (>= 1; ``infer_steps`` if
+        the curve has none) and the curve ``[{"step", "dice", "per_case"}]``."""
+        return self._steps_curve([self._prepare(img, lab) for img, lab in val_pairs], budget)
+
+    def _steps_curve(self, subs: list[_Subject], budget: Budget | None = None) -> tuple[int, list[dict]]:
+        """:meth:`select_infer_steps` of prepared, labelled cases."""
         cfg = self.config
-        subs = [self._prepare(img, lab) for img, lab in val_pairs]
+        budget = budget if budget is not None else Budget(None)
         gts = [s.labels.numpy() for s in subs]
         curve: list[dict] = []
         every = max(1, cfg.curve_every)
 
-        def record(step: int, lat: torch.Tensor) -> None:
-            if step % every and step != cfg.infer_max_steps:
-                return
-            scores = []
-            for b, s in enumerate(subs):
-                pred = self._evaluate(s.coords[None], lat[b : b + 1], want_image=False)["labels"][0]
-                scores.append(_dice(pred.numpy(), gts[b], self.num_classes)[1])
+        def record(step: int, lat: torch.Tensor) -> bool:
+            over = budget.expired()
+            if step % every and step != cfg.infer_max_steps and not over:
+                return False
+            scores = self._curve_scores(subs, gts, lat)
             curve.append({"step": step, "dice": float(np.nanmean(scores)),
                           "per_case": [float(x) for x in scores]})
+            return over
 
         self._optimise_latents([s.coords for s in subs], [s.intensity for s in subs],
                                cfg.infer_max_steps, callback=record, desc="validation steps curve")
+        if curve[-1]["step"] < cfg.infer_max_steps:
+            status(f"nisf: time budget reached at step {curve[-1]['step']} of the validation steps curve")
         candidates = [c for c in curve if c["step"] >= 1 and not math.isnan(c["dice"])]
         best = max(candidates, key=lambda c: c["dice"]) if candidates else {"step": cfg.infer_steps}
         return int(best["step"]), curve
+
+    def _curve_scores(self, subs: list[_Subject], gts: list[np.ndarray], lat: torch.Tensor) -> list[float]:
+        """Mean foreground Dice of each case under its latent ``lat[b]`` (``lat (B, L)``)."""
+        preds = [self._evaluate(s.coords[None], lat[b: b + 1], want_image=False)["labels"][0]
+                 for b, s in enumerate(subs)]
+        return [_dice(p.numpy(), gt, self.num_classes)[1] for p, gt in zip(preds, gts)]
+
+    def _curve_seconds(self, subs: list[_Subject]) -> float:
+        """Estimated wall time of the steps curve on ``subs``: the time of a latent step x
+        ``infer_max_steps`` plus that of a Dice evaluation x the curve's evaluations, both timed
+        warm (the first call of each pays one-off costs many times a step's). The network's
+        weights do not change the cost."""
+        cfg = self.config
+        gts = [s.labels.numpy() for s in subs]
+        stamps: list[float] = []
+        lat = self._optimise_latents([s.coords for s in subs], [s.intensity for s in subs], 5,
+                                     callback=lambda step, h: stamps.append(time.perf_counter()),
+                                     desc="timing the steps curve")
+        per_step = (stamps[5] - stamps[1]) / 4                    # steps 2 to 5
+        self._curve_scores(subs, gts, lat)
+        t0 = time.perf_counter()
+        self._curve_scores(subs, gts, lat)
+        per_evaluation = time.perf_counter() - t0
+        evaluations = cfg.infer_max_steps // max(1, cfg.curve_every) + 2
+        return cfg.infer_max_steps * per_step + evaluations * per_evaluation
 
     # ------------------------------------------------------------------ inference: outputs
     def _check_fit(self, fit: LatentFit) -> None:
@@ -887,7 +864,7 @@ class NISF:
         if self.spatial_ndim == 4:
             T = fit.shape[3]
             fr = float(frame)
-            t = torch.full((c.shape[0], 1), (2 * fr + 1) / T - 1)
+            t = torch.full((c.shape[0], 1), (2 * fr + 1) / T - 1, device="cpu")
             c = torch.cat([c, t], 1)
         out = self._evaluate(c[None], fit.latent[None])
         nu, nv = int(size[0]), int(size[1])
@@ -907,10 +884,11 @@ class NISF:
             "history": self.history, "num_params": self.num_params})
 
     @classmethod
-    def load(cls, path: str | Path) -> "NISF":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "NISF":
+        """Read a checkpoint written by :meth:`save` onto ``device``."""
         tensors, meta = load_checkpoint(path, cls.method)
         cfg = NISFConfig(**meta["config"])
-        obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"], cfg)
+        obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"], cfg, device=device)
         state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
         try:
             obj.net.load_state_dict(state)
