@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     _, size = world()
     ds = open_dataset(args.data)
     model = build(args.method, ds, 2 // size, args.steps, dev)
-    model.fit(ds.train, None, log_path=Path(args.log))
+    model.fit(ds.train, None, log_path=Path(args.jsonl))
     if size > 1:
         torch.distributed.destroy_process_group()
 
@@ -86,7 +86,7 @@ def steps_per_second(log: Path, skip: int) -> float:
 def run_layout(method: str, procs: int, threads: int, args: argparse.Namespace, tmp: Path) -> float:
     log = tmp / f"{method}-{procs}x{threads}.jsonl"
     common = [__file__, "--worker", "--method", method, "--data", str(args.data), "--steps", str(args.steps),
-              "--threads", str(threads), "--device", args.device, "--log", str(log)]
+              "--threads", str(threads), "--device", args.device, "--jsonl", str(log)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), INRSEG_QUIET="1")
     if procs == 1:
         cmd = [sys.executable, *common]
@@ -102,11 +102,13 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the median")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per layout, alternating; the median "
+                                                        "of the runs' figures is reported")
     ap.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
-    ap.add_argument("--log", help=argparse.SUPPRESS)
+    ap.add_argument("--jsonl", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -114,14 +116,20 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
-            one = run_layout(method, 1, 2, args, Path(tmp))
-            two = run_layout(method, 2, 1, args, Path(tmp))
+            ones, twos = [], []
+            for _ in range(args.repeats):  # alternate, so drifts of a shared machine hit both
+                ones.append(run_layout(method, 1, 2, args, Path(tmp)))
+                twos.append(run_layout(method, 2, 1, args, Path(tmp)))
+            one, two = statistics.median(ones), statistics.median(twos)
+            ratios = sorted(b / a for a, b in zip(ones, twos))
             rows.append({"trainer": method, "1 proc x 2 threads (steps/s)": one,
-                         "2 procs x 1 thread, gloo (steps/s)": two, "ratio 2x1 / 1x2": two / one,
+                         "2 procs x 1 thread, gloo (steps/s)": two,
+                         "ratio 2x1 / 1x2 (median)": statistics.median(ratios),
+                         "ratio range": f"{ratios[0]:.3f}-{ratios[-1]:.3f}",
                          "faster": "2 x 1" if two > one else "1 x 2"})
             print(markdown_table(rows[-1:]), flush=True)
     notes = (f"Data `{args.data.name}`, {args.steps} steps per run, median step time after the first "
-             f"{args.skip}; the same global batch per step in both layouts (U-Net 8 slices, SegResNet 4, "
+             f"{args.skip}; {args.repeats} runs per layout, alternating, median of the runs; the same global batch per step in both layouts (U-Net 8 slices, SegResNet 4, "
              f"MORSE 4, NISF 2 subjects x 8,192 voxels, MetaSeg 2 tasks). Device {args.device}.")
     path = write_results("engine-speed", {"Steps per second": markdown_table(rows)}, notes)
     print(f"wrote {path}")
