@@ -103,3 +103,68 @@ def feature_pca_png(model, image: Volume, path: str | Path, steps: int | None = 
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(path)
+
+
+DIAGNOSTIC_STEPS = (0, 2, 5, 10, 25, 50, 100, 200)
+
+
+def metaseg_diagnostic(model, pairs: Sequence[tuple[Volume, Volume]],
+                       steps: Sequence[int] = DIAGNOSTIC_STEPS) -> dict[str, list[dict]]:
+    """MetaSeg's diagnostic: Dice against test-time steps for the meta-learned head and for
+    the phase-2 head, on labelled ``pairs`` (validation images, never test images).
+
+    Each image is fitted once (pixels only, head frozen, as at test time); at every ``t`` in
+    ``steps`` both heads read labels off the same fitted features. A working meta-learned
+    initialisation is already a usable atlas at ``t`` = 0-2 ("atlas Dice").
+
+    Returns:
+        ``{head: [{"step", "dice", "per_class": [C floats]}]}`` with head ``"meta-learned"``
+        (when the model kept it) and ``"phase 2"``; Dice is the mean over images (per class:
+        NaN-aware, classes absent from an image and its prediction skipped).
+    """
+    heads = {"phase 2": {k: v for k, v in model.params.items() if k.startswith("g.")}}
+    if getattr(model, "meta_head", None):
+        heads = {"meta-learned": model.meta_head, **heads}
+    steps = sorted({int(s) for s in steps})
+    C = len(model.label_names)
+    scores = {h: {t: [] for t in steps} for h in heads}
+    for image, labels in pairs:
+        prepared = model._prepare(image, labels)
+        for t, theta in model.fit_theta([prepared], max(steps), snapshots=steps):
+            for name, head in heads.items():
+                pred = model.logits(theta, prepared.coords, head)[0].argmax(-1)
+                m = case_metrics(pred.reshape(image.shape).cpu().numpy(), labels.data, C, distances=False)
+                scores[name][t].append(m.dice)
+    out: dict[str, list[dict]] = {}
+    for name, by_t in scores.items():
+        out[name] = []
+        for t in steps:
+            per_class = np.nanmean(np.stack(by_t[t]), axis=0)       # (C,)
+            out[name].append({"step": t, "dice": float(np.nanmean(per_class[1:])),
+                              "per_class": [float(x) for x in per_class]})
+    return out
+
+
+def plot_diagnostic(curves: dict[str, list[dict]], path: str | Path, title: str = "",
+                    t_f: int | None = None) -> Path:
+    """Mean foreground Dice against test-time steps (log-x, step 0 drawn at 0.5), one line per head."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, curve in curves.items():
+        ax.plot([max(c["step"], 0.5) for c in curve], [c["dice"] for c in curve], marker="o", ms=3, label=name)
+    if t_f:
+        ax.axvline(t_f, color="grey", ls=":", lw=1, label=f"T_f = {t_f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("test-time steps T (0 drawn at 0.5)")
+    ax.set_ylabel("mean foreground Dice (validation)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -203,7 +203,13 @@ class MetaSegConfig:
     first_order: bool = False              # first-order MAML throughout
     first_order_steps: int = 0             # warm-up: this many first-order outer steps first
     meta_sgd: bool = False                 # learn per-parameter inner learning rates
+    inner_optimizer: str = "adam"          # "adam" (differentiable Adam) | "sgd" (theta - lr * g);
+                                           # test time uses the same update
     points_per_task: int | None = 2048     # random pixels per inner/outer step (None: all)
+    query_pixels: str = "fresh"            # outer-loss pixels: "fresh" random subset | "same" as
+                                           # the first inner step's
+    outer_schedule: str = "constant"       # outer lr: "constant" | "cosine" (after outer_warmup)
+    outer_warmup: int = 0                  # linear warm-up steps of the outer lr
     grad_clip: float | None = 10.0         # outer gradient-norm clip (None: off)
     val_every: int = 50
     val_fit_steps: int = 25                # test-time steps used by the meta-training validation
@@ -228,6 +234,12 @@ class MetaSegConfig:
     keep_aspect: bool = False
     chunk: int = 16384                     # points per forward chunk
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("inner_loss", ("pixels", "joint")), ("inner_optimizer", ("adam", "sgd")),
+                              ("query_pixels", ("fresh", "same")), ("outer_schedule", ("constant", "cosine"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r} ({', '.join(allowed)})")
 
 
 # ============================================================================================
@@ -336,7 +348,8 @@ def inner_adapt(params: Params, support: Sequence[Task], cfg: MetaSegConfig,
         for k, g in zip(keys, grads):
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
-            new[k] = cur[k] - (lrs[k] if lrs is not None else cfg.inner_lr) * adam_direction(m[k], v[k], t)
+            lr = lrs[k] if lrs is not None else cfg.inner_lr
+            new[k] = cur[k] - lr * (g if cfg.inner_optimizer == "sgd" else adam_direction(m[k], v[k], t))
         cur = new
     return cur
 
@@ -422,6 +435,8 @@ class MetaSeg:
         self.t_f: int = cfg.default_tf
         self.history: list[dict] = []
         self.tf_curve: list[dict] = []
+        #: the meta-learned head (g.*) before phase 2 replaced it, for the diagnostics
+        self.meta_head: dict[str, torch.Tensor] | None = None
         self.best_step: int | None = None
         self.start_step: int = 0          # outer step the last fit() started from (resume)
         self.timings: dict[str, float] = {}
@@ -528,7 +543,7 @@ class MetaSeg:
                 for (k, p), g in zip(theta.items(), grads):
                     m[k].mul_(b1).add_(g, alpha=1 - b1)
                     v2[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    p.sub_(lrs[k] * adam_direction(m[k], v2[k], t))
+                    p.sub_(lrs[k] * (g if cfg.inner_optimizer == "sgd" else adam_direction(m[k], v2[k], t)))
             if t in snaps or t == steps:
                 yield t, {k: t_.detach() for k, t_ in theta.items()}
 
@@ -693,7 +708,7 @@ class MetaSeg:
                 rng = step_rng(cfg.seed, s, j)
                 task = train_s[int(rng.integers(len(train_s)))].task()
                 support = [task.subset(cfg.points_per_task, rng) for _ in range(cfg.inner_steps)]
-                query = task.subset(cfg.points_per_task, rng)
+                query = support[0] if cfg.query_pixels == "same" else task.subset(cfg.points_per_task, rng)
                 losses.append(meta_loss(params, support, query, cfg, lrs, create_graph=not first_order))
             return torch.stack(losses).mean(), {}
 
@@ -705,8 +720,19 @@ class MetaSeg:
         def validate() -> dict[str, float]:
             return {"val_dice": self._val_dice(val_s, cfg.val_fit_steps)}
 
+        opt = torch.optim.Adam(trained.values(), lr=cfg.outer_lr)
+        warm, total = max(0, cfg.outer_warmup), max(1, cfg.steps)
+
+        def outer_lr_factor(s: int) -> float:
+            if s < warm:
+                return (s + 1) / warm
+            if cfg.outer_schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+            return 1.0
+
         return TrainTask(name="metaseg meta-training", method=self.method, step=step,
-                         optimizers=[torch.optim.Adam(trained.values(), lr=cfg.outer_lr)],
+                         optimizers=[opt],
+                         schedulers=[torch.optim.lr_scheduler.LambdaLR(opt, outer_lr_factor)],
                          params=list(trained.values()), weights=lambda: dict(trained),
                          load_weights=load_weights, validate=validate if val_s else None,
                          grad_sync="allreduce", grad_clip=cfg.grad_clip, bf16=bf16)
@@ -847,6 +873,7 @@ class MetaSeg:
             status(f"choosing T_f among {cands} on {len(val_s)} validation images")
             va_feats, va_labels, n_val = self._snapshot_features(val_s, cfg.val_points, cands, gen, budget)
         meta_head = {k: v for k, v in self.params.items() if k.startswith("g.")}
+        self.meta_head = {k: v.detach().clone() for k, v in meta_head.items()}
         self.tf_curve, best = [], None
         for t in cands:
             if best is not None and budget.expired():
@@ -870,6 +897,7 @@ class MetaSeg:
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
         tensors = dict(self.params)
+        tensors.update({f"meta_head.{k}": v for k, v in (self.meta_head or {}).items()})
         if self.lrs is not None:
             tensors.update({f"lr.{k}": v for k, v in self.lrs.items()})
         save_checkpoint(path, self.method, tensors, {
@@ -887,7 +915,10 @@ class MetaSeg:
         known = MetaSegConfig.__dataclass_fields__
         obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"],
                   MetaSegConfig(**{k: v for k, v in cfg_dict.items() if k in known}), device=device)
-        obj.params = {k: v.to(obj.device) for k, v in tensors.items() if not k.startswith("lr.")}
+        obj.params = {k: v.to(obj.device) for k, v in tensors.items()
+                      if not k.startswith(("lr.", "meta_head."))}
+        obj.meta_head = {k[len("meta_head."):]: v.to(obj.device) for k, v in tensors.items()
+                         if k.startswith("meta_head.")} or None
         lrs = {k[3:]: v.to(obj.device) for k, v in tensors.items() if k.startswith("lr.")}
         obj.lrs = lrs or None
         obj.t_f = int(meta["t_f"])

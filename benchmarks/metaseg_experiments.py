@@ -1,0 +1,168 @@
+"""MetaSeg controlled experiments (issue 10): one named recipe per run, with the diagnostic.
+
+Each run trains MetaSeg on a dataset (by default brain2d-seg4 down-sampled 2x to 80 x 96, where
+the paper's whole-image recipe fits a CPU: image 2 x 2 mean, labels every second pixel, voxel
+spacing doubled), chooses everything on the validation subjects, and reports:
+
+* the diagnostic: validation Dice against test-time steps T in {0, 2, 5, 10, 25, 50, 100, 200}
+  for the meta-learned head and for the phase-2 head (figure + table), and the per-class
+  "atlas Dice" at T = 0 and 2;
+* the meta-training validation curve and the T_f selection;
+* the test subjects' Dice (mean foreground, per class) at the chosen T_f and the time per slice.
+
+    python benchmarks/metaseg_experiments.py --experiment a-paper --steps 2000 --budget-minutes 14
+    python benchmarks/metaseg_experiments.py --list
+
+Writes ``benchmarks/results/<date>-metaseg-exp-<name>.md`` and ``...-diagnostic.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import RESULTS, SHARED_DATA, evaluate_cases, markdown_table, write_results  # noqa: E402
+
+#: name -> (description, overrides of metaseg_config("2d-seg4", paper=...))
+EXPERIMENTS: dict[str, tuple[str, dict]] = {
+    "cpu-default": ("today's CPU defaults (4,096-pixel subsets, pixels-only inner loop, lr 1e-3, "
+                    "T_f from 50-300)", dict(paper=False)),
+    "a-paper": ("the paper's recipe: whole images, lr 1e-4 inside and out, 2 inner steps, the joint "
+                "(label-informed) inner loop, T_f 100", dict(paper=True, tf_candidates=(100,))),
+    "b-matched": ("(a) with test-time movement matched to meta-training: T_f chosen among 2, 5, 10 "
+                  "(the inner loop takes 2 steps)", dict(paper=True, tf_candidates=(2, 5, 10))),
+    "c-metasgd": ("(a) with an SGD inner loop and learned per-parameter learning rates (Meta-SGD, "
+                  "init 1e-2), SGD with those rates at test time",
+                  dict(paper=True, meta_sgd=True, inner_optimizer="sgd", inner_lr=1e-2,
+                       tf_candidates=(2, 5, 10, 25, 50, 100))),
+    "d-same-pixels": ("(a) on 2,048-pixel subsets, the outer loss on the same pixels as the first "
+                      "inner step", dict(paper=True, points_per_task=2048, query_pixels="same")),
+    "d-fresh-pixels": ("(a) on 2,048-pixel subsets, the outer loss on fresh pixels",
+                       dict(paper=True, points_per_task=2048, query_pixels="fresh")),
+    "e-cosine": ("(a) with the outer lr warmed up over 5 % of the steps, then cosine-decayed",
+                 dict(paper=True, outer_schedule="cosine", outer_warmup=-1)),
+}
+
+
+def downsample_dataset(src: Path, dst: Path, factor: int) -> Path:
+    """An nnU-Net copy of 2D dataset ``src`` at 1/``factor`` resolution: image ``factor^2`` mean,
+    labels every ``factor``-th pixel, voxel spacing x ``factor``."""
+    from inrseg.data.io import Volume, load_image, load_labels, save_image, save_labels
+    from inrseg.data.layouts import open_dataset
+
+    ds = open_dataset(src)
+    for cases, part in ((ds.train, "Tr"), (ds.test, "Ts")):
+        for case in cases:
+            image, labels = case.load()
+            c, h, w = image.data.shape
+            h2, w2 = h // factor, w // factor
+            img = image.data[:, :h2 * factor, :w2 * factor].reshape(c, h2, factor, w2, factor).mean((2, 4))
+            lab = labels.data[:h2 * factor:factor, :w2 * factor:factor]
+            affine = np.array(image.affine, float)
+            affine[:3, :2] *= factor
+            like = Volume(lab, affine, 2)
+            for ch in range(c):
+                save_image(img[ch].astype(np.float32), dst / f"images{part}" / f"{case.case_id}_{ch:04d}.nii.gz",
+                           like=like)
+            save_labels(lab, dst / f"labels{part}" / f"{case.case_id}.nii.gz", like=like)
+    meta = json.loads((src / "dataset.json").read_text())
+    meta["name"] = f"{meta.get('name', src.name)}-x{factor}"
+    (dst / "dataset.json").write_text(json.dumps(meta))
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="a-paper", help="one of --list")
+    ap.add_argument("--list", action="store_true", help="print the experiments and exit")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "brain2d-seg4")
+    ap.add_argument("--downsample", type=int, default=2, help="1 keeps the full resolution")
+    ap.add_argument("--steps", type=int, default=2000, help="outer steps (the schedules' length)")
+    ap.add_argument("--budget-minutes", type=float, default=None, help="bounds the whole fit")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ap.add_argument("--max-test", type=int, default=None)
+    args = ap.parse_args()
+    if args.list:
+        for name, (desc, over) in EXPERIMENTS.items():
+            print(f"{name:16s} {desc}\n{'':16s} {over}")
+        return
+    from inrseg.cli import metaseg_config
+    from inrseg.data.layouts import open_dataset, split_by_subject
+    from inrseg.figures import DIAGNOSTIC_STEPS, metaseg_diagnostic, plot_diagnostic
+    from inrseg.methods.metaseg import MetaSeg
+    from inrseg.training import Budget, resolve_device
+
+    torch.set_num_threads(args.threads)
+    desc, over = EXPERIMENTS[args.experiment]
+    over = dict(over)
+    paper = over.pop("paper")
+    if over.get("outer_warmup") == -1:
+        over["outer_warmup"] = max(1, args.steps // 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data if args.downsample == 1 else downsample_dataset(args.data, Path(tmp) / "ds", args.downsample)
+        ds = open_dataset(data)
+        train, val = split_by_subject(ds.train, 0.2, seed=0)
+        test = ds.test[:args.max_test] if args.max_test else ds.test
+        cfg = metaseg_config("2d-seg4", paper=paper, steps=args.steps, seed=args.seed, **over)
+        dev = resolve_device(args.device)
+        model = MetaSeg(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
+        shape = ds.train[0].load_image().shape
+        print(f"{args.experiment}: {desc}\n{ds.name} {shape}: {len(train)} train / {len(val)} val / "
+              f"{len(test)} test", flush=True)
+        t0 = time.perf_counter()
+        model.fit(train, val, budget=Budget(args.budget_minutes))
+        train_s = time.perf_counter() - t0
+        val_pairs = [c.load() for c in val]
+        t1 = time.perf_counter()
+        diag = metaseg_diagnostic(model, val_pairs, DIAGNOSTIC_STEPS)
+        diag_s = time.perf_counter() - t1
+        summary, secs = evaluate_cases(model, test, ds.num_classes)
+    names = ds.label_names
+    steps_run = model.history[-1]["step"] if model.history else 0
+    rows = [{"T": t, **{f"{h} head": diag[h][i]["dice"] for h in diag}} for i, t in enumerate(DIAGNOSTIC_STEPS)]
+    atlas = [{"head": h, "T": c["step"], **{n: c["per_class"][k] for k, n in enumerate(names) if k > 0}}
+             for h in diag for c in diag[h] if c["step"] in (0, 2)]
+    per_class = summary["per_class"]
+    test_row = {"mean fg Dice": summary["mean_foreground_dice"], "gen. Dice": summary["generalized_dice"],
+                "HD95 mm": summary["hd95_mm"],
+                **{names[int(k[1:])]: v["dice"] for k, v in per_class.items() if int(k[1:]) > 0},
+                "T_f": model.t_f, "s / slice (median)": statistics.median(secs)}
+    meta_curve = [{"step": h["step"], "outer loss": h["loss"], "val Dice (T=val_fit_steps)": h["val_dice"],
+                   "time s": h.get("time_s")} for h in model.history]
+    every = max(1, len(meta_curve) // 12)
+    sections = {
+        "Test subjects": markdown_table([test_row]),
+        "Diagnostic: validation Dice against test-time steps T": markdown_table(rows),
+        "Atlas Dice per class (validation, T = 0 and 2)": markdown_table(atlas),
+        "T_f selection (validation)": markdown_table(model.tf_curve),
+        "Meta-training validation (every few entries)": markdown_table(
+            meta_curve[::every] + ([meta_curve[-1]] if (len(meta_curve) - 1) % every else [])),
+    }
+    notes = (f"Experiment `{args.experiment}`: {desc}.\n\nData: `{args.data.name}` down-sampled "
+             f"{args.downsample}x to {shape[0]} x {shape[1]} ({len(train)} train / {len(val)} validation / "
+             f"{len(test)} test slices, split by subject, validation seed 0); device {dev}; "
+             f"{args.threads} torch threads; seed {args.seed}. Training (meta-training + phase 2 + T_f) "
+             f"{train_s:.0f} s, {steps_run} outer steps; diagnostic {diag_s:.0f} s. Everything chosen on "
+             f"validation. Config: `{json.dumps({k: v for k, v in vars(cfg).items()}, default=str)}`")
+    path = write_results(f"metaseg-exp-{args.experiment}", sections, notes)
+    png = plot_diagnostic(diag, RESULTS / f"{path.stem}-diagnostic.png",
+                          title=f"MetaSeg {args.experiment} ({shape[0]}x{shape[1]})", t_f=model.t_f)
+    with open(path, "a") as f:
+        f.write(f"\n![diagnostic]({png.name})\n")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
