@@ -3,7 +3,7 @@
 A SIREN ``f_theta`` maps coordinates to intensities; a shallow head ``g_phi`` reads labels off
 ``f``'s last sine-layer features (``inrseg.nn.siren``). The head is the paper's
 ``Linear(h, h) -> LeakyReLU -> Linear(h, C)``; ``head_hidden`` / ``head_layers`` give a
-wider / deeper one (an option only: it did not help, see :data:`FINDINGS`). Training (:meth:`MetaSeg.fit`):
+wider / deeper one (an option only: it did not help, ``docs/findings/metaseg.md``). Training (:meth:`MetaSeg.fit`):
 
 1. **Meta-training** (second-order MAML, :func:`meta_loss`): per task (one training image) a
    differentiable Adam adapts the network for ``inner_steps`` steps, the outer Adam minimises
@@ -51,7 +51,7 @@ Deviations from the paper / official code, and why (CPU budget):
   no labels.
 
 Findings (brain2d-seg4, 1 CPU thread; see ``benchmarks/metaseg_quick.py``) are summarised
-in :data:`FINDINGS`.
+in ``docs/findings/metaseg.md``.
 """
 
 from __future__ import annotations
@@ -79,98 +79,11 @@ from inrseg.progress import progress, status
 from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, broadcast_object, resolve_device,
                              run_training, step_rng, torch_generator, use_bf16, world)
 
-FINDINGS = """
-Measured on brain2d-seg4 (60 train / 15 val / 25 test slices of 160x192), preset 2d-seg4
-(83,718 parameters), 1 CPU thread on a shared 2-core machine (load ~3 from other jobs):
-
-* Joint inner loop (paper: MSE + focal, theta and phi adapted with labels), 585 outer steps
-  in 3 min: outer loss fell 0.84 -> 0.18 but the validation Dice of the *test-time* procedure
-  (fit pixels only, head frozen) stayed flat at 0.12-0.17: the meta-learned head relies on the
-  label-informed inner steps that test time does not have. Test (10 cases) 0.50 fg Dice,
-  only thanks to phase 2.
-* Pixels-only inner loop (``inner_loss="pixels"``, the default: the inner loop is exactly
-  the test-time fit, the outer loss scores labels after it): validation Dice of the
-  test-time procedure rises 0.09 -> 0.30 in 650 outer steps, then plateaus (0.28-0.31 up to
-  1650 steps). Test (10 cases) 0.55.
-* Phase 2 (head retrained on features of images fitted for T_f steps) is the largest single
-  gain: validation Dice 0.39 -> 0.58 at T_f = 100.
-* Dice grows with T_f up to the largest candidate tried (10: 0.43, 25: 0.41, 50: 0.50,
-  100: 0.58 at Adam lr 1e-3); the over-fitting decline of the paper was not reached.
-  Adding T_f = 200 (``tf_candidates=50,100,200``, 2.5 min meta-training): validation 0.60,
-  10 test cases 0.570 vs 0.551, at twice the test time (4.4 s per image); now the default
-  (see tuning round 2 below).
-* Full run with the old defaults (``tf_candidates=10,25,50,100``, ``phase2_max_cases=24``;
-  ``benchmarks/metaseg_quick.py --budget-minutes 5 --threads 1``, 1651 outer
-  steps in 5 min + 2 min phase 2 / T_f): test mean foreground Dice 0.550, generalized Dice
-  0.697, HD95 21.8 mm; per class: cortex 0.80, white matter 0.87, CSF 0.45, subcortical grey
-  0.08 (not separable by intensity, and the meta-learned features do not carry enough
-  location information yet). Test time 2.25 s per image (T_f = 100, 4096 pixels per step).
-* Tuning round 2 (phase 2 / test time, on the 5-min checkpoint above; features of 24
-  training + 15 validation images fitted for T steps, 8192 pixels each; validation Dice on
-  the stored pixel subsets, head selected on the same validation set):
-  - paper head retrained 300 steps: T=50 0.513, T=100 0.587, T=200 0.612; 1500 steps at
-    T=100: 0.587 (no gain from training the head longer);
-  - wider/deeper head (``head_hidden=256, head_layers=3``, fresh init, 1500 steps) at T=100:
-    0.581: head capacity is not the bottleneck, the fitted features are;
-  - 12 instead of 24 phase-2 training images: T=100 0.591, T=200 0.627 (no loss): hence
-    ``phase2_max_cases=12`` (halves the phase-2 fitting time);
-  - focal gamma in phase 2 at T=200: 0 (CE) 0.606, 1 0.612, 2 0.620 (within noise);
-  - test-time Adam lr 3e-3 (instead of 1e-3): the SIREN diverges, validation 0.04-0.05 at
-    T=50/100/200 (12 training images).
-* New defaults ``tf_candidates=(50, 100, 200, 300)``, ``phase2_max_cases=12``:
-  ``python benchmarks/metaseg_quick.py --budget-minutes 5 --threads 1`` (2000 outer steps in
-  281 s, phase 2 + T_f 202 s, total training 484 s): phase-2 validation Dice T=50 0.514,
-  100 0.589, 200 0.618, 300 0.608 -> T_f = 200; test (25 cases) mean foreground Dice 0.597
-  (was 0.550), generalized Dice 0.676, HD95 22.6 mm; cortex 0.82, subcortical grey 0.13,
-  white matter 0.89, CSF 0.55; test time 4.2 s per image (was 2.25 s at T_f = 100).
-* ``--set inner_steps=3`` with the new defaults (1825 outer steps in 5 min, best 1700):
-  phase-2 validation 50 0.488, 100 0.580, 200 0.613, 300 0.618 -> T_f = 300; test 0.549
-  (CSF 0.37), 6.5 s per image: no gain over 2 inner steps.
-* Stacked (batched) test-time fitting is slower than one image at a time on CPU (8 images x
-  8192 pixels: 87 vs 43 ms per image-step; 4 x 4096: 23.5 vs 21.4 ms): hence ``fit_batch=1``.
-  Use ``fit_batch > 1`` on a GPU.
-* Second-order meta step (6 x 128, 2 inner steps, 4096 pixels): 0.28 s; first order 0.10 s;
-  with 2048 pixels 0.14 / 0.05 s (1 thread).
-* First-order MAML with a longer inner loop, to match test time's many steps more cheaply
-  (``first_order=True, inner_steps=10, outer_lr=3e-4, val_fit_steps=10``; 1929 outer steps in
-  5 min, 1 thread, machine shared with 2 other jobs): it does not learn. The outer loss stays
-  at 0.73-0.85 throughout and the meta-training validation Dice falls from 0.18 (step 50, kept
-  as best) to 0.005. Phase 2 validation at T_f 10/25/50/100/200 was 0.24/0.28/0.32/0.43/0.51,
-  and the test score 0.498, no better than a random SIREN with phase 2. Ten inner Adam steps
-  at lr 1e-3 move a w0 = 30 SIREN far enough that the gradient at the adapted point is a poor
-  direction for the initialisation. The second-order 2-step default stays.
-* Outer Adam lr 3e-4 instead of 1e-4 (second order, otherwise the defaults; 1866 outer steps
-  in 5 min, same shared machine): the meta-training validation Dice rises faster (0.23 at step
-  250, best 0.26 at step 500), then falls steadily (0.17 at 1250, 0.03 at 1850). Phase-2
-  validation at T_f 50/100/200/300 was 0.43/0.52/0.55/0.54, against 0.51/0.59/0.62/0.61 at
-  1e-4, and the test score was 0.549 against 0.597. The plateau near 0.30 of the meta-learned
-  head is not a step-size problem, so the default stays at 1e-4.
-* Learning rate and width. A SIREN (w0 = 30, random init) was fitted to one brain2d-seg24
-  test slice with Adam on 4,096 random pixels per step; PSNR in dB after 10/25/50/100 steps:
-
-  | width x layers | lr 1e-4 | lr 2.5e-4 | lr 5e-4 | lr 1e-3 |
-  |---|---|---|---|---|
-  | 128 x 6 | 13.1/17.0/21.9/26.4 | 15.3/21.5/26.4/30.1 | 16.3/23.7/27.3/31.3 | 13.4/18.9/23.5/29.1 |
-  | 256 x 6 | 15.1/20.4/25.6/29.9 | 16.1/23.9/27.7/31.7 | 12.5/21.7/26.0/30.6 | 10.3/11.1/13.1/19.7 |
-  | 512 x 5 | 17.4/23.4/27.8/30.6 | 16.1/23.1/28.0/31.8 | 11.3/19.0/23.5/29.0 | 9.0/9.4/9.1/9.0 |
-
-  An Adam step moves every weight by about lr, so a pre-activation moves by about
-  lr x fan-in x w0, 4x more at width 512 than at 128. At lr 1e-3 the 512-wide SIREN of
-  ``2d-seg24`` does not fit at all: it stays at 9 dB. The 256-wide one of ``3d-seg4`` reaches
-  only 19.7 dB after 100 steps. The earlier ``2d-seg24`` (Dice 0.026) and ``3d-seg4`` (Dice
-  0.21) benchmark runs used lr 1e-3 in the inner loop and at test time. Those two presets now
-  use 2.5e-4. ``2d-seg4`` keeps 1e-3, which was tuned end to end (see above).
-  Command: ``python benchmarks/metaseg_lr_width.py``.
-  The ``3d-seg4`` rerun at 2.5e-4 (``benchmarks/nisf_bench.py --dataset brain3d-seg4 --compare``,
-  8 min of meta-training, 1 thread) scored test Dice 0.355 at T_f 300, against 0.208 at 1e-3 in
-  the same kind of run. Validation at T_f 300 was 0.353, against 0.207.
-"""
-
 PRESETS: dict[str, dict] = {
     # 2D, 5 classes: 6 linear layers x 128 (83K parameters with the head), focal gamma 1.
     "2d-seg4": dict(hidden=128, layers=6, focal_gamma=1.0),
     # 2D, 24 classes + background: 5 layers x 512 (1.06M), focal gamma 2. Inner / test Adam lr
-    # 2.5e-4: at lr 1e-3 a width-512 SIREN does not fit at all (FINDINGS, "learning rate and width").
+    # 2.5e-4: at lr 1e-3 a width-512 SIREN does not fit at all (docs/findings/metaseg.md, "learning rate and width").
     "2d-seg24": dict(hidden=512, layers=5, focal_gamma=2.0, inner_lr=2.5e-4),
     # 3D, 5 classes: 6 layers x 256 (330K), focal gamma 3, MSE weight 0.1 on background voxels;
     # inner / test lr 2.5e-4 (width 256, same finding).
@@ -217,7 +130,7 @@ class MetaSegConfig:
     budget_minutes: float | None = None    # wall-time limit of the whole fit (meta-training + phase 2)
     # test time
     test_lr: float | None = None           # test-time Adam lr (None: inner_lr)
-    tf_candidates: tuple[int, ...] = (50, 100, 200, 300)   # Dice still rises to 200 (FINDINGS)
+    tf_candidates: tuple[int, ...] = (50, 100, 200, 300)   # Dice still rises to 200 (docs/findings/metaseg.md)
     default_tf: int = 25                   # T_f when there is no validation data
     fit_points: int | None = 4096          # random pixels per test-time Adam step (None: all)
     fit_batch: int = 1                     # images fitted at once (stacked; 1 is fastest on CPU)
@@ -225,7 +138,7 @@ class MetaSegConfig:
     phase2_steps: int = 300                # 0: keep the meta-learned head
     phase2_lr: float = 1e-3
     phase2_points: int = 4096              # pixels per training image whose features are kept
-    phase2_max_cases: int | None = 12      # training images fitted for phase 2 (12 = 24, FINDINGS)
+    phase2_max_cases: int | None = 12      # training images fitted for phase 2 (12 = 24, docs/findings/metaseg.md)
     phase2_batch: int = 8192               # feature vectors per head step
     phase2_val_every: int = 50
     val_points: int = 4096                 # pixels per validation image for T_f / head selection
