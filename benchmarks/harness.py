@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from inrseg.data.grids import resampled_affine
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case, Dataset
-from inrseg.metrics import CaseMetrics, case_metrics, summarize
+from inrseg.metrics import CaseMetrics, score_case, summarize
 
 # INRSEG_RESULTS: write elsewhere (smoke tests), default benchmarks/results/
 RESULTS = Path(os.environ.get("INRSEG_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -75,16 +75,14 @@ def num_params(model) -> int:
 
 
 def frame_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int,
-                  spacing: Sequence[float] | None = None, distances: bool = True) -> list[CaseMetrics]:
-    """Metrics of one case as a list: ``[case_metrics(...)]`` for 2D / 3D label maps; for 3D+t
-    ``(X, Y, Z, T)`` maps one entry per time frame (3D metrics with the spatial ``spacing``), so
-    that HD95 / ASD stay physical distances. Summaries over the list weight frames equally."""
-    pred, gt = np.asarray(pred), np.asarray(gt)
-    if gt.ndim == 4:
-        sp = None if spacing is None else tuple(spacing)[:3]
-        return [case_metrics(pred[..., t], gt[..., t], num_classes, sp, distances)
-                for t in range(gt.shape[3])]
-    return [case_metrics(pred, gt, num_classes, spacing, distances)]
+                  spacing: Sequence[float] | None = None, distances: bool = True,
+                  ignore_label: int | None = None) -> list[CaseMetrics]:
+    """Metrics of one case as a one-entry list, ``[score_case(...)]``: the project's one
+    definition (:func:`inrseg.metrics.score_case`), the one ``inrseg evaluate`` and NISF's step
+    selection use. A 3D+t ``(X, Y, Z, T)`` case is one subject: the mean over its annotated
+    frames of the 3D per-frame metrics (spatial ``spacing``, so HD95 / ASD stay physical
+    distances). Voxels of ``gt`` equal to ``ignore_label`` are skipped."""
+    return [score_case(pred, gt, num_classes, spacing, distances, ignore_label)]
 
 
 def downsample2(image: Volume) -> Volume:
@@ -121,21 +119,23 @@ def lowres_dice(model, cases: Sequence[Case], num_classes: int) -> float:
             pred = model.predict(low, scale=2.0)
             full = tuple(2 * n for n in low.shape)
         gt = labels.data[tuple(slice(0, n) for n in full)]
-        metrics += frame_metrics(pred.data, gt, num_classes, distances=False)
+        metrics += frame_metrics(pred.data, gt, num_classes, distances=False,
+                                 ignore_label=labels.meta.get("ignore_label"))
     return summarize(metrics, [f"c{i}" for i in range(num_classes)])["mean_foreground_dice"]
 
 
 def evaluate_cases(model, cases: Sequence[Case], num_classes: int, scale: float = 1.0,
                    distances: bool = True) -> tuple[dict, list[float]]:
     """Predict every case (timed) and score it; returns ``(summary, seconds_per_case)``.
-    3D+t cases are scored frame by frame (:func:`frame_metrics`)."""
+    3D+t cases are one case per subject, the mean over annotated frames (:func:`frame_metrics`)."""
     metrics, seconds = [], []
     for case in cases:
         image, labels = case.load()
         t0 = time.perf_counter()
         pred = model.predict(image, scale=scale)
         seconds.append(time.perf_counter() - t0)
-        metrics += frame_metrics(pred.data, labels.data, num_classes, labels.spacing, distances)
+        metrics += frame_metrics(pred.data, labels.data, num_classes, labels.spacing, distances,
+                                 labels.meta.get("ignore_label"))
     names = [f"c{i}" for i in range(num_classes)]
     return summarize(metrics, names), seconds
 

@@ -138,10 +138,10 @@ def test_nisf_cli_train_heldout_and_plane(cli, tmp_path):
               "--plane", "lax", "--plane-size", "24,16", "--plane-mm", "2")
     assert res.code == 0, res.err
     src = nib.load(sa)
-    lab = nib.load(out / "sa.nii.gz")
+    lab = nib.load(out / "heart000.nii.gz")  # a UK Biobank sa.nii.gz is named after its subject
     assert lab.shape == src.shape and np.allclose(lab.affine, src.affine)
-    plane = nib.load(out / "sa_plane.nii.gz")
-    assert plane.shape == (24, 16, 1) and (out / "sa_plane.png").exists()
+    plane = nib.load(out / "heart000_plane.nii.gz")
+    assert plane.shape == (24, 16, 1) and (out / "heart000_plane.png").exists()
     assert np.linalg.norm(plane.affine[:3, 0]) == pytest.approx(2.0)
     # a U-Net checkpoint cannot render planes: a clear error
     unet = tmp_path / "u.safetensors"
@@ -203,3 +203,53 @@ def test_train_3d_with_patch_and_foreground_options(cli, tmp_path):
     assert cfg["patch_size"] == [32, 32, 8] and cfg["foreground_fraction"] == 0.0
     res = cli("train", "unet", "--data", data, "--out", tmp_path / "x.safetensors", "--patch", "16,16")
     assert res.code == 2 and "--patch" in res.err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_ukbb_folder_segments_and_evaluates(cli, tmp_path):
+    """A UK Biobank folder of 2 subjects: `segment --input DIR` writes DIR's subjects as
+    <subject>.nii.gz (never reading seg_sa.nii.gz as an input); `evaluate --gt DIR` pairs them
+    with <subject>/seg_sa.nii.gz, skipping the ignore value of the dataset.json next to it."""
+    data = tmp_path / "C"
+    assert cli("--quiet", "data", "phantom", "--kind", "cardiac", "--n", "2", "--n-test", "2", "--layout", "ukbb",
+               "--shape", "16,16,4", "--frames", "2", "--out", data).code == 0
+    ckpt = tmp_path / "nisf.safetensors"
+    res = cli("--quiet", "train", "nisf", "--data", data / "train", "--out", ckpt, "--preset", "nisf-cpu-small",
+              "--steps", "2", "--infer-max-steps", "2", "--val-fraction", "0.5")
+    assert res.code == 0, res.err
+    test = data / "test"
+    subjects = sorted(d.name for d in test.iterdir())
+    assert len(subjects) == 2
+    # sparse labels: frame 1 of every subject unannotated (255), declared in dataset.json
+    (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lv": 1, "myo": 2, "rv": 3},
+                                                   "ignore": 255}))
+    for s in subjects:
+        seg = nib.load(test / s / "seg_sa.nii.gz")
+        arr = np.asarray(seg.dataobj).copy()
+        arr[..., 1] = 255
+        nib.save(nib.Nifti1Image(arr, seg.affine, seg.header), test / s / "seg_sa.nii.gz")
+    out = tmp_path / "pred"
+    res = cli("--quiet", "segment", "--model", ckpt, "--input", test, "--output", out)
+    assert res.code == 0, res.err
+    assert sorted(p.name for p in out.iterdir()) == [f"{s}.nii.gz" for s in subjects]
+    for s in subjects:
+        assert nib.load(out / f"{s}.nii.gz").shape == nib.load(test / s / "sa.nii.gz").shape
+    res = cli("--quiet", "evaluate", "--pred", out, "--gt", test, "--out", tmp_path / "E", "--no-distances")
+    assert res.code == 0, res.err
+    summary = json.loads((tmp_path / "E" / "summary.json").read_text())
+    assert summary["n_cases"] == 2 and list(summary["per_class"]) == ["background", "lv", "myo", "rv"]
+    rows = list(csv.DictReader(open(tmp_path / "E" / "per_case.csv")))
+    assert [r["case"] for r in rows] == subjects
+    # the same numbers as scoring frame 0 alone (frame 1 is unannotated and skipped)
+    from inrseg.metrics import case_metrics
+
+    for r, s in zip(rows, subjects):
+        gt = np.asarray(nib.load(test / s / "seg_sa.nii.gz").dataobj)
+        pred = np.asarray(nib.load(out / f"{s}.nii.gz").dataobj)
+        ref = case_metrics(pred[..., 0], gt[..., 0], 4, distances=False)
+        assert float(r["mean_foreground_dice"]) == pytest.approx(ref.mean_foreground_dice, nan_ok=True)
+    # data check reads the ignore value and reports the annotated share
+    res = cli("data", "check", data)
+    assert res.code == 0, res.err
+    ann = json.loads(res.out)["annotation"]
+    assert ann["ignore_label"] == 255 and ann["annotated_frames"] == 6 and ann["frames"] == 8
+    assert ann["annotated_voxel_fraction"] == pytest.approx(0.75)  # train fully, test half annotated

@@ -117,3 +117,90 @@ def test_image_files_groups_channels(tmp_path):
     root = write_nnunet(tmp_path / "ds", n=2, channels=2)
     groups = image_files(root / "imagesTr")
     assert [len(g) for g in groups] == [2, 2] and groups[0][1].name == "sub00_s0_0001.nii.gz"
+
+
+# ----------------------------------------------------------------------------- ignore label, UK Biobank
+
+
+@pytest.mark.parametrize("style", ["top-level", "nnunet-v2"])
+def test_ignore_label_from_dataset_json(tmp_path, style):
+    root = write_nnunet(tmp_path / "ds", n=2)
+    meta = json.loads((root / "dataset.json").read_text())
+    if style == "top-level":
+        meta["ignore"] = 255
+        value = 255
+    else:
+        meta["labels"]["ignore"] = 3  # nnU-Net v2: the highest label value, not a class
+        value = 3
+    (root / "dataset.json").write_text(json.dumps(meta))
+    lab_path = root / "labelsTr" / "sub00_s0.nii.gz"
+    like = Volume(np.zeros((24, 20), np.int64), np.diag([1.5, 1.5, 1.0, 1.0]), 2)
+    lab = np.zeros((24, 20), np.int64)
+    lab[:5] = value
+    lab[10, 10] = 2
+    save_labels(lab, lab_path, like=like)
+    ds = open_dataset(root)
+    assert ds.label_names == ["background", "a", "b"] and ds.ignore_label == value
+    assert ds.info()["ignore_label"] == value and ds.train[0].ignore_label == value
+    _, labels = ds.train[0].load()
+    assert labels.meta["ignore_label"] == value and (labels.data == value).sum() == 100
+    from inrseg.data.io import IGNORE, label_array
+
+    assert (label_array(labels) == IGNORE).sum() == 100 and label_array(labels).max() == 2
+
+
+def test_ignore_label_errors(tmp_path):
+    from inrseg.errors import InputError
+
+    root = write_nnunet(tmp_path / "ds", n=1)
+    meta = json.loads((root / "dataset.json").read_text())
+    for bad in (1, -3, "x"):  # a class value, negative, not a number
+        (root / "dataset.json").write_text(json.dumps({**meta, "ignore": bad}))
+        with pytest.raises(InputError):
+            open_dataset(root)
+    # without the ignore value declared, 255 in a label map is refused
+    like = Volume(np.zeros((24, 20), np.int64), np.diag([1.5, 1.5, 1.0, 1.0]), 2)
+    save_labels(np.full((24, 20), 255), root / "labelsTr" / "sub00_s0.nii.gz", like=like)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"\[255\] are not in the dataset's labels"):
+        open_dataset(root).train[0].load()
+
+
+def test_ukbb_train_test_folders_dataset_json_and_segment_inputs(tmp_path):
+    from inrseg.data.layouts import case_id_of
+
+    rng = np.random.default_rng(2)
+    like = Volume(np.zeros((8, 8, 3, 2), np.int64), np.diag([1.8, 1.8, 8.0, 1.0]), 4, time_step=0.04)
+    for split, subjects in (("train", ["s1", "s2"]), ("test", ["s3"])):
+        for s in subjects:
+            save_image(rng.random((8, 8, 3, 2)).astype(np.float32), tmp_path / split / s / "sa.nii.gz", like=like)
+            lab = rng.integers(0, 3, (8, 8, 3, 2))
+            lab[..., 1] = 255
+            save_labels(lab, tmp_path / split / s / "seg_sa.nii.gz", like=like)
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "cine", "ignore": 255,
+                                                      "labels": {"background": 0, "lv": 1, "myo": 2}}))
+    assert detect_layout(tmp_path) == "ukbb"
+    ds = open_dataset(tmp_path)
+    assert [c.case_id for c in ds.train] == ["s1", "s2"] and [c.case_id for c in ds.test] == ["s3"]
+    assert ds.label_names == ["background", "lv", "myo"] and ds.ignore_label == 255 and ds.name == "cine"
+    assert open_dataset(tmp_path / "train").ignore_label == 255  # dataset.json of the parent
+    ds.test[0].load()
+    # segment inputs: a folder of subjects, one subject folder, one sa.nii.gz; never seg_sa
+    groups = image_files(tmp_path / "train")
+    assert [[p.name for p in g] for g in groups] == [["sa.nii.gz"], ["sa.nii.gz"]]
+    assert [case_id_of(g) for g in groups] == ["s1", "s2"]
+    assert [case_id_of(g) for g in image_files(tmp_path / "test" / "s3")] == ["s3"]
+    assert case_id_of(image_files(tmp_path / "test" / "s3" / "sa.nii.gz")[0]) == "s3"
+
+
+def test_sunnybrook_cine_checks():
+    root = SHARED_DATA / "cardiac-sunnybrook-cine"
+    if not root.exists():
+        pytest.skip(f"benchmark data not found at {root}")
+    from inrseg.metrics import annotation_stats
+
+    ds = open_dataset(root / "train")
+    assert ds.layout == "ukbb" and ds.ignore_label == 255 and ds.num_classes == 3 and len(ds.train) == 3
+    _, lab = ds.train[0].load()
+    stats = annotation_stats(lab.data, 255)
+    assert stats["annotated_frames"] == 1 and stats["annotated_slices"] == 9

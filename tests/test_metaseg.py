@@ -438,3 +438,61 @@ def test_meta_learned_init_beats_random_init_at_two_test_time_steps(trained, dat
     d_meta, d_rand = meta["meta-learned"][0]["dice"], rand["phase 2"][0]["dice"]
     print(f"Dice at T = 2: meta-learned {d_meta:.3f}, random init {d_rand:.3f}")
     assert d_meta > d_rand + 0.2, (d_meta, d_rand)
+
+
+# -------------------------------------------------------------------------------- ignore label
+def test_focal_loss_skips_unlabelled_pixels():
+    """The focal loss over the labelled pixels equals the focal loss of the labelled subset; the
+    logits (and the stored target) at unlabelled pixels change neither it nor its gradient. The
+    task loss keeps the MSE on every pixel."""
+    from inrseg.data.io import IGNORE
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(64, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    target = torch.randint(5, (64,), generator=g)
+    labelled = torch.rand(64, generator=g) < 0.6
+    sparse = torch.where(labelled, target, IGNORE)
+    ours = focal_loss(logits, sparse, 2.0, labelled)
+    torch.testing.assert_close(ours, focal_loss(logits[labelled], target[labelled], 2.0), rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(ours, logits)
+    other = torch.where(labelled[:, None], logits, 10 * torch.randn(logits.shape, generator=g, dtype=torch.float64))
+    (grad2,) = torch.autograd.grad(focal_loss(other, sparse, 2.0, labelled), other)
+    torch.testing.assert_close(grad2, grad, rtol=0, atol=1e-15)
+    assert (grad[~labelled] == 0).all()
+    assert focal_loss(logits, sparse, 2.0, torch.zeros_like(labelled)).item() == 0.0
+    # task_loss: MSE on all pixels + focal on the labelled ones
+    cfg = tiny_config()
+    model = MetaSeg(NAMES, 2, 1, cfg)
+    img, lab = _images(1, 7)[0]
+    lab = lab.astype(np.int64)
+    lab[:, :12] = 255
+    im = model._prepare(Volume(img[None], np.eye(4), 2), Volume(lab, np.eye(4), 2, meta={"ignore_label": 255}))
+    assert im.labelled is not None and int((~im.labelled).sum()) == 32 * 12 and (im.labels[~im.labelled] == IGNORE).all()
+    task = im.task()
+    out, lg = full_forward(model.params, task.coords, cfg.w0)
+    want = weighted_mse(out, task.pixels, task.weight) + cfg.seg_weight * focal_loss(
+        lg[task.labelled], task.labels[task.labelled], cfg.focal_gamma)
+    torch.testing.assert_close(metaseg.task_loss(model.params, task, cfg), want)
+    sub = task.subset(100, np.random.default_rng(0))
+    assert sub.labelled is not None and torch.equal(sub.labelled, sub.labels != IGNORE)
+
+
+def test_sparse_labels_focal_phase2_and_validation(tmp_path):
+    """MetaSeg on sparsely labelled images (left third 255, declared ignore): meta-training,
+    phase 2 on labelled pixels only and the validation Dice over labelled pixels all run."""
+    from inrseg.data.io import IGNORE
+
+    pairs = []
+    for img, lab in _images(4, 300):
+        lab = lab.copy()
+        lab[:, :10] = 255
+        pairs.append((img, lab))
+    cases = [dataclasses.replace(c, label_values=tuple(range(5)), ignore_label=255)
+             for c in _write_cases(tmp_path, pairs, "sp")]
+    model = MetaSeg(NAMES, 2, 1, tiny_config(steps=4, val_every=2, phase2_steps=6, phase2_val_every=3,
+                                             tf_candidates=(0, 2), val_fit_steps=2))
+    model.fit(cases[:3], cases[3:])
+    assert model.t_f in (0, 2) and all(np.isfinite(e["val_dice_phase2"]) for e in model.tf_curve)
+    val = model._prepare(*cases[3].load())
+    feats, labels, n = model._snapshot_features([val], 64, [0], torch.Generator().manual_seed(0), Budget(None))
+    assert n == 1 and labels.shape == (64,) and (labels != IGNORE).all()

@@ -334,3 +334,121 @@ def test_summarize_end_to_end():
     assert s["per_class"]["line"]["hd95_mm"] == pytest.approx(3.0)
     assert s["per_class"]["other"]["n_cases"] == 0
     assert s["mean_foreground_dice"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- ignore label, 3D+t
+
+
+def _random_maps(shape, num_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    gt = np.zeros(shape, np.int64)
+    pred = np.zeros(shape, np.int64)
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    for c in range(1, num_classes):  # overlapping blobs: surfaces are meaningful, every class present
+        centre = np.array([rng.uniform(0.35, 0.65) * n for n in shape])
+        for arr, shift in ((gt, 0.0), (pred, rng.uniform(-0.15, 0.15, len(shape)) * np.array(shape))):
+            r = np.sqrt(sum((g - x) ** 2 for g, x in zip(grids, centre + shift)))
+            arr[r < rng.uniform(0.2, 0.3) * min(shape[:2])] = c
+    return pred, gt
+
+
+def test_ignored_voxels_change_no_metric():
+    """Ignored GT slices: the metrics equal those of the annotated slices alone (distances
+    included), and the prediction at ignored voxels does not matter."""
+    pred, gt = _random_maps((24, 20, 10))
+    spacing = (1.2, 1.0, 4.0)
+    kept = slice(3, 8)
+    gt_ign = np.full_like(gt, 255)
+    gt_ign[..., kept] = gt[..., kept]
+    ref = case_metrics(pred[..., kept], gt[..., kept], 3, spacing)
+    m = _no_warnings(case_metrics, pred, gt_ign, 3, spacing, ignore_label=255)
+    other = pred.copy()
+    other[..., :3] = (other[..., :3] + 1) % 3  # arbitrary changes where the GT is ignored
+    m2 = case_metrics(other, gt_ign, 3, spacing, ignore_label=255)
+    for got in (m, m2):
+        for k in ("dice", "jaccard", "hd95_mm", "asd_mm"):
+            np.testing.assert_allclose(getattr(got, k), getattr(ref, k), rtol=1e-6, err_msg=k)
+        assert got.generalized_dice == pytest.approx(ref.generalized_dice, rel=1e-6)
+    # scattered ignored voxels: Dice equals the Dice of the gathered annotated voxels
+    rng = np.random.default_rng(1)
+    mask = rng.random(gt.shape) < 0.3
+    gt_s = np.where(mask, 255, gt)
+    m3 = case_metrics(pred, gt_s, 3, distances=False, ignore_label=255)
+    ref3 = case_metrics(pred[~mask][:, None], gt[~mask][:, None], 3, distances=False)
+    np.testing.assert_allclose(m3.dice, ref3.dice, rtol=1e-6)
+    assert m3.generalized_dice == pytest.approx(ref3.generalized_dice, rel=1e-6)
+    # without the ignore label declared, 255 is an invalid label; nothing annotated -> NaN
+    with pytest.raises(ValueError):
+        case_metrics(pred, gt_ign, 3)
+    assert np.isnan(case_metrics(pred, np.full_like(gt, 255), 3, ignore_label=255).dice).all()
+
+
+def test_cine_metrics_mean_over_annotated_frames():
+    from inrseg.metrics import annotation_stats, cine_metrics, score_case
+
+    frames = [_random_maps((16, 16, 4), seed=s) for s in range(4)]
+    pred = np.stack([p for p, _ in frames], -1)
+    gt = np.stack([g for _, g in frames], -1)
+    gt[..., 2] = 255  # frame 2 unannotated: skipped
+    gt[..., 1, 3] = 255  # frame 3: slice 1 unannotated
+    m = score_case(pred, gt, 3, (1.0, 1.0, 5.0), ignore_label=255)
+    assert m.frames == (0, 1, 3)
+    per = [case_metrics(pred[..., t], gt[..., t], 3, (1.0, 1.0, 5.0), ignore_label=255) for t in (0, 1, 3)]
+    for k in ("dice", "hd95_mm"):
+        np.testing.assert_allclose(getattr(m, k), np.mean([getattr(f, k) for f in per], 0), rtol=1e-6)
+    assert m.mean_foreground_dice == pytest.approx(np.mean([f.dice for f in per], 0)[1:].mean())
+    assert cine_metrics(pred, np.full_like(gt, 255), 3, ignore_label=255).frames == ()
+    stats = annotation_stats(gt, 255)
+    assert stats["annotated_frames"] == 3 and stats["frames"] == 4
+    assert stats["annotated_slices"] == 11 and stats["slices"] == 16
+
+
+def test_one_4d_definition_evaluate_harness_nisf(tmp_path):
+    """The 4D metric is the same number through `inrseg evaluate`, the benchmark harness and
+    NISF's choice of inference steps (with some unannotated frames)."""
+    import sys
+    from pathlib import Path
+
+    import nibabel as nib
+    import torch
+
+    from inrseg.data.io import Volume
+    from inrseg.methods.nisf import NISF, NISFConfig
+    from inrseg.report import evaluate_dirs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from harness import frame_metrics
+
+    frames = [_random_maps((12, 12, 3), seed=s) for s in range(5)]
+    pred = np.stack([p for p, _ in frames], -1)
+    gt = np.stack([g for _, g in frames], -1)
+    gt[..., [1, 4]] = 255
+    gt[..., 0, 0] = 255
+    aff = np.diag([1.5, 1.5, 6.0, 1.0])
+    (tmp_path / "gt").mkdir(), (tmp_path / "pred").mkdir()
+    nib.save(nib.Nifti1Image(gt.astype(np.uint8), aff), tmp_path / "gt" / "s1.nii.gz")
+    nib.save(nib.Nifti1Image(pred.astype(np.uint8), aff), tmp_path / "pred" / "s1.nii.gz")
+    (tmp_path / "dataset.json").write_text('{"labels": {"background": 0, "a": 1, "b": 2}, "ignore": 255}')
+    per_case, summary, _ = evaluate_dirs(tmp_path / "pred", tmp_path / "gt", distances=False)
+    via_evaluate = per_case[0][1].mean_foreground_dice
+    via_harness = frame_metrics(pred, gt, 3, distances=False, ignore_label=255)[0].mean_foreground_dice
+
+    model = NISF(["bg", "a", "b"], 4, 1, NISFConfig(width=8, depth=1, infer_max_steps=1, curve_every=1,
+                                                    infer_points=64))
+    image = Volume(np.random.default_rng(0).random((1,) + gt.shape).astype(np.float32), aff, 4)
+    grid, flat = model._coords(gt.shape, image.spacing), torch.from_numpy(pred.reshape(-1))
+
+    def fixed_prediction(coords, latents, want_image=True, want_probs=False):  # `pred` wherever asked
+        return {"labels": flat[torch.cdist(coords[0], grid).argmin(1)][None]}
+
+    model._evaluate = fixed_prediction
+    labels = Volume(gt, aff, 4, meta={"ignore_label": 255})
+    _, curve = model.select_infer_steps([(image, labels)])
+    via_nisf = curve[-1]["dice"]
+    # whole-cine-as-one-volume (the old NISF number) differs: the definition matters
+    whole = case_metrics(pred.reshape(12, 12, -1), gt.reshape(12, 12, -1), 3, distances=False,
+                         ignore_label=255).mean_foreground_dice
+    assert via_evaluate == pytest.approx(via_harness, abs=1e-12)
+    assert via_nisf == pytest.approx(via_evaluate, abs=1e-12)
+    assert summary["mean_case_foreground_dice"] == pytest.approx(via_evaluate, abs=1e-12)
+    assert abs(whole - via_evaluate) > 1e-4

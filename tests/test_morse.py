@@ -340,3 +340,29 @@ def test_bad_config_and_input(blobs2d):
         MORSE(blobs2d.label_names, 2, 1, _tiny_cfg("unet3d", "morse"))
     with pytest.raises(InputError, match="multiples of 16"):
         MORSE(blobs2d.label_names, 2, 1, _tiny_cfg("unetr", "morse", patch_size=(20, 20)))
+
+
+def test_rend_and_sup_loss_skip_ignored_points():
+    """MORSE's losses with an ignore label: DiceCE over annotated voxels, and the rendering cross
+    entropy over the points whose (nearest) label is annotated; ignored ones get no gradient."""
+    from types import SimpleNamespace
+
+    from inrseg.losses import IGNORE, DiceCELoss, masked_cross_entropy
+
+    model = MORSE(["bg", "a", "b"], 2, 1, _tiny_cfg("unet", "morse"))
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (2, 1, 8, 8), generator=gen)
+    y[0, :, :4] = IGNORE
+    coarse = torch.randn(2, 3, 8, 8, generator=gen, requires_grad=True)
+    coords = grid_point_coords((8, 8))[None].expand(2, -1, -1)    # the voxel centres
+    points = torch.randn(2, 3, 64, generator=gen, requires_grad=True)
+    fake = lambda x, n, g: SimpleNamespace(coarse=coarse, coords=coords, points=points)  # noqa: E731
+    loss, parts = model._losses(fake, None, y, 0.5, DiceCELoss(IGNORE))
+    target = y[:, 0].reshape(2, -1)
+    assert parts["loss_rend"] == pytest.approx(masked_cross_entropy(points, target, IGNORE).item(), rel=1e-6)
+    keep = target != IGNORE
+    ref = torch.nn.functional.cross_entropy(points.detach().transpose(1, 2)[keep], target[keep])
+    assert parts["loss_rend"] == pytest.approx(ref.item(), rel=1e-6)
+    loss.backward()
+    assert (points.grad.transpose(1, 2)[~keep] == 0).all() and (points.grad.transpose(1, 2)[keep] != 0).any()
+    assert (coarse.grad[:, :, :4][0] == 0).all()

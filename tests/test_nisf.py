@@ -450,3 +450,76 @@ def test_bad_inputs(trained2d, cardiac_data):
     with pytest.raises(ValueError):
         config_from_preset("nope")
     assert config_from_preset("nisf-cpu", steps=3).points_per_step == 8192
+
+
+# ------------------------------------------------------------------------------ ignore label
+
+
+def test_sparse_labels_segmentation_loss_only_where_labelled():
+    """With unlabelled points (IGNORE): the segmentation terms are each image's formula on its
+    labelled points alone, the reconstruction term covers every point, and the seg logits at
+    unlabelled points change neither the loss nor its gradient."""
+    from inrseg.data.io import IGNORE
+    from inrseg.methods.nisf import _seg_weights
+
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2))
+    cfg, C = model.config, len(BRAIN_NAMES)
+    g = torch.Generator().manual_seed(1)
+    sizes = [9, 14]
+    items = []
+    for n in sizes:
+        lab = torch.randint(0, C, (n,), generator=g)
+        lab[torch.rand(n, generator=g) < 0.4] = IGNORE
+        items.append((torch.randn(n, C, generator=g), torch.randn(n, 1, generator=g), lab,
+                      torch.rand(n, 1, generator=g)))
+    lat = torch.randn(2, 16, generator=g)
+    seg, rec, lab, inten = (pad_sequence([it[k] for it in items], batch_first=True) for k in range(4))
+    w = _point_weights(sizes)
+
+    def run(seg_logits):
+        s = seg_logits.clone().requires_grad_(True)
+        loss, parts = model._training_loss(s, rec, lab, inten, w, lat, _seg_weights(lab, w))
+        loss.backward()
+        return loss.detach(), parts, s.grad
+
+    loss, parts, grad = run(seg)
+    unlabelled = (lab == IGNORE)[..., None].expand_as(seg)
+    loss2, _, grad2 = run(torch.where(unlabelled, torch.randn(seg.shape, generator=g) * 10, seg))
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad2, grad, rtol=0, atol=1e-7)
+    assert (grad[unlabelled] == 0).all()
+    wants = []
+    for b, (s, r, lb, it) in enumerate(items):
+        keep = lb != IGNORE
+        p = torch.softmax(s[keep], -1)
+        onehot = F.one_hot(lb[keep], C).float()
+        inter = (p * onehot).sum(0)
+        wants.append(F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), onehot)
+                     + 1.0 - ((2 * inter + 1.0) / (p.sum(0) + onehot.sum(0) + 1.0)).mean()
+                     + cfg.alpha * F.binary_cross_entropy_with_logits(r, it)       # every point
+                     + cfg.latent_reg * lat[b].pow(2).mean())
+    torch.testing.assert_close(loss, (wants[0] + wants[1]) / 2)
+    # an image with no labelled point: segmentation terms 0, no NaN
+    none = torch.full_like(lab, IGNORE)
+    loss0, parts0 = model._training_loss(seg, rec, none, inten, w, lat, _seg_weights(none, w))
+    assert torch.isfinite(loss0) and parts0["bce"] == 0.0 and parts0["dice"] == 0.0
+
+
+def test_sparse_cine_trains_and_scores_annotated_frames_only():
+    """A 3D+t cine labelled in one frame (the rest 255, declared ignore): prior training runs,
+    and the steps curve's Dice is the mean over annotated frames (unannotated ones skipped)."""
+    from inrseg.data.io import IGNORE
+
+    pairs = []
+    for s in range(3):
+        img, lab = cardiac_pair(s)
+        sparse = lab.data.copy()
+        sparse[..., 1:] = 255
+        pairs.append((img, Volume(sparse, lab.affine, 4, time_step=0.05, meta={"ignore_label": 255})))
+    model = NISF(CARDIAC_NAMES, 4, 1, NISFConfig(**{**TINY_4D, "steps": 6, "infer_max_steps": 2,
+                                                    "curve_every": 1}))
+    sub = model._prepare(*pairs[0])
+    assert (sub.labels == IGNORE).sum() == 24 * 24 * 4 * 3
+    model.fit(pairs[:2], pairs[2:])
+    assert all(np.isfinite(h["loss"]) for h in model.history if "loss" in h)
+    assert len(model.val_curve) == 3 and all(np.isfinite(c["dice"]) for c in model.val_curve)

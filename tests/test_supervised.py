@@ -126,3 +126,79 @@ def test_training_patch_rounding():
     assert training_patch((240, 240, 155), None, 16) == (96, 96, 96)     # 3D default, capped
     assert training_patch((240, 240, 155), (64, 64, 8), 16) == (64, 64, 32)  # >= 2 x divisor
     assert training_patch((40, 50, 20), (64, 64, 64), 16) == (48, 64, 32)    # volume smaller
+
+
+# ----------------------------------------------------------------------------- ignore label
+
+
+def _masked_dicece_reference(logits, target, ignore):
+    """Dice + CE computed on the gathered annotated voxels: MONAI's Dice per image (over its own
+    annotated voxels), CE the mean over every annotated voxel of the batch."""
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
+    B, C = logits.shape[:2]
+    flat_l, flat_t = logits.reshape(B, C, -1), target.reshape(B, 1, -1)
+    per = []
+    for b in range(B):
+        keep = flat_t[b, 0] != ignore
+        per.append(dice(flat_l[b:b + 1][..., keep], flat_t[b:b + 1][..., keep]).reshape(-1))
+    keep = flat_t[:, 0] != ignore
+    ce = torch.nn.functional.cross_entropy(flat_l.transpose(1, 2)[keep], flat_t[:, 0][keep])
+    return torch.cat(per).mean() + ce
+
+
+def test_masked_dicece_loss_skips_ignored_voxels():
+    """Ignored voxels change neither the loss nor its gradient; the loss equals Dice + CE on the
+    annotated voxels alone; without an ignore label it is MONAI's DiceCELoss exactly."""
+    from monai.losses import DiceCELoss as MonaiDiceCE
+
+    from inrseg.losses import IGNORE, DiceCELoss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 6, 5, 4, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 1, 6, 5, 4), generator=gen)
+    ignored = torch.rand(target.shape, generator=gen) < 0.4
+    ignored[1, :, :, :, :2] = True
+    sparse = torch.where(ignored, IGNORE, target)
+    loss_fn = DiceCELoss(IGNORE)
+
+    def value_and_grad(lg):
+        lg = lg.clone().requires_grad_(True)
+        loss = loss_fn(lg, sparse)
+        loss.backward()
+        return loss.detach(), lg.grad
+
+    loss, grad = value_and_grad(logits)
+    assert loss.item() == pytest.approx(_masked_dicece_reference(logits, sparse, IGNORE).item(), rel=1e-10)
+    other = torch.where(ignored.expand_as(logits), torch.randn(logits.shape, generator=gen, dtype=torch.float64) * 5,
+                        logits)
+    loss2, grad2 = value_and_grad(other)
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert torch.allclose(grad, grad2, rtol=0, atol=1e-15)
+    assert (grad[ignored.expand_as(grad)] == 0).all()
+    # no ignore label: MONAI's loss, bit for bit; nothing ignored: the same value either way
+    monai = MonaiDiceCE(to_onehot_y=True, softmax=True)(logits, target)
+    assert torch.equal(DiceCELoss(None)(logits, target), monai)
+    assert loss_fn(logits, target).item() == pytest.approx(monai.item(), rel=1e-12)
+    # a batch with nothing annotated: loss 0, no NaN
+    assert loss_fn(logits, torch.full_like(target, IGNORE)).item() == 0.0
+
+
+def test_sampler_with_ignore_crops_annotated_regions():
+    """With ignored voxels the crop centres lie on annotated voxels (foreground = label > 0,
+    never the ignore value), so every crop holds annotation; a case with none still crops."""
+    from inrseg.losses import IGNORE
+
+    image = torch.randn(1, 40, 40, 30)
+    label = torch.full((40, 40, 30), IGNORE, dtype=torch.int64)
+    label[..., 20:24] = 0                                   # annotated slices 20-23
+    label[10:16, 10:16, 20:24] = 1
+    for fraction in (0.0, 1.0):
+        s = PatchSampler([image], [label], (16, 16, 8), fraction, augment=False, ignore=True)
+        _, y = s.batch(0, range(16), torch.device("cpu"))
+        assert all((y[i] != IGNORE).any() for i in range(16))
+        if fraction == 1.0:
+            assert all((y[i] == 1).any() for i in range(16))
+    empty = PatchSampler([image], [torch.full_like(label, IGNORE)], (16, 16, 8), 0.5, augment=False, ignore=True)
+    assert empty.item(0, 0)[1].shape == (1, 16, 16, 8)

@@ -4,7 +4,7 @@
     inrseg data check DIR                                 # validate a dataset, print a summary
     inrseg train unet --data DIR --out model.safetensors  # train a method
     inrseg segment --model model.safetensors --input DIR --output PRED
-    inrseg evaluate --pred PRED --gt DIR/labelsTs --out REPORT
+    inrseg evaluate --pred PRED --gt DIR/labelsTs --out REPORT   # or --gt a folder of UK Biobank subjects
     inrseg info model.safetensors
     inrseg demo
 
@@ -115,24 +115,50 @@ def data_check(root: Path = typer.Argument(..., help="Dataset directory."),
                layout: str = typer.Option("auto", help="auto, nnunet, oasis or ukbb."),
                splits: Optional[Path] = typer.Option(None, help="Splits JSON (subjects / train / val / test).")) -> None:
     """Load every case of a dataset, validate it (readable, finite, matching grids, known label
-    values) and print a summary."""
+    values, the ignore value of dataset.json accepted) and print a summary; with an ignore
+    value, also how much of the data is annotated."""
     from inrseg.data.layouts import open_dataset
+    from inrseg.metrics import annotation_stats
 
     ds = open_dataset(root, layout, splits)
+    totals: dict[str, int] = {}
+    unannotated = []
     for case in progress(ds.train + ds.test, desc="checking cases"):
-        case.load()
-    print(json.dumps(ds.info(), indent=2))
+        _, labels = case.load()
+        if labels is not None and ds.ignore_label is not None:
+            stats = annotation_stats(labels.data, ds.ignore_label)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0) + v
+            if stats["annotated_voxels"] == 0:
+                unannotated.append(case.case_id)
+    info = ds.info()
+    if ds.ignore_label is not None and totals:
+        ann = {"ignore_label": ds.ignore_label,
+               "annotated_voxel_fraction": round(totals["annotated_voxels"] / max(totals["voxels"], 1), 6),
+               "annotated_voxels": totals["annotated_voxels"], "voxels": totals["voxels"]}
+        if ds.spatial_ndim == 4:
+            ann.update(annotated_frames=totals["annotated_frames"], frames=totals["frames"])
+        if ds.spatial_ndim in (3, 4):  # 2D images along the third axis (per frame for 3D + t)
+            ann.update(annotated_slices=totals["annotated_slices"], slices=totals["slices"])
+        else:
+            ann.update(annotated_images=totals["annotated_slices"], images=totals["slices"])
+        ann["cases_without_annotation"] = unannotated
+        info["annotation"] = ann
+    print(json.dumps(info, indent=2))
 
 
 # ----------------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label maps."),
-             gt: Path = typer.Option(..., help="Directory of ground-truth label maps (same names)."),
+             gt: Path = typer.Option(..., help="Directory of ground-truth label maps (same names), or of "
+                                               "UK Biobank subjects (<subject>/seg_sa.nii.gz vs PRED/<subject>.nii.gz)."),
              out: Path = typer.Option(..., help="Report directory: per_case.csv, summary.json."),
-             labels: Optional[Path] = typer.Option(None, help="dataset.json giving the label names "
-                                                             "(default: found next to --gt)."),
+             labels: Optional[Path] = typer.Option(None, help="dataset.json giving the label names and the "
+                                                             "ignore value (default: found next to --gt)."),
              distances: bool = typer.Option(True, help="Compute HD95 / ASD (slower in 3D).")) -> None:
-    """Score predictions against ground truth: Dice, Jaccard, generalized Dice, HD95 and ASD (mm)."""
+    """Score predictions against ground truth: Dice, Jaccard, generalized Dice, HD95 and ASD (mm).
+    Ground-truth voxels with the dataset's ignore value are skipped; a 3D+t case (one subject) is
+    the mean over its annotated frames of the per-frame 3D metrics."""
     from inrseg.report import evaluate_dirs, format_table, write_report
 
     per_case, summary, names = evaluate_dirs(pred, gt, labels, distances)
@@ -145,7 +171,9 @@ def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label m
 @app.command()
 def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of any method."),
             input: Path = typer.Option(..., "--input", help="A NIfTI file or a directory of them "
-                                                           "(nnU-Net channel files are grouped)."),
+                                                           "(nnU-Net channel files are grouped), or UK "
+                                                           "Biobank subject folder(s): <subject>/sa.nii.gz "
+                                                           "-> OUTPUT/<subject>.nii.gz."),
             output: Path = typer.Option(..., help="Output directory for the label maps."),
             scale: float = typer.Option(1.0, help="Resolution factor of the output grid (2 = twice as fine)."),
             method: Optional[str] = typer.Option(None, help="Refuse a checkpoint of another method."),

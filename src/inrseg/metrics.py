@@ -56,7 +56,30 @@ Dataset summary (:func:`summarize`)
       (NaN cases ignored), a second figure that weights cases, not classes, equally.
     * ``generalized_dice`` = mean over cases of the per-image generalized Dice.
 
-Label values must lie in ``[0, num_classes)``; anything else is a ``ValueError``.
+Label values must lie in ``[0, num_classes)``; anything else is a ``ValueError``, except the
+``ignore_label`` in the ground truth.
+
+Ignored voxels (``ignore_label``; a dataset's ``dataset.json`` ``"ignore"``, e.g. 255)
+    Voxels whose ground truth is ``ignore_label`` are left out of every metric: the prediction
+    and the ground truth are both restricted to the annotated voxels (their one-hot maps are
+    zeroed elsewhere) before Dice, Jaccard and the generalized Dice are computed, and a class is
+    "present" only if it occurs on annotated voxels.  HD95 / ASD are computed between the
+    prediction restricted to the annotated voxels (predicted voxels elsewhere count as
+    background) and the ground truth: when the annotation is a set of whole slices or frames
+    (the usual case: a sparsely labelled cine), this is exactly the distance measured on the
+    annotated slices/frames alone, in the volume's physical geometry.  The "one map empty"
+    penalty stays the diagonal of the whole image.  A case without any annotated voxel has NaN
+    metrics (it drops out of every mean).  Without ignored voxels nothing changes.
+
+3D + t (cine) label maps ``(X, Y, Z, T)``: one definition, :func:`cine_metrics`
+    A subject's cine is **one case**.  Each *annotated* frame (a frame with at least one voxel
+    that is not ignored) is scored as a 3D volume with :func:`case_metrics` (distances in mm of
+    the spatial spacing); frames without any annotated voxel are skipped.  The case's value of
+    every per-class metric is the mean over its scored frames, ignoring frames where it is NaN
+    (the class absent from both maps in that frame); its generalized Dice is the mean over
+    frames, and its mean foreground Dice the mean over foreground classes of those per-class
+    means.  :func:`score_case` applies this to 4D maps and :func:`case_metrics` to 2D / 3D ones;
+    ``inrseg evaluate``, the benchmark harness and NISF's choice of inference steps all use it.
 """
 
 from __future__ import annotations
@@ -72,7 +95,8 @@ from monai.metrics import compute_dice, compute_generalized_dice, compute_iou
 from monai.metrics.utils import get_edge_surface_distance
 from monai.networks.utils import one_hot
 
-__all__ = ["CaseMetrics", "case_metrics", "summarize", "image_diagonal_mm"]
+__all__ = ["CaseMetrics", "case_metrics", "cine_metrics", "score_case", "summarize", "image_diagonal_mm",
+           "annotation_stats"]
 
 
 @dataclass
@@ -87,6 +111,7 @@ class CaseMetrics:
     mean_foreground_dice: float
     gt_present: np.ndarray | None = field(default=None)  # (C,) bool: class present in the GT
     pred_present: np.ndarray | None = field(default=None)  # (C,) bool: class present in the prediction
+    frames: tuple[int, ...] | None = field(default=None)  # 3D+t: the annotated frames scored
 
     @property
     def num_classes(self) -> int:
@@ -177,22 +202,39 @@ def _surface_distances(pred_c: np.ndarray, gt_c: np.ndarray, spacing: Sequence[f
     return hd95, asd
 
 
+def _annotated(gt: np.ndarray, ignore_label: int | None) -> np.ndarray | None:
+    """Boolean map of the annotated voxels of ``gt``, or ``None`` when none is ignored."""
+    if ignore_label is None:
+        return None
+    ignored = np.asarray(gt) == ignore_label
+    return ~ignored if ignored.any() else None
+
+
 def case_metrics(
     pred: np.ndarray,
     gt: np.ndarray,
     num_classes: int,
     spacing: Sequence[float] | None = None,
     distances: bool = True,
+    ignore_label: int | None = None,
 ) -> CaseMetrics:
     """Per-class metrics of one predicted label map against its ground truth (see module docstring).
 
     ``spacing`` is mm per voxel along each array axis (default 1.0); with ``distances=False``
-    HD95 and ASD are skipped (all NaN), which is much faster.
+    HD95 and ASD are skipped (all NaN), which is much faster. Voxels where ``gt`` equals
+    ``ignore_label`` are left out of every metric (module docstring).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    annotated = _annotated(gt, ignore_label)
+    if annotated is not None:
+        gt = np.where(annotated, np.asarray(gt), 0)
     pred = _as_labels(pred, "pred", num_classes)
     gt = _as_labels(gt, "gt", num_classes)
+    if annotated is not None and not annotated.any():
+        if pred.shape != gt.shape:
+            raise ValueError(f"pred and gt shapes differ: {pred.shape} vs {gt.shape}")
+        return _empty_metrics(int(num_classes))  # nothing annotated: every metric undefined
     if pred.shape != gt.shape:
         raise ValueError(f"pred and gt shapes differ: {pred.shape} vs {gt.shape}")
     if spacing is None:
@@ -206,6 +248,9 @@ def case_metrics(
     C = int(num_classes)
     p_oh = one_hot(torch.from_numpy(pred)[None, None], C, dim=1, dtype=torch.float32)  # (1, C, *spatial)
     g_oh = one_hot(torch.from_numpy(gt)[None, None], C, dim=1, dtype=torch.float32)
+    if annotated is not None:  # both maps restricted to the annotated voxels
+        keep = torch.from_numpy(annotated)[None, None].to(torch.float32)
+        p_oh, g_oh = p_oh * keep, g_oh * keep
     reduce = tuple(range(2, p_oh.ndim))
     pred_present = (p_oh.sum(dim=reduce)[0] > 0).numpy()
     gt_present = (g_oh.sum(dim=reduce)[0] > 0).numpy()
@@ -239,7 +284,11 @@ def case_metrics(
                     # Handled here: MONAI gives NaN (HD) / inf (ASD).
                     hd95[c] = asd[c] = diag
                     continue
-                hd95[c], asd[c] = _surface_distances(pred == c, gt == c, spacing)
+                if annotated is None:
+                    hd95[c], asd[c] = _surface_distances(pred == c, gt == c, spacing)
+                else:
+                    hd95[c], asd[c] = _surface_distances((pred == c) & annotated, (gt == c) & annotated,
+                                                         spacing)
 
     return CaseMetrics(
         dice=dice,
@@ -251,6 +300,87 @@ def case_metrics(
         gt_present=gt_present,
         pred_present=pred_present,
     )
+
+
+def _empty_metrics(num_classes: int, frames: tuple[int, ...] | None = None) -> CaseMetrics:
+    nan = np.full(num_classes, np.nan)
+    none = np.zeros(num_classes, bool)
+    return CaseMetrics(nan.copy(), nan.copy(), nan.copy(), nan.copy(), float("nan"), float("nan"),
+                       none, none.copy(), frames)
+
+
+def cine_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    num_classes: int,
+    spacing: Sequence[float] | None = None,
+    distances: bool = True,
+    ignore_label: int | None = None,
+) -> CaseMetrics:
+    """Metrics of one 3D + t case ``(X, Y, Z, T)``: the mean over its annotated frames of the
+    3D per-frame metrics (module docstring; frames without an annotated voxel are skipped).
+
+    ``spacing``: mm per voxel of the three spatial axes (a fourth, time, value is dropped).
+    ``frames`` of the result lists the frames scored.
+    """
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if gt.ndim != 4 or pred.shape != gt.shape:
+        raise ValueError(f"cine_metrics needs two (X, Y, Z, T) maps of one shape, got {pred.shape} "
+                         f"and {gt.shape}")
+    sp = None if spacing is None else tuple(spacing)[:3]
+    if ignore_label is None:
+        frames = tuple(range(gt.shape[3]))
+    else:
+        annotated = (gt != ignore_label).reshape(-1, gt.shape[3]).any(0)
+        frames = tuple(int(t) for t in np.flatnonzero(annotated))
+    if not frames:
+        return _empty_metrics(int(num_classes), frames)
+    per = [case_metrics(pred[..., t], gt[..., t], num_classes, sp, distances, ignore_label) for t in frames]
+    with warnings.catch_warnings():  # nanmean of all-NaN columns (class absent in every frame)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = {k: np.nanmean(np.stack([getattr(f, k) for f in per]), 0)
+                for k in ("dice", "jaccard", "hd95_mm", "asd_mm")}
+        gd = float(np.nanmean([f.generalized_dice for f in per]))
+    return CaseMetrics(mean["dice"], mean["jaccard"], mean["hd95_mm"], mean["asd_mm"], gd,
+                       _nanmean(mean["dice"][1:]),
+                       np.any([f.gt_present for f in per], 0), np.any([f.pred_present for f in per], 0),
+                       frames)
+
+
+def score_case(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    num_classes: int,
+    spacing: Sequence[float] | None = None,
+    distances: bool = True,
+    ignore_label: int | None = None,
+) -> CaseMetrics:
+    """Metrics of one case of any kind: :func:`cine_metrics` for 3D + t ``(X, Y, Z, T)`` maps
+    (one case per subject, the mean over its annotated frames), :func:`case_metrics` for 2D and
+    3D maps. The one definition used by ``inrseg evaluate``, the benchmarks and NISF's choice of
+    inference steps."""
+    if np.ndim(gt) == 4:
+        return cine_metrics(pred, gt, num_classes, spacing, distances, ignore_label)
+    return case_metrics(pred, gt, num_classes, spacing, distances, ignore_label)
+
+
+def annotation_stats(gt: np.ndarray, ignore_label: int | None) -> dict[str, int]:
+    """How much of a label map is annotated: ``voxels`` and ``annotated_voxels`` (not ignored);
+    for 2D+ maps ``slices`` / ``annotated_slices`` (2D images along the third axis, per frame for
+    3D + t: a slice counts when it holds an annotated voxel), and for 3D + t ``frames`` /
+    ``annotated_frames``."""
+    gt = np.asarray(gt)
+    ann = np.ones(gt.shape, bool) if ignore_label is None else gt != ignore_label
+    out = {"voxels": int(gt.size), "annotated_voxels": int(ann.sum())}
+    if gt.ndim >= 3:
+        per_slice = ann.reshape(gt.shape[0] * gt.shape[1], -1).any(0)
+        out.update(slices=int(per_slice.size), annotated_slices=int(per_slice.sum()))
+    else:
+        out.update(slices=1, annotated_slices=int(ann.any()))
+    if gt.ndim == 4:
+        per_frame = ann.reshape(-1, gt.shape[3]).any(0)
+        out.update(frames=int(gt.shape[3]), annotated_frames=int(per_frame.sum()))
+    return out
 
 
 def summarize(cases: Sequence[CaseMetrics], class_names: Sequence[str]) -> dict:

@@ -6,68 +6,72 @@ from __future__ import annotations
 import csv
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from inrseg.data.io import Volume, atomic_path, load_labels, strip_nifti_suffix, is_nifti
-from inrseg.data.layouts import _read_json, label_names_from_json
+from inrseg.data.layouts import (UKBB_LABELS, _find, _read_json, _ukbb_subject_dirs, ignore_label_from_json,
+                                 label_names_from_json)
 from inrseg.data.planes import PlaneView
 from inrseg.errors import InputError
-from inrseg.metrics import CaseMetrics, case_metrics, summarize
+from inrseg.metrics import CaseMetrics, score_case, summarize
 from inrseg.progress import progress
 
 
 def _label_files(folder: Path, what: str) -> dict[str, Path]:
+    """``{case id: file}`` of the NIfTI files in ``folder``; for a ground-truth folder of UK
+    Biobank subjects (``<subject>/seg_sa.nii.gz``, no NIfTI files of its own) ``{subject: its
+    seg_sa}``."""
     if not folder.exists():
         raise InputError(folder, f"{what} directory does not exist")
     if not folder.is_dir():
         raise InputError(folder, f"{what} is not a directory")
     files = {strip_nifti_suffix(p.name): p for p in sorted(folder.iterdir())
              if p.is_file() and is_nifti(p)}
+    if not files and what == "ground-truth":
+        files = {d.name: _find(d, UKBB_LABELS) for d in _ukbb_subject_dirs(folder) if _find(d, UKBB_LABELS)}
     if not files:
         raise InputError(folder, f"empty: no .nii or .nii.gz {what} files")
     return files
 
 
-def find_label_names(gt_dir: Path, labels_json: Path | None) -> list[str] | None:
-    """Label names from an explicit ``dataset.json`` or one in the GT folder or its parent."""
+def find_label_info(gt_dir: Path, labels_json: Path | None) -> tuple[list[str] | None, int | None]:
+    """Label names and ignore value (``"ignore"``, or nnU-Net v2's ``labels`` -> ``ignore``) from
+    an explicit ``dataset.json`` or one in the GT folder or its parent; ``(None, None)`` without
+    one."""
     candidates = [labels_json] if labels_json else [gt_dir / "dataset.json", gt_dir.parent / "dataset.json"]
     for c in candidates:
         if c is not None and c.exists():
             meta = _read_json(c)
             if "labels" not in meta:
                 raise InputError(c, "has no 'labels'")
-            return label_names_from_json(meta["labels"], c)
+            names = label_names_from_json(meta["labels"], c)
+            return names, ignore_label_from_json(meta, c, len(names))
     if labels_json is not None:
         raise InputError(labels_json, "no such file")
-    return None
+    return None, None
 
 
-def _metrics_4d(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing: Sequence[float],
-                distances: bool) -> CaseMetrics:
-    """3D + t label maps: metrics per frame, averaged over frames (NaN-aware)."""
-    frames = [case_metrics(pred[..., t], gt[..., t], num_classes, spacing, distances)
-              for t in range(gt.shape[-1])]
-    with warnings.catch_warnings():  # nanmean of all-NaN columns (class absent in every frame)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = {k: np.nanmean(np.stack([getattr(f, k) for f in frames]), 0)
-                for k in ("dice", "jaccard", "hd95_mm", "asd_mm")}
-        gd = float(np.nanmean([f.generalized_dice for f in frames]))
-        mfd = float(np.nanmean(mean["dice"][1:]))
-    return CaseMetrics(mean["dice"], mean["jaccard"], mean["hd95_mm"], mean["asd_mm"], gd, mfd)
+def find_label_names(gt_dir: Path, labels_json: Path | None) -> list[str] | None:
+    """Label names from an explicit ``dataset.json`` or one in the GT folder or its parent."""
+    return find_label_info(gt_dir, labels_json)[0]
 
 
 def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | Path | None = None,
-                  distances: bool = True) -> tuple[list[tuple[str, CaseMetrics]], dict, list[str]]:
+                  distances: bool = True, ignore_label: int | None = None
+                  ) -> tuple[list[tuple[str, CaseMetrics]], dict, list[str]]:
     """Score every ground-truth case of ``gt_dir`` against the same-named file in ``pred_dir``.
 
-    Distances are in mm from the ground truth's affine. The class list comes from a
+    ``gt_dir`` holds ``CASE.nii.gz`` label maps, or UK Biobank subject folders
+    (``<subject>/seg_sa.nii.gz``, paired with ``pred_dir/<subject>.nii.gz``). Distances are in
+    mm from the ground truth's affine. The class list and the ignore value come from a
     ``dataset.json`` (given, or found in ``gt_dir`` / its parent), else from the largest label
-    value present. A prediction whose grid (shape or affine) differs from its ground truth, or a
-    missing prediction, is an error naming the file.
+    value present (and ``ignore_label``). Ground-truth voxels with the ignore value are left
+    out of every metric; 3D + t cases are scored per annotated frame
+    (:func:`inrseg.metrics.score_case`). A prediction whose grid (shape or affine) differs from
+    its ground truth, or a missing prediction, is an error naming the file.
 
     Returns:
         ``(per_case, summary, label_names)`` with ``per_case = [(case_id, CaseMetrics)]``.
@@ -79,11 +83,13 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | P
     if missing:
         raise InputError(pred_dir / f"{missing[0]}.nii.gz",
                          f"missing prediction ({len(missing)} of {len(gts)} ground-truth cases have none)")
-    names = find_label_names(gt_dir, Path(labels_json) if labels_json else None)
+    names, found_ignore = find_label_info(gt_dir, Path(labels_json) if labels_json else None)
+    if ignore_label is None:
+        ignore_label = found_ignore
     allowed = None if names is None else range(len(names))
     loaded = []
     for cid in progress(sorted(gts), desc="reading label maps"):
-        gt = load_labels(gts[cid], allowed=allowed)
+        gt = load_labels(gts[cid], allowed=allowed, ignore_label=ignore_label)
         pred = load_labels(preds[cid], allowed=allowed)
         if pred.shape != gt.shape:
             raise InputError(preds[cid], f"prediction shape {pred.shape} does not match ground truth "
@@ -92,14 +98,16 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | P
             raise InputError(preds[cid], f"prediction affine does not match ground truth {gts[cid].name}")
         loaded.append((cid, pred, gt))
     if names is None:
-        top = max(int(max(p.data.max(), g.data.max())) for _, p, g in loaded)
+        def top_of(g: np.ndarray) -> int:
+            known = g if ignore_label is None else g[g != ignore_label]
+            return int(known.max()) if known.size else 0
+
+        top = max(max(int(p.data.max()), top_of(g.data)) for _, p, g in loaded)
         names = ["background"] + [f"class-{i}" for i in range(1, top + 1)]
     per_case = []
     for cid, pred, gt in progress(loaded, desc="scoring"):
-        if gt.spatial_ndim == 4:
-            m = _metrics_4d(pred.data, gt.data, len(names), gt.spacing, distances)
-        else:
-            m = case_metrics(pred.data, gt.data, len(names), gt.spacing, distances)
+        # the project's one definition: 2D / 3D per case, 3D + t per annotated frame, averaged
+        m = score_case(pred.data, gt.data, len(names), gt.spacing, distances, ignore_label)
         per_case.append((cid, m))
     summary = summarize([m for _, m in per_case], names)
     return per_case, summary, names

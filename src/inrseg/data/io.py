@@ -31,6 +31,9 @@ import numpy as np
 from inrseg.errors import InputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: label of voxels without a label inside the trainers (a dataset's own ignore value, e.g.
+#: 255, is mapped to it by :func:`label_array`); no loss or metric counts such a voxel
+IGNORE = -1
 
 
 @dataclass
@@ -184,13 +187,16 @@ def load_image(paths: str | Path | Sequence[str | Path], expect_ndim: int | None
 
 
 def load_labels(path: str | Path, expect_ndim: int | None = None,
-                allowed: Sequence[int] | None = None) -> Volume:
+                allowed: Sequence[int] | None = None, ignore_label: int | None = None) -> Volume:
     """Read a label map as an integer ``(*S,)`` :class:`Volume`.
 
     Args:
         path: the NIfTI label file.
         expect_ndim: required number of grid axes; ``None`` accepts 2-4.
         allowed: the label values permitted (e.g. those of ``dataset.json``); ``None`` = any.
+        ignore_label: the value marking voxels without a label (``dataset.json`` ``"ignore"``);
+            it is accepted on top of ``allowed`` and recorded as ``meta["ignore_label"]``.
+            The data keep the value as stored; :func:`label_array` maps it to :data:`IGNORE`.
 
     Raises:
         InputError: unreadable file, non-integer values, values outside ``allowed``.
@@ -210,14 +216,29 @@ def load_labels(path: str | Path, expect_ndim: int | None = None,
     data = data.astype(np.int64)
     if allowed is not None:
         present = np.unique(data)
-        extra = sorted(set(present.tolist()) - set(int(a) for a in allowed))
+        ok = set(int(a) for a in allowed) | ({int(ignore_label)} if ignore_label is not None else set())
+        extra = sorted(set(present.tolist()) - ok)
         if extra:
-            raise InputError(path, f"label values {extra} are not in the dataset's labels "
-                                   f"{sorted(int(a) for a in allowed)}")
+            names = f"{sorted(int(a) for a in allowed)}"
+            if ignore_label is not None:
+                names += f" (ignore label {int(ignore_label)})"
+            raise InputError(path, f"label values {extra} are not in the dataset's labels {names}")
     zooms = img.header.get_zooms()
+    meta = {} if ignore_label is None else {"ignore_label": int(ignore_label)}
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), spatial_ndim=nd,
                   time_step=float(zooms[3]) if nd == 4 and len(zooms) > 3 else None,
-                  dtype=img.get_data_dtype(), path=path)
+                  dtype=img.get_data_dtype(), path=path, meta=meta)
+
+
+def label_array(labels: Volume) -> np.ndarray:
+    """The int64 label array of a label :class:`Volume` with its ignored voxels (value
+    ``labels.meta["ignore_label"]``, if any) set to :data:`IGNORE` (-1): the form every trainer
+    works with. A copy."""
+    data = np.asarray(labels.data).astype(np.int64)
+    ignore = labels.meta.get("ignore_label") if labels.meta else None
+    if ignore is not None:
+        data[data == int(ignore)] = IGNORE
+    return data
 
 
 def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:

@@ -15,7 +15,19 @@ its label names and channel names. Three layouts are understood:
   files; pick the task with ``task=("2d"|"3d", "seg4"|"seg24"|"seg35")``.
 * **UK Biobank cine** (Bai et al.): one folder per subject with ``sa.nii.gz`` and
   ``seg_sa.nii.gz``, 4D (X x Y x Z x T, time last); labels 0 background, 1 LV blood pool,
-  2 LV myocardium, 3 RV blood pool.
+  2 LV myocardium, 3 RV blood pool. The subject folders sit in the dataset directory, or in its
+  ``train/`` and ``test/`` folders. A ``dataset.json`` in the directory (or in its parent, for
+  ``DIR/train``) may give the ``labels`` and the ``ignore`` value.
+
+Ignore label
+------------
+Voxels without a label (e.g. the unannotated slices and frames of a sparsely labelled cine)
+carry an *ignore* value, declared in ``dataset.json`` either at the top level,
+``"ignore": 255``, or, as nnU-Net v2 does, as a label named ``"ignore"`` in ``"labels"``
+(``{"background": 0, "lv": 1, "ignore": 2}``; it is not a class). Cases carry it as
+``Case.ignore_label``; label validation accepts it; no trainer takes a loss on such a voxel and
+no metric counts it (:func:`inrseg.data.io.label_array` maps it to ``IGNORE = -1`` for the
+trainers).
 
 Subjects
 --------
@@ -81,6 +93,7 @@ class Case:
         label_path: the label map, or ``None`` for unlabelled cases.
         spatial_ndim: expected grid axes (2, 3 or 4), or ``None`` to accept what is found.
         label_values: the values a label map may hold (from ``dataset.json``), or ``None``.
+        ignore_label: the value of unlabelled voxels (``dataset.json`` ``"ignore"``), or ``None``.
     """
 
     case_id: str
@@ -89,16 +102,19 @@ class Case:
     label_path: Path | None = None
     spatial_ndim: int | None = None
     label_values: tuple[int, ...] | None = None
+    ignore_label: int | None = None
 
     def load_image(self) -> Volume:
         """The image as a ``(C, *S)`` float32 :class:`Volume`."""
         return load_image(self.image_paths, expect_ndim=self.spatial_ndim)
 
     def load_labels(self) -> Volume:
-        """The label map as an integer ``(*S,)`` :class:`Volume`."""
+        """The label map as an integer ``(*S,)`` :class:`Volume` (values as stored; the ignore
+        value, if any, in ``meta["ignore_label"]``)."""
         if self.label_path is None:
             raise InputError(self.image_paths[0], f"case {self.case_id} has no label map")
-        return load_labels(self.label_path, expect_ndim=self.spatial_ndim, allowed=self.label_values)
+        return load_labels(self.label_path, expect_ndim=self.spatial_ndim, allowed=self.label_values,
+                           ignore_label=self.ignore_label)
 
     def load(self) -> tuple[Volume, Volume | None]:
         """Image and label map (``None`` if unlabelled), checked to share one grid."""
@@ -123,6 +139,7 @@ class Dataset:
         train: training cases (``imagesTr`` / all subjects when no test split exists).
         test: held-out test cases (``imagesTs``), possibly empty.
         spatial_ndim: grid axes of every case (2, 3 or 4).
+        ignore_label: the value of unlabelled voxels, or ``None`` (see the module doc).
     """
 
     root: Path
@@ -133,18 +150,22 @@ class Dataset:
     train: list[Case]
     test: list[Case] = field(default_factory=list)
     spatial_ndim: int | None = None
+    ignore_label: int | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
     def info(self) -> dict:
-        return {"name": self.name, "layout": self.layout, "root": str(self.root),
-                "labels": self.label_names, "channels": self.channel_names,
-                "spatial_ndim": self.spatial_ndim, "n_train": len(self.train),
-                "n_test": len(self.test),
-                "n_train_subjects": len({c.subject_id for c in self.train}),
-                "n_test_subjects": len({c.subject_id for c in self.test})}
+        out = {"name": self.name, "layout": self.layout, "root": str(self.root),
+               "labels": self.label_names, "channels": self.channel_names,
+               "spatial_ndim": self.spatial_ndim, "n_train": len(self.train),
+               "n_test": len(self.test),
+               "n_train_subjects": len({c.subject_id for c in self.train}),
+               "n_test_subjects": len({c.subject_id for c in self.test})}
+        if self.ignore_label is not None:
+            out["ignore_label"] = self.ignore_label
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,9 +196,12 @@ def _read_json(path: Path) -> dict:
 
 
 def label_names_from_json(labels: dict, path: Path) -> list[str]:
-    """nnU-Net ``labels`` ({name: value}) -> names indexed by value; values must be 0..C-1."""
+    """nnU-Net ``labels`` ({name: value}) -> names indexed by value; values must be 0..C-1.
+    An entry named ``"ignore"`` (nnU-Net v2's ignore label) is not a class and is left out."""
+    if not isinstance(labels, dict):
+        raise InputError(path, "'labels' must be an object mapping names to values")
     try:
-        by_value = {int(v): str(k) for k, v in labels.items()}
+        by_value = {int(v): str(k) for k, v in labels.items() if k != IGNORE_KEY}
     except (TypeError, ValueError):
         raise InputError(path, "'labels' must map names to integer values "
                                "(region-based labels are not supported)") from None
@@ -186,9 +210,42 @@ def label_names_from_json(labels: dict, path: Path) -> list[str]:
     return [by_value[i] for i in range(len(by_value))]
 
 
+#: the ``dataset.json`` key (top level, or a name in ``labels``) of the ignore value
+IGNORE_KEY = "ignore"
+
+
+def ignore_label_from_json(meta: dict, path: Path, num_classes: int | None = None) -> int | None:
+    """The ignore value of a ``dataset.json``: ``meta["ignore"]`` or ``meta["labels"]["ignore"]``
+    (nnU-Net v2), or ``None``. It must be a non-negative integer that is not a class value."""
+    found = []
+    for where, value in (("'ignore'", meta.get(IGNORE_KEY)),
+                         ("'labels' -> 'ignore'", (meta.get("labels") or {}).get(IGNORE_KEY)
+                          if isinstance(meta.get("labels"), dict) else None)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
+            raise InputError(path, f"{where} must be a non-negative integer label value, got {value!r}")
+        found.append(int(value))
+    if not found:
+        return None
+    if len(set(found)) > 1:
+        raise InputError(path, f"'ignore' ({found[0]}) and 'labels' -> 'ignore' ({found[1]}) disagree")
+    if num_classes is not None and found[0] < num_classes:
+        raise InputError(path, f"the ignore value {found[0]} is also a class value (0..{num_classes - 1})")
+    return found[0]
+
+
+def ignore_label_of(cases: Sequence[Case]) -> int | None:
+    """The ignore value shared by ``cases`` (``None`` if none has one); an error if they differ."""
+    values = {c.ignore_label for c in cases if getattr(c, "ignore_label", None) is not None}
+    if len(values) > 1:
+        raise ValueError(f"cases with different ignore labels {sorted(values)}")
+    return values.pop() if values else None
+
+
 def _nnunet_cases(images_dir: Path, labels_dir: Path | None, n_channels: int,
                   label_values: tuple[int, ...], subject_map: dict[str, str],
-                  ending: str) -> list[Case]:
+                  ending: str, ignore_label: int | None = None) -> list[Case]:
     files = sorted(p for p in images_dir.iterdir() if p.name.endswith(ending))
     groups: dict[str, dict[int, Path]] = {}
     for p in files:
@@ -214,7 +271,7 @@ def _nnunet_cases(images_dir: Path, labels_dir: Path | None, n_channels: int,
             label_path = lp
         cases.append(Case(case_id, subject_map.get(case_id, subject_of(case_id)),
                           tuple(chans[c] for c in range(n_channels)), label_path,
-                          None, label_values))
+                          None, label_values, ignore_label))
     return cases
 
 
@@ -233,6 +290,7 @@ def load_nnunet(root: str | Path, splits_file: str | Path | None = None) -> Data
     if "labels" not in meta or "channel_names" not in meta:
         raise InputError(meta_path, "needs 'labels' and 'channel_names'")
     label_names = label_names_from_json(meta["labels"], meta_path)
+    ignore = ignore_label_from_json(meta, meta_path, len(label_names))
     channel_names = [str(meta["channel_names"][k]) for k in sorted(meta["channel_names"], key=int)]
     ending = meta.get("file_ending", ".nii.gz")
     values = tuple(range(len(label_names)))
@@ -242,14 +300,14 @@ def load_nnunet(root: str | Path, splits_file: str | Path | None = None) -> Data
     _require_dir(root / "imagesTr", "imagesTr")
     _require_dir(root / "labelsTr", "labelsTr")
     train = _nnunet_cases(root / "imagesTr", root / "labelsTr", len(channel_names), values,
-                          subject_map, ending)
+                          subject_map, ending, ignore)
     if not train:
         raise InputError(root / "imagesTr", f"empty: no *{ending} images")
     test: list[Case] = []
     if (root / "imagesTs").is_dir():
         labels_ts = root / "labelsTs" if (root / "labelsTs").is_dir() else None
         test = _nnunet_cases(root / "imagesTs", labels_ts, len(channel_names), values,
-                             subject_map, ending)
+                             subject_map, ending, ignore)
     nd = _peek_ndim(train[0].image_paths[0])
     if nd == 4:
         nd_ok = bool(meta.get("time_axis", False))
@@ -259,11 +317,12 @@ def load_nnunet(root: str | Path, splits_file: str | Path | None = None) -> Data
     train = [_with_ndim(c, nd) for c in train]
     test = [_with_ndim(c, nd) for c in test]
     return Dataset(root, str(meta.get("name", root.name)), "nnunet", label_names, channel_names,
-                   train, test, nd)
+                   train, test, nd, ignore)
 
 
 def _with_ndim(case: Case, nd: int) -> Case:
-    return Case(case.case_id, case.subject_id, case.image_paths, case.label_path, nd, case.label_values)
+    return Case(case.case_id, case.subject_id, case.image_paths, case.label_path, nd, case.label_values,
+                case.ignore_label)
 
 
 def _peek_ndim(path: Path) -> int:
@@ -324,22 +383,61 @@ def load_oasis(root: str | Path, dim: int = 2, seg: str = "seg4",
 # UK Biobank cine
 # --------------------------------------------------------------------------------------------
 
+def _ukbb_subject_dirs(folder: Path) -> list[Path]:
+    """Subject folders (those holding ``sa.nii.gz``) directly inside ``folder``, sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _find(p, UKBB_IMAGE))
+
+
+def _ukbb_meta(root: Path) -> tuple[dict, Path] | None:
+    """The ``dataset.json`` of a UK Biobank directory: in it, or in its parent (``DIR/train``)."""
+    for c in (root / "dataset.json", root.parent / "dataset.json"):
+        if c.is_file():
+            return _read_json(c), c
+    return None
+
+
 def load_ukbb(root: str | Path, splits_file: str | Path | None = None) -> Dataset:
-    """Open a UK Biobank cine directory: per subject ``sa.nii.gz`` + ``seg_sa.nii.gz`` (4D)."""
+    """Open a UK Biobank cine directory: per subject ``sa.nii.gz`` + ``seg_sa.nii.gz`` (4D).
+
+    The subject folders sit in ``root``, or in ``root/train`` (training) and ``root/test``
+    (test). Label names are UK Biobank's (background, LV blood pool, LV myocardium, RV blood
+    pool) unless a ``dataset.json`` in ``root`` or its parent gives ``labels``; its ``ignore``
+    value (see the module doc) marks unlabelled voxels.
+    """
     root = Path(root)
     _require_dir(root, "dataset directory")
-    subject_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _find(p, "sa"))
-    if not subject_dirs:
-        raise InputError(root, "empty: no subject folders with sa.nii.gz")
-    values = tuple(range(len(CARDIAC_LABEL_NAMES)))
-    cases = []
-    for d in subject_dirs:
-        seg_path = _find(d, "seg_sa")
-        if seg_path is None:
-            raise InputError(d / "seg_sa.nii.gz", "missing label map")
-        cases.append(Case(d.name, d.name, (_find(d, "sa"),), seg_path, 4, values))
-    return _apply_splits(Dataset(root, root.name, "ukbb", list(CARDIAC_LABEL_NAMES), ["cine"],
-                                 cases, [], 4), splits_file)
+    split_dirs = {}
+    if not _ukbb_subject_dirs(root):
+        split_dirs = {k: root / k for k in ("train", "test")
+                      if (root / k).is_dir() and _ukbb_subject_dirs(root / k)}
+        if "train" not in split_dirs:
+            raise InputError(root, "empty: no subject folders with sa.nii.gz")
+    names, ignore, name = list(CARDIAC_LABEL_NAMES), None, root.name
+    found = _ukbb_meta(root)
+    if found is not None:
+        meta, meta_path = found
+        if "labels" in meta:
+            names = label_names_from_json(meta["labels"], meta_path)
+        ignore = ignore_label_from_json(meta, meta_path, len(names))
+        name = str(meta.get("name", name))
+    values = tuple(range(len(names)))
+
+    def cases_in(folder: Path) -> list[Case]:
+        cases = []
+        for d in _ukbb_subject_dirs(folder):
+            seg_path = _find(d, UKBB_LABELS)
+            if seg_path is None:
+                raise InputError(d / f"{UKBB_LABELS}.nii.gz", "missing label map")
+            cases.append(Case(d.name, d.name, (_find(d, UKBB_IMAGE),), seg_path, 4, values, ignore))
+        return cases
+
+    if split_dirs:
+        train = cases_in(split_dirs["train"])
+        test = cases_in(split_dirs["test"]) if "test" in split_dirs else []
+    else:
+        train, test = cases_in(root), []
+    return _apply_splits(Dataset(root, name, "ukbb", names, ["cine"], train, test, 4, ignore),
+                         splits_file)
 
 
 def _apply_splits(ds: Dataset, splits_file: str | Path | None) -> Dataset:
@@ -360,11 +458,16 @@ def _apply_splits(ds: Dataset, splits_file: str | Path | None) -> Dataset:
 # --------------------------------------------------------------------------------------------
 
 def detect_layout(root: str | Path) -> str:
-    """``"nnunet"`` if ``dataset.json`` is present, ``"ukbb"`` for ``*/sa.nii.gz``,
-    ``"oasis"`` for ``*/slice_norm.nii.gz`` or ``*/aligned_norm.nii.gz``."""
+    """``"nnunet"`` if ``imagesTr`` or (without UK Biobank subject folders) ``dataset.json`` is
+    present, ``"ukbb"`` for ``*/sa.nii.gz`` or ``train/*/sa.nii.gz``, ``"oasis"`` for
+    ``*/slice_norm.nii.gz`` or ``*/aligned_norm.nii.gz``."""
     root = Path(root)
     _require_dir(root, "dataset directory")
-    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
+    if (root / "imagesTr").is_dir():
+        return "nnunet"
+    if _ukbb_subject_dirs(root) or ((root / "train").is_dir() and _ukbb_subject_dirs(root / "train")):
+        return "ukbb"
+    if (root / "dataset.json").exists():
         return "nnunet"
     for d in sorted(root.iterdir()):
         if d.is_dir():
@@ -422,20 +525,35 @@ def split_by_subject(cases: Sequence[Case], val_fraction: float = 0.2, seed: int
     return ([c for c in cases if c.subject_id not in val_s], [c for c in cases if c.subject_id in val_s])
 
 
+#: UK Biobank file names (without the NIfTI suffix): the short-axis cine and its labels
+UKBB_IMAGE = "sa"
+UKBB_LABELS = "seg_sa"
+
+
 def image_files(path: str | Path) -> list[list[Path]]:
-    """Inputs for ``inrseg segment``: a file, or a directory of NIfTI files.
+    """Inputs for ``inrseg segment``: a file, a directory of NIfTI files, a UK Biobank subject
+    folder or a directory of them.
 
     In a directory, nnU-Net channel files (``CASE_0000``, ``CASE_0001``) are grouped per case;
-    other files are one case each. Returns one list of channel files per case, sorted.
+    other files are one case each. A folder holding ``sa.nii.gz`` is a UK Biobank subject: its
+    input is ``sa.nii.gz`` alone (never ``seg_sa.nii.gz``). A directory without NIfTI files but
+    with subject folders gives every subject's ``sa.nii.gz``. Returns one list of channel files
+    per case, sorted (:func:`case_id_of` names them).
     """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or directory")
     if path.is_file():
         return [[path]]
+    sa = _find(path, UKBB_IMAGE)
+    if sa is not None:
+        return [[sa]]
     files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
     if not files:
-        raise InputError(path, "empty: no .nii or .nii.gz files")
+        subjects = _ukbb_subject_dirs(path)
+        if subjects:
+            return [[_find(d, UKBB_IMAGE)] for d in subjects]
+        raise InputError(path, "empty: no .nii or .nii.gz files (nor subject folders with sa.nii.gz)")
     groups: dict[str, list[Path]] = {}
     for p in files:
         stem = strip_nifti_suffix(p.name)
@@ -445,8 +563,12 @@ def image_files(path: str | Path) -> list[list[Path]]:
 
 
 def case_id_of(files: Iterable[Path]) -> str:
-    """Case id of a group of channel files: the name without NIfTI suffix and channel suffix."""
-    stem = strip_nifti_suffix(Path(next(iter(files))).name)
+    """Case id of a group of channel files: the name without NIfTI suffix and channel suffix;
+    a UK Biobank ``<subject>/sa.nii.gz`` is named after its subject folder."""
+    first = Path(next(iter(files)))
+    stem = strip_nifti_suffix(first.name)
+    if stem == UKBB_IMAGE and first.parent.name:
+        return first.absolute().parent.name
     m = _CHANNEL_RE.match(stem)
     return m["case"] if m else stem
 

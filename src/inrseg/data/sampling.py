@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import (Compose, DivisiblePad, RandCropByPosNegLabeld, RandScaleIntensityd,
                               RandShiftIntensityd, SpatialPadd)
 
-from inrseg.data.io import Volume
+from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.layouts import Case
 from inrseg.progress import progress
 from inrseg.training import step_rng
@@ -39,13 +39,31 @@ def plain(t: torch.Tensor) -> torch.Tensor:
 def load_training_tensors(cases: Sequence[Case], prepare: Callable[[Volume], torch.Tensor]
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Load every case: images through ``prepare`` (``Volume -> (C, *S)`` float tensor) and
-    label maps as int64 ``(*S,)`` tensors, all in host memory (batches move to the device)."""
+    label maps as int64 ``(*S,)`` tensors, ignored voxels as :data:`~inrseg.data.io.IGNORE`
+    (-1), all in host memory (batches move to the device)."""
     images, labels = [], []
     for case in progress(cases, desc="loading training cases"):
         img, lab = case.load()
         images.append(prepare(img))
-        labels.append(torch.from_numpy(lab.data.astype(np.int64)))
+        labels.append(torch.from_numpy(label_array(lab)))
     return images, labels
+
+
+def has_ignored(labels: Sequence[torch.Tensor]) -> bool:
+    """Whether any of the label tensors holds an ignored voxel (:data:`IGNORE`)."""
+    return any(bool((lab == IGNORE).any()) for lab in labels)
+
+
+def _pos_neg_indices(d: dict) -> dict:
+    """Add the flat crop-centre indices of ``d["label"]`` ``(1, *S)`` for RandCropByPosNegLabeld:
+    ``fg_indices`` (label > 0) and ``bg_indices`` (label == 0); ignored voxels (:data:`IGNORE`)
+    are neither, unless nothing is annotated (then every voxel is background)."""
+    lab = plain(d["label"])[0].reshape(-1)
+    fg = torch.nonzero(lab > 0)[:, 0].numpy()
+    bg = torch.nonzero(lab == 0)[:, 0].numpy()
+    if fg.size == 0 and bg.size == 0:
+        bg = np.arange(lab.numel())
+    return {**d, "fg_indices": fg, "bg_indices": bg}
 
 
 def pad_to_multiple(x: torch.Tensor, k: int, spatial_ndim: int) -> tuple[torch.Tensor, list[slice]]:
@@ -83,6 +101,12 @@ class PatchSampler:
     probability ``foreground_fraction`` (nnU-Net oversamples 1/3), else on a background voxel -
     then, with ``augment``, a random intensity scale ``1 +- 0.1`` and shift ``+- 0.1``.
 
+    With ``ignore=True`` (labels holding :data:`~inrseg.data.io.IGNORE`), crops are centred on
+    *annotated* voxels only: foreground = label > 0, background = label 0 (the zero padding
+    counts as background, as without ignore), given to MONAI as precomputed indices (its own
+    rule, label != 0, would take ignored voxels for foreground); a case with no annotated voxel
+    at all is cropped anywhere. ``ignore=False`` is the original sampler, draw for draw.
+
     Args:
         images: per case ``(C, *S_i)`` float tensors.
         labels: per case ``(*S_i)`` int64 tensors.
@@ -90,20 +114,30 @@ class PatchSampler:
         foreground_fraction: share of crops centred on foreground, in [0, 1].
         augment: intensity augmentation.
         seed: the draws of item ``j`` of step ``s`` are a function of ``(seed, s, j)``.
+        ignore: labels hold ignored voxels (see above).
     """
 
     def __init__(self, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
                  patch: Sequence[int], foreground_fraction: float = 0.0, augment: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, ignore: bool = False) -> None:
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction must lie in [0, 1], got {foreground_fraction}")
         self.images, self.labels = list(images), list(labels)
         self.patch = tuple(int(p) for p in patch)
         self.seed = seed
-        steps = [SpatialPadd(("image", "label"), self.patch, method="symmetric"),
-                 RandCropByPosNegLabeld(("image", "label"), "label", self.patch,
-                                        pos=foreground_fraction, neg=1.0 - foreground_fraction,
-                                        num_samples=1)]
+        self.ignore = bool(ignore)
+        if self.ignore:
+            steps = [SpatialPadd(("image", "label"), self.patch, method="symmetric"),
+                     _pos_neg_indices,
+                     RandCropByPosNegLabeld(("image", "label"), "label", self.patch,
+                                            pos=foreground_fraction, neg=1.0 - foreground_fraction,
+                                            num_samples=1, fg_indices_key="fg_indices",
+                                            bg_indices_key="bg_indices")]
+        else:
+            steps = [SpatialPadd(("image", "label"), self.patch, method="symmetric"),
+                     RandCropByPosNegLabeld(("image", "label"), "label", self.patch,
+                                            pos=foreground_fraction, neg=1.0 - foreground_fraction,
+                                            num_samples=1)]
         if augment:
             steps += [RandScaleIntensityd("image", factors=AUG_SCALE, prob=1.0),
                       RandShiftIntensityd("image", offsets=AUG_SHIFT, prob=1.0)]

@@ -50,6 +50,11 @@ Deviations from the paper / official code, and why (CPU budget):
 * background MSE weighting (3D preset) uses intensity == 0 as background, since test time has
   no labels.
 
+Ignore label: pixels without a label (a dataset's ``dataset.json`` ``"ignore"``) keep their MSE
+term; the focal loss (inner ``joint`` loop, outer loss, phase-2 head) is the mean over the
+labelled pixels only, phase 2 stores features at labelled pixels, and the validation Dice skips
+unlabelled pixels. Without an ignore label every computation is unchanged.
+
 Findings (brain2d-seg4, 1 CPU thread; see ``benchmarks/metaseg_quick.py``) are summarised
 in ``docs/findings/metaseg.md``.
 """
@@ -69,7 +74,7 @@ from monai.losses.focal_loss import softmax_focal_loss
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.data.grids import coordinate_grid, resampled_affine, resampled_shape
-from inrseg.data.io import Volume
+from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import normalize
 from inrseg.errors import InputError
@@ -159,18 +164,26 @@ class MetaSegConfig:
 # Losses, inner loop (pure functions of parameter dicts)
 # ============================================================================================
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float,
+               labelled: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over points of the focal loss ``-(1 - p_t)^gamma log p_t`` (``p_t``: softmax
     probability of the target class); logits ``(N, C)``, target ``(N,)`` int64. Scalar, in the
     logits' dtype, twice differentiable (second-order MAML).
+
+    ``labelled`` ``(N,)`` bool: the mean is over the labelled points only (0 if there is none;
+    the target of the others, e.g. ``IGNORE``, is never read); ``None``: every point.
 
     MONAI's softmax focal loss (``softmax_focal_loss``, the function behind its ``FocalLoss``)
     on a one-hot target, summed over classes. Not the ``FocalLoss`` module itself: its forward
     casts the logits to float32, so float64 meta-gradients (their finite-difference checks)
     would lose precision.
     """
-    onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)                # (N, C)
-    return softmax_focal_loss(logits, onehot, gamma).sum(-1).mean()
+    if labelled is None:
+        onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)            # (N, C)
+        return softmax_focal_loss(logits, onehot, gamma).sum(-1).mean()
+    onehot = F.one_hot(torch.where(labelled, target, 0), logits.shape[-1]).to(logits.dtype)
+    keep = labelled.to(logits.dtype)
+    return (softmax_focal_loss(logits, onehot, gamma).sum(-1) * keep).sum() / keep.sum().clamp(min=1)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -189,14 +202,16 @@ class Task:
     Attributes:
         coords: ``(N, d)`` coordinates in [-1, 1].
         pixels: ``(N, C)`` intensities in [0, 1].
-        labels: ``(N,)`` int64 class indices.
+        labels: ``(N,)`` int64 class indices (``IGNORE`` where unlabelled).
         weight: ``(N,)`` MSE weights (background down-weighting), or ``None``.
+        labelled: ``(N,)`` bool, the pixels with a label; ``None``: all of them.
     """
 
     coords: torch.Tensor
     pixels: torch.Tensor
     labels: torch.Tensor
     weight: torch.Tensor | None = None
+    labelled: torch.Tensor | None = None
 
     def subset(self, n: int | None, rng: np.random.Generator) -> "Task":
         """``n`` random points (without replacement, drawn by ``rng``), or ``self`` when ``n`` is
@@ -206,14 +221,15 @@ class Task:
             return self
         idx = torch.from_numpy(rng.choice(N, size=n, replace=False)).to(self.coords.device)   # (n,)
         return Task(self.coords[idx], self.pixels[idx], self.labels[idx],
-                    None if self.weight is None else self.weight[idx])
+                    None if self.weight is None else self.weight[idx],
+                    None if self.labelled is None else self.labelled[idx])
 
 
 def task_loss(params: Params, task: Task, cfg: MetaSegConfig) -> torch.Tensor:
-    """MSE on pixels + ``seg_weight`` x focal loss on labels (scalar)."""
+    """MSE on pixels + ``seg_weight`` x focal loss on the labelled pixels (scalar)."""
     out, logits = full_forward(params, task.coords, cfg.w0)
     return weighted_mse(out, task.pixels, task.weight) + cfg.seg_weight * focal_loss(
-        logits, task.labels, cfg.focal_gamma)
+        logits, task.labels, cfg.focal_gamma, task.labelled)
 
 
 ADAM_BETAS = (0.9, 0.999)
@@ -309,11 +325,12 @@ class _Image:
     coords: torch.Tensor                 # (N, d)
     pixels: torch.Tensor                 # (N, C)
     weight: torch.Tensor | None          # (N,)
-    labels: torch.Tensor | None = None   # (N,) int64
+    labels: torch.Tensor | None = None   # (N,) int64, IGNORE where unlabelled
+    labelled: torch.Tensor | None = None  # (N,) bool when some pixel is unlabelled, else None
 
     def task(self) -> Task:
         assert self.labels is not None
-        return Task(self.coords, self.pixels, self.labels, self.weight)
+        return Task(self.coords, self.pixels, self.labels, self.weight, self.labelled)
 
 
 class MetaSeg:
@@ -387,8 +404,11 @@ class MetaSeg:
         if cfg.bg_mse_weight != 1.0:
             weight = torch.where(pixels.abs().sum(1) == 0, cfg.bg_mse_weight, 1.0)        # (N,)
         lab = None if labels is None else torch.from_numpy(
-            labels.data.astype(np.int64).reshape(-1)).to(self.device)                     # (N,)
-        return _Image(tuple(image.shape), coords, pixels, weight, lab)
+            label_array(labels).reshape(-1)).to(self.device)                    # (N,), ignored: IGNORE
+        labelled = None
+        if lab is not None and bool((lab == IGNORE).any()):
+            labelled = lab != IGNORE
+        return _Image(tuple(image.shape), coords, pixels, weight, lab, labelled)
 
     def _query_coords(self, image: Volume, scale: float | Sequence[float]) -> torch.Tensor:
         """Coordinates ``(M, d)`` of ``image``'s grid resampled by ``scale``, on the device."""
@@ -664,7 +684,8 @@ class MetaSeg:
             for j, im in enumerate(block):
                 scores.append(case_metrics(pred[j].reshape(im.shape).numpy(),
                                            im.labels.reshape(im.shape).cpu().numpy(),
-                                           len(self.label_names), distances=False).mean_foreground_dice)
+                                           len(self.label_names), distances=False,
+                                           ignore_label=IGNORE).mean_foreground_dice)
         return float(np.nanmean(scores))
 
     # ------------------------------------------------------------------ phase 2 + T_f
@@ -678,7 +699,8 @@ class MetaSeg:
         """Fit ``images`` up to ``max(snaps)`` steps; features ``{t: (M, h)}`` at ``n_points``
         random pixels per image (the same pixels for every ``t``), their labels ``(M,)``, and the
         number of images fitted: once ``budget`` has expired no further block of images is
-        started (the first always is)."""
+        started (the first always is). An image with unlabelled pixels gives labelled pixels
+        only (drawn with replacement when it has fewer than ``n_points``)."""
         feats: dict[int, list[torch.Tensor]] = {t: [] for t in snaps}
         labels = []
         groups: dict[tuple[int, ...], list[_Image]] = {}
@@ -693,7 +715,8 @@ class MetaSeg:
                 break
             N = block[0].coords.shape[0]
             idx = torch.stack([torch.randperm(N, generator=gen, device=gen.device)[:n_points]
-                               for _ in block]).to(self.device)                        # (B, n)
+                               if im.labelled is None else self._labelled_pixels(im, n_points, gen)
+                               for im in block]).to(self.device)                       # (B, n)
             q = block[0].coords[idx]                                                  # (B, n, d)
             labels.append(torch.stack([im.labels[i] for im, i in zip(block, idx)]).reshape(-1))
             for t, theta in self.fit_theta(block, max(snaps), snaps, gen):
@@ -702,14 +725,27 @@ class MetaSeg:
             fitted += len(block)
         return {t: torch.cat(v) for t, v in feats.items()}, torch.cat(labels), fitted
 
+    @staticmethod
+    def _labelled_pixels(im: _Image, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``min(n, N)`` random pixel indices of ``im`` among its labelled ones (with
+        replacement if it has fewer than that; any pixels if it has none), on ``gen``'s device."""
+        N = im.coords.shape[0]
+        n = min(n, N)
+        cand = torch.nonzero(im.labelled)[:, 0].to(gen.device)
+        if cand.numel() == 0:
+            return torch.randperm(N, generator=gen, device=gen.device)[:n]
+        if cand.numel() >= n:
+            return cand[torch.randperm(cand.numel(), generator=gen, device=gen.device)[:n]]
+        return cand[torch.randint(cand.numel(), (n,), generator=gen, device=gen.device)]
+
     def _subset_dice(self, head: Params, feats: torch.Tensor, labels: torch.Tensor, n_images: int) -> float:
         """Mean over images of the mean foreground Dice on the stored pixel subsets: features
         ``(n_images * P, h)``, labels ``(n_images * P,)``."""
         with torch.no_grad():
             pred = head_forward(head, feats).argmax(-1).reshape(n_images, -1).cpu()
         lab = labels.reshape(n_images, -1).cpu()
-        scores = [case_metrics(p[None].numpy(), g[None].numpy(), len(self.label_names),
-                               distances=False).mean_foreground_dice for p, g in zip(pred, lab)]
+        scores = [case_metrics(p[None].numpy(), g[None].numpy(), len(self.label_names), distances=False,
+                               ignore_label=IGNORE).mean_foreground_dice for p, g in zip(pred, lab)]
         return float(np.nanmean(scores))
 
     def _retrain_head(self, t: int, feats: torch.Tensor, labels: torch.Tensor, val_feats: torch.Tensor | None,
@@ -729,6 +765,11 @@ class MetaSeg:
         head = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items() if k.startswith("g.")}
         start = ({k: v.detach().clone() for k, v in head.items()},
                  self._subset_dice(head, val_feats, val_labels, n_val) if n_val else -math.inf)
+        labelled = labels != IGNORE
+        if not bool(labelled.all()):  # only labelled pixels train the head
+            feats, labels = feats[labelled], labels[labelled]
+            if feats.shape[0] == 0:
+                return start
         n = min(cfg.phase2_batch, feats.shape[0])
 
         def step(i: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -35,7 +35,9 @@ at the image's own resolution is one refinement pass, and ``predict(scale=2)`` i
 subdivision step: the rendering head is queried at the finer grid's coordinates.
 
 Loss: ``L_sup`` (MONAI DiceCE, equal weights) on the coarse logits ``+ lambda_t * L_rend`` with
-``lambda_t = lambda_rend * 1{t > T/2} * (t - T/2) / T`` (``lambda_rend = 0.1``). AdamW 5e-4 with
+``lambda_t = lambda_rend * 1{t > T/2} * (t - T/2) / T`` (``lambda_rend = 0.1``); ``L_rend`` is the
+cross entropy at the rendered points. Voxels and points with the ignore label count in neither
+(:mod:`inrseg.losses`). AdamW 5e-4 with
 polynomial decay ``(1 - t/T)**0.9``. 2D: whole slices padded to the backbone's multiple;
 3D: random crops, sliding-window inference on larger volumes (and on any image for UNETR's
 fixed input size).
@@ -57,16 +59,16 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
-from inrseg.data.sampling import PatchSampler, load_training_tensors, pad_to_multiple, plain, training_patch
+from inrseg.data.sampling import (PatchSampler, has_ignored, load_training_tensors, pad_to_multiple, plain,
+                                  training_patch)
+from inrseg.losses import IGNORE, DiceCELoss, masked_cross_entropy
 from inrseg.errors import InputError
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import BACKBONES, build_backbone
@@ -288,7 +290,8 @@ class MORSE:
         parts = {"loss_sup": float(loss.detach()), "lambda_rend": weight}
         if rend_on:
             target = point_sample(y.float(), out.coords, mode="nearest")[:, 0].long()  # (B, P)
-            rend = F.cross_entropy(out.points, target)
+            # ignored points (IGNORE) count nowhere; without an ignore label, plain cross entropy
+            rend = masked_cross_entropy(out.points, target, getattr(loss_fn, "ignore_index", None))
             loss = loss + weight * rend
             parts["loss_rend"] = float(rend.detach())
         return loss, parts
@@ -309,8 +312,10 @@ class MORSE:
         rank, _ = world()
         images, labels = load_training_tensors(train, self._prepare)
         patch = self._patch_size(np.max([x.shape[1:] for x in images], axis=0))
-        sampler = PatchSampler(images, labels, patch, cfg.foreground_fraction, cfg.augment, cfg.seed)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        ignore = has_ignored(labels)
+        sampler = PatchSampler(images, labels, patch, cfg.foreground_fraction, cfg.augment, cfg.seed,
+                               ignore=ignore)
+        loss_fn = DiceCELoss(IGNORE if ignore else None)  # MONAI's DiceCELoss without ignored voxels
         if cfg.optimizer == "sgd":
             opt = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=0.9,
                                   weight_decay=cfg.weight_decay)
@@ -365,11 +370,12 @@ class MORSE:
         n = len(self.label_names)
         final, coarse = [], []
         for img, lab in val_data:
-            final.append(case_metrics(self.predict(img).data, lab.data, n,
-                                      distances=False).mean_foreground_dice)
+            ignore = lab.meta.get("ignore_label")
+            final.append(case_metrics(self.predict(img).data, lab.data, n, distances=False,
+                                      ignore_label=ignore).mean_foreground_dice)
             if self.net.point_head is not None:
                 coarse.append(case_metrics(self.predict(img, refine=False).data, lab.data, n,
-                                           distances=False).mean_foreground_dice)
+                                           distances=False, ignore_label=ignore).mean_foreground_dice)
         out = {"val_dice": float(np.nanmean(final))}
         if coarse:
             out["val_dice_coarse"] = float(np.nanmean(coarse))

@@ -26,7 +26,10 @@ Prior training loss (per image of the batch, averaged over the batch)
     ``BCE(softmax, one-hot) + softDice(softmax, one-hot; background included)
     + alpha * BCE(sigmoid, intensity in [0, 1]) + latent_reg * mean(h^2)``
     plus ``weight_reg * sum(p^2)`` over the backbone (Gabor layers; heads excluded) once per step.
-    Each image's terms are means over its own points; the soft Dice is MONAI's
+    Each image's terms are means over its own points. With an ignore label (a sparsely
+    labelled cine) the reconstruction term still covers every point, the two segmentation terms
+    only the labelled ones (an image drawn without any labelled point has segmentation loss 0).
+    The soft Dice is MONAI's
     :class:`~monai.losses.DiceLoss` (smooth 1 in numerator and denominator, see
     :func:`soft_dice_loss`). Intensities: :func:`inrseg.data.preprocess.normalize` ``"minmax"``.
     Adam (one for the network, one for the latents), no schedule. One latent per training
@@ -63,7 +66,9 @@ Inference (:meth:`NISF.fit_latents`)
     ``(B, N, d)``, and the loss is the *sum* over images of each image's mean, so each latent
     receives exactly its own gradient. The number of steps is chosen on the validation cases
     (best mean foreground Dice on a steps curve, stored with the curve in the checkpoint), never
-    on test data.
+    on test data. The Dice is the project's one definition (:func:`inrseg.metrics.score_case`:
+    for 3D + t the mean over the annotated frames of the per-frame 3D Dice, ignored voxels
+    excluded), the one ``inrseg evaluate`` reports.
 
 Devices: the network and the optimisation live on ``device``; image data stays on the CPU and
 moves to the device chunk by chunk; results (labels, latents) come back on the CPU.
@@ -88,11 +93,11 @@ from torch.nn.utils.rnn import pad_sequence
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.data.grids import (coordinate_grid, resampled_affine, resampled_shape,
                                world_to_coords)
-from inrseg.data.io import Volume
+from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.planes import PlaneView, heldout_mask, plane_points
 from inrseg.data.preprocess import normalize
 from inrseg.errors import InputError
-from inrseg.metrics import case_metrics
+from inrseg.metrics import score_case
 from inrseg.nn.gabor import ACTIVATIONS
 from inrseg.nn.nisf import NISFNet
 from inrseg.progress import progress, status
@@ -242,18 +247,18 @@ class HeldOutResult:
 # ============================================================================================
 
 def _labels_for_metrics(a: np.ndarray) -> np.ndarray:
-    """Reshape any label array to 2D/3D for :func:`case_metrics` (Dice is reshape-invariant)."""
-    if a.ndim in (2, 3):
-        return a
-    if a.ndim == 1:
-        return a[:, None]
-    return a.reshape(a.shape[0], a.shape[1], -1)
+    """A 1D label array as ``(n, 1)`` for :func:`score_case` (Dice is reshape-invariant);
+    2D, 3D and 3D + t arrays unchanged (3D + t is scored per frame)."""
+    return a[:, None] if a.ndim == 1 else a
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> tuple[np.ndarray, float]:
-    """Per-class Dice ``(C,)`` and mean foreground Dice (project conventions, no distances)."""
-    m = case_metrics(_labels_for_metrics(pred), _labels_for_metrics(gt), num_classes,
-                     distances=False)
+def _dice(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+          ignore_label: int | None = None) -> tuple[np.ndarray, float]:
+    """Per-class Dice ``(C,)`` and mean foreground Dice: :func:`inrseg.metrics.score_case`
+    without distances (3D + t ``(X, Y, Z, T)``: the mean over annotated frames), voxels of
+    ``gt`` equal to ``ignore_label`` excluded."""
+    m = score_case(_labels_for_metrics(pred), _labels_for_metrics(gt), num_classes,
+                   distances=False, ignore_label=ignore_label)
     return m.dice, m.mean_foreground_dice
 
 
@@ -278,6 +283,13 @@ def _point_weights(sizes: Sequence[int]) -> torch.Tensor:
     return w
 
 
+def _seg_weights(labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` weights of the segmentation loss: ``1 / M_b`` on the ``M_b`` labelled points
+    (label not ``IGNORE``, weight > 0) of item ``b``, 0 elsewhere (all 0 if it has none)."""
+    labelled = ((labels != IGNORE) & (weight > 0)).to(weight.dtype)
+    return labelled / labelled.sum(-1, keepdim=True).clamp(min=1.0)
+
+
 def _gather_rows(table: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """The whole ``(n, ...)`` table on every rank, each row from the rank that owns it.
 
@@ -298,7 +310,7 @@ class _Subject:
 
     coords: torch.Tensor            # (N, d) float32
     intensity: torch.Tensor         # (N, C_in) float32 in [0, 1]
-    labels: torch.Tensor | None     # (N,) int64
+    labels: torch.Tensor | None     # (N,) int64, IGNORE (-1) where unlabelled
     shape: tuple[int, ...]
     spacing: tuple[float, ...]
     affine: np.ndarray
@@ -394,10 +406,11 @@ class NISF:
             if labels.shape != image.shape:
                 raise InputError(labels.path, f"label shape {labels.shape} does not match image "
                                               f"shape {image.shape}")
-            la = np.asarray(labels.data).reshape(-1)
-            if la.size and (la.min() < 0 or la.max() >= self.num_classes):
+            la = label_array(labels).reshape(-1)        # the ignore value (if any) -> IGNORE
+            known = la[la != IGNORE]
+            if known.size and (known.min() < 0 or known.max() >= self.num_classes):
                 raise InputError(labels.path, f"label values must lie in [0, {self.num_classes - 1}]")
-            lab = torch.from_numpy((la if sel is None else la[sel]).astype(np.int64))
+            lab = torch.from_numpy(la if sel is None else la[sel])
         return _Subject(coords, inten, lab, image.shape, image.spacing,
                         np.asarray(image.affine, float), image.time_step, image.path)
 
@@ -441,26 +454,32 @@ class NISF:
 
     def _training_loss(self, seg_logits: torch.Tensor, rec_logits: torch.Tensor,
                        labels: torch.Tensor, intensity: torch.Tensor, weight: torch.Tensor,
-                       latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                       latents: torch.Tensor, seg_weight: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean over the ``B`` images of a step of each image's loss (terms are means over the
-        image's own points).
+        image's own points; the segmentation terms over its labelled points).
 
         Args:
             seg_logits: ``(B, N, C)``; rec_logits: ``(B, N, C_in)``.
-            labels: ``(B, N)`` int64; intensity: ``(B, N, C_in)`` in [0, 1].
+            labels: ``(B, N)`` int64 (``IGNORE`` where unlabelled); intensity: ``(B, N, C_in)``
+                in [0, 1].
             weight: ``(B, N)``: ``1 / N_b`` on the ``N_b`` points of image ``b``, 0 on padding.
             latents: ``(B, L)``.
+            seg_weight: ``(B, N)`` weights of the segmentation terms: ``1 / M_b`` on the ``M_b``
+                labelled points of image ``b``, 0 elsewhere (:func:`_seg_weights`); ``None``:
+                ``weight`` (every point labelled).
 
         Returns:
             the scalar loss and the batch means of its ``bce``, ``dice`` and ``rec`` terms.
         """
         cfg = self.config
+        seg_weight = weight if seg_weight is None else seg_weight
         with torch.autocast(self.device.type, enabled=False):  # losses in fp32 under bf16
             p = torch.softmax(seg_logits.float(), -1)                               # (B, N, C)
-            onehot = F.one_hot(labels, self.num_classes).to(p.dtype)
-            valid = (weight > 0).to(p.dtype)[..., None]                             # (B, N, 1)
+            onehot = F.one_hot(labels.clamp(min=0), self.num_classes).to(p.dtype)   # IGNORE -> 0, masked
+            valid = (seg_weight > 0).to(p.dtype)[..., None]                         # (B, N, 1)
             bce = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), onehot, reduction="none")
-            bce_seg = (bce.mean(-1) * weight).sum(-1)                               # (B,)
+            bce_seg = (bce.mean(-1) * seg_weight).sum(-1)                           # (B,)
             dice = soft_dice_loss((p * valid).transpose(1, 2), (onehot * valid).transpose(1, 2))
             rec = F.binary_cross_entropy_with_logits(rec_logits.float(), intensity, reduction="none")
             rec = (rec.mean(-1) * weight).sum(-1)
@@ -509,6 +528,8 @@ class NISF:
             if lab is None:
                 raise InputError(img.path, "NISF prior training needs labelled cases")
             subjects[i] = self._prepare(img, lab)
+        # with unlabelled (ignored) points the segmentation terms are means over the labelled ones
+        sparse = any(bool((s.labels == IGNORE).any()) for s in subjects.values())
         val_subs = []
         if rank == 0:
             pairs = [self._load_pair(v) for v in (val or [])]
@@ -531,7 +552,8 @@ class NISF:
             weight = _point_weights([s[0].shape[0] for s in samples]).to(self.device)   # (B, N)
             h = latents[torch.as_tensor(picks, device=self.device)]                     # (B, L)
             seg, rec = train_net(coords, h)
-            loss, parts = self._training_loss(seg, rec, labs, inten, weight, h)
+            seg_w = _seg_weights(labs, weight) if sparse else None
+            loss, parts = self._training_loss(seg, rec, labs, inten, weight, h, seg_w)
             if cfg.weight_reg > 0:
                 loss = loss + cfg.weight_reg * sum(p.pow(2).sum() for p in self.net.backbone_parameters())
             return loss, parts
@@ -726,7 +748,7 @@ class NISF:
         """:meth:`select_infer_steps` of prepared, labelled cases."""
         cfg = self.config
         budget = budget if budget is not None else Budget(None)
-        gts = [s.labels.numpy() for s in subs]
+        gts = [s.labels.numpy().reshape(s.shape) for s in subs]
         curve: list[dict] = []
         every = max(1, cfg.curve_every)
 
@@ -748,10 +770,21 @@ class NISF:
         return int(best["step"]), curve
 
     def _curve_scores(self, subs: list[_Subject], gts: list[np.ndarray], lat: torch.Tensor) -> list[float]:
-        """Mean foreground Dice of each case under its latent ``lat[b]`` (``lat (B, L)``)."""
-        preds = [self._evaluate(s.coords[None], lat[b: b + 1], want_image=False)["labels"][0]
-                 for b, s in enumerate(subs)]
-        return [_dice(p.numpy(), gt, self.num_classes)[1] for p, gt in zip(preds, gts)]
+        """Mean foreground Dice of each case under its latent ``lat[b]`` (``lat (B, L)``), on its
+        grid: :func:`inrseg.metrics.score_case` (3D + t: mean over annotated frames), unlabelled
+        voxels (``IGNORE`` in ``gts``) excluded."""
+        scores = []
+        for b, (s, gt) in enumerate(zip(subs, gts)):
+            coords, shape = s.coords, s.shape
+            if self.spatial_ndim == 4:  # only the annotated frames are scored: predict only those
+                frames = np.flatnonzero((gt != IGNORE).reshape(-1, shape[3]).any(0))
+                if frames.size < shape[3]:
+                    d = coords.shape[-1]
+                    coords = coords.reshape(*shape, d)[..., torch.from_numpy(frames), :].reshape(-1, d)
+                    shape, gt = (*shape[:3], int(frames.size)), gt[..., frames]
+            pred = self._evaluate(coords[None], lat[b: b + 1], want_image=False)["labels"][0]
+            scores.append(_dice(pred.numpy().reshape(shape), gt, self.num_classes, IGNORE)[1])
+        return scores
 
     def _curve_seconds(self, subs: list[_Subject]) -> float:
         """Estimated wall time of the steps curve on ``subs``: the time of a latent step x
@@ -759,7 +792,7 @@ class NISF:
         warm (the first call of each pays one-off costs many times a step's). The network's
         weights do not change the cost."""
         cfg = self.config
-        gts = [s.labels.numpy() for s in subs]
+        gts = [s.labels.numpy().reshape(s.shape) for s in subs]
         stamps: list[float] = []
         lat = self._optimise_latents([s.coords for s in subs], [s.intensity for s in subs], 5,
                                      callback=lambda step, h: stamps.append(time.perf_counter()),
@@ -824,16 +857,16 @@ class NISF:
         lab_vol, rec_vol = self._render_grid(fit, 1.0)
         res = HeldOutResult(lab_vol, rec_vol, axis, sorted({int(i) for i in indices}))
         if labels is not None:
-            gt = np.asarray(labels.data)
+            gt = label_array(labels)                      # unlabelled voxels -> IGNORE, excluded
             if gt.shape != image.shape:
                 raise InputError(labels.path, "label shape does not match the image")
             idx = res.indices
             rest = [i for i in range(image.shape[axis]) if i not in set(idx)]
             pred = lab_vol.data
             res.heldout_dice, res.heldout_mean_foreground_dice = _dice(
-                np.take(pred, idx, axis), np.take(gt, idx, axis), self.num_classes)
+                np.take(pred, idx, axis), np.take(gt, idx, axis), self.num_classes, IGNORE)
             res.observed_mean_foreground_dice = _dice(
-                np.take(pred, rest, axis), np.take(gt, rest, axis), self.num_classes)[1]
+                np.take(pred, rest, axis), np.take(gt, rest, axis), self.num_classes, IGNORE)[1]
         return res
 
     def render_plane(self, fit: LatentFit, centre_mm: Sequence[float], u: Sequence[float],

@@ -5,7 +5,8 @@ MONAI's; this file holds the training step (the loop, budget, validation cadence
 and DDP are the engine's, :mod:`inrseg.training`), sliding-window inference for volumes larger
 than the training patch, and checkpointing.
 
-Training: DiceCE loss (MONAI), AdamW with a linear warm-up and cosine decay, random patches
+Training: DiceCE loss (MONAI's; ignored voxels of a dataset with an ignore label count
+nowhere, :class:`inrseg.losses.DiceCELoss`), AdamW with a linear warm-up and cosine decay, random patches
 (3D) or whole slices (2D) padded to a multiple of the network's down-sampling factor, optional
 intensity augmentation. The best state on the validation subjects (mean foreground Dice) is
 kept. Resumable: a training state is written every ``val_every`` steps.
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNet, UNet
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
@@ -30,7 +30,9 @@ from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
-from inrseg.data.sampling import PatchSampler, load_training_tensors, pad_to_multiple, plain, training_patch
+from inrseg.data.sampling import (PatchSampler, has_ignored, load_training_tensors, pad_to_multiple, plain,
+                                  training_patch)
+from inrseg.losses import IGNORE, DiceCELoss
 from inrseg.metrics import case_metrics
 from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, resolve_device, run_training,
                              use_bf16, world, wrap_ddp)
@@ -146,8 +148,10 @@ class SupervisedSegmenter:
         rank, _ = world()
         images, labels = load_training_tensors(train, self._prepare)
         patch = self._patch_size(np.max([x.shape[1:] for x in images], axis=0))
-        sampler = PatchSampler(images, labels, patch, cfg.foreground_fraction, cfg.augment, cfg.seed)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        ignore = has_ignored(labels)
+        sampler = PatchSampler(images, labels, patch, cfg.foreground_fraction, cfg.augment, cfg.seed,
+                               ignore=ignore)
+        loss_fn = DiceCELoss(IGNORE if ignore else None)  # MONAI's DiceCELoss without ignored voxels
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
@@ -178,8 +182,9 @@ class SupervisedSegmenter:
 
     @torch.no_grad()
     def _validate(self, val_data: list[tuple[Volume, Volume]]) -> float:
-        scores = [case_metrics(self.predict(img).data, lab.data, len(self.label_names),
-                               distances=False).mean_foreground_dice for img, lab in val_data]
+        scores = [case_metrics(self.predict(img).data, lab.data, len(self.label_names), distances=False,
+                               ignore_label=lab.meta.get("ignore_label")).mean_foreground_dice
+                  for img, lab in val_data]
         return float(np.nanmean(scores))
 
     # ------------------------------------------------------------------ inference
