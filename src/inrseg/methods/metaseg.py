@@ -583,10 +583,14 @@ class MetaSeg:
         t1 = time.perf_counter()
         if rank == 0:
             self.select_tf_and_head(train_s, val_s, budget, bf16)
-        if size > 1:  # rank 0's T_f, head and T_f curve on every rank
-            head = {k: v.cpu() for k, v in self.params.items() if k.startswith("g.")} if rank == 0 else None
-            self.t_f, head, self.tf_curve = broadcast_object((self.t_f, head, self.tf_curve) if rank == 0 else None)
-            self.params.update({k: v.to(self.device) for k, v in head.items()})
+        if size > 1:  # rank 0's T_f, heads and T_f curve on every rank
+            heads = None
+            if rank == 0:
+                heads = ({k: v.cpu() for k, v in self.params.items() if k.startswith("g.")},
+                         None if self.meta_head is None else {k: v.cpu() for k, v in self.meta_head.items()})
+            self.t_f, heads, self.tf_curve = broadcast_object((self.t_f, heads, self.tf_curve) if rank == 0 else None)
+            self.params.update({k: v.to(self.device) for k, v in heads[0].items()})
+            self.meta_head = None if heads[1] is None else {k: v.to(self.device) for k, v in heads[1].items()}
         self.timings = {"meta_train_s": t1 - t0, "phase2_and_tf_s": time.perf_counter() - t1,
                         "meta_share": share}
 
