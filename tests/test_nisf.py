@@ -523,3 +523,48 @@ def test_sparse_cine_trains_and_scores_annotated_frames_only():
     model.fit(pairs[:2], pairs[2:])
     assert all(np.isfinite(h["loss"]) for h in model.history if "loss" in h)
     assert len(model.val_curve) == 3 and all(np.isfinite(c["dice"]) for c in model.val_curve)
+
+
+def test_sparse_cine_draws_annotated_frames_more_often():
+    """A cine labelled in one frame of 4: with ``annotated_frame_fraction`` f the annotated frame
+    is drawn with probability f + (1 - f) / T; the draws are a pure function of (seed, step,
+    rank); a fully labelled case (and f = 0) draws exactly as uniform sampling always did."""
+    from inrseg.data.io import IGNORE
+    from inrseg.training import step_rng
+
+    img, lab = cardiac_pair(0)
+    sparse = lab.data.copy()
+    sparse[..., [0, 1, 3]] = 255
+    sparse_lab = Volume(sparse, lab.affine, 4, time_step=0.05, meta={"ignore_label": 255})
+    cfg = dict(width=16, depth=2, points_per_step=64)
+
+    def draws(fraction, labels, steps=range(400)):
+        model = NISF(CARDIAC_NAMES, 4, 1, NISFConfig(**cfg, annotated_frame_fraction=fraction))
+        sub = model._prepare(img, labels)
+        frames = model._annotated_frames(sub)
+        return frames, [model._sample_points(sub, step_rng(0, i, 0), frames) for i in steps]
+
+    frames, half = draws(0.5, sparse_lab)
+    assert frames.tolist() == [2]
+    hit = np.mean([bool((s[2] != IGNORE).any()) for s in half])
+    assert 0.55 < hit < 0.70                                # expected 0.5 + 0.5 / 4 = 0.625
+    _, again = draws(0.5, sparse_lab)                       # pure function of (seed, step, rank)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(half, again))
+    _, always = draws(1.0, sparse_lab, range(50))
+    assert all((s[2] != IGNORE).any() for s in always)
+    # no ignored voxel: no annotated-frame draw at all, whatever the fraction
+    dense_frames, dense = draws(0.5, lab, range(50))
+    assert dense_frames is None
+    _, dense1 = draws(1.0, lab, range(50))
+    _, sparse0 = draws(0.0, sparse_lab, range(50))
+    for a, b, c in zip(dense, dense1, sparse0):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        torch.testing.assert_close(a[0], c[0], rtol=0, atol=0)
+    # the draws of uniform sampling, written out: a frame, then the voxels of that frame
+    rng = step_rng(0, 7, 0)
+    t = int(rng.integers(4))
+    pick = rng.choice(24 * 24 * 4, size=64, replace=False)
+    model = NISF(CARDIAC_NAMES, 4, 1, NISFConfig(**cfg))
+    sub = model._prepare(img, lab)
+    want = sub.coords[torch.arange(t, sub.coords.shape[0], 4)[torch.from_numpy(pick)]]
+    torch.testing.assert_close(dense[7][0], want, rtol=0, atol=1e-3)   # up to the coordinate jitter

@@ -36,7 +36,12 @@ Prior training loss (per image of the batch, averaged over the batch)
     *case* (for 3D+t one case is one subject across all its frames). A step draws
     ``subjects_per_step`` cases, for 3D+t one random frame of each, and either all its voxels
     (the paper) or ``points_per_step`` random ones (CPU presets); Gaussian jitter of std
-    ``coord_jitter`` is added to the training coordinates. The step's cases are stacked
+    ``coord_jitter`` is added to the training coordinates. A sparsely labelled cine (a case with
+    ignored voxels, e.g. labels at end-diastole only) would give a segmentation signal to one
+    step in ``T`` only, so for such a case the frame is drawn, with probability
+    ``annotated_frame_fraction`` (default 0.5), among the frames that hold annotated voxels,
+    else uniformly among all frames (the reconstruction loss stays on every frame drawn); a
+    case without ignored voxels draws uniformly, exactly as before. The step's cases are stacked
     (zero-padded to the largest) into one ``(B, N, d)`` forward pass.
 
 Training runs on the engine (:func:`inrseg.training.run_training`): resumable (a state file
@@ -141,6 +146,8 @@ class NISFConfig:
     latent_reg: float = 1e-4            # x mean(h^2)
     weight_reg: float = 1e-4            # x sum(p^2) over the backbone
     coord_jitter: float = 1e-4          # std of Gaussian noise on training coordinates
+    annotated_frame_fraction: float = 0.5  # 3D+t with ignored voxels: share of frame draws among
+                                        # the annotated frames (the rest: uniform over all frames)
     latent_init_std: float = 1e-2       # h ~ N(0, std^2) (variance 1e-4), training and inference
     save_every: int = 100               # training-state interval (steps)
     budget_minutes: float | None = None  # wall time of the whole fit (prior + steps curve)
@@ -161,6 +168,9 @@ class NISFConfig:
             raise ValueError(f"unknown activation {self.activation!r} ({', '.join(ACTIVATIONS)})")
         if self.depth < 1 or self.width < 1:
             raise ValueError("depth and width must be positive")
+        if not 0.0 <= self.annotated_frame_fraction <= 1.0:
+            raise ValueError(f"annotated_frame_fraction must lie in [0, 1], got "
+                             f"{self.annotated_frame_fraction}")
 
     @property
     def latent_dim(self) -> int:
@@ -530,6 +540,7 @@ class NISF:
             subjects[i] = self._prepare(img, lab)
         # with unlabelled (ignored) points the segmentation terms are means over the labelled ones
         sparse = any(bool((s.labels == IGNORE).any()) for s in subjects.values())
+        frames_of = {i: self._annotated_frames(s) for i, s in subjects.items()}
         val_subs = []
         if rank == 0:
             pairs = [self._load_pair(v) for v in (val or [])]
@@ -546,7 +557,7 @@ class NISF:
             rng = step_rng(cfg.seed, i, rank)
             k = min(cfg.subjects_per_step, len(mine))
             picks = [int(j) for j in rng.choice(mine, size=k, replace=False)]
-            samples = [self._sample_points(subjects[j], rng) for j in picks]
+            samples = [self._sample_points(subjects[j], rng, frames_of[j]) for j in picks]
             coords, inten, labs = (pad_sequence([s[c] for s in samples], batch_first=True).to(self.device)
                                    for c in range(3))                   # (B, N, d), (B, N, C_in), (B, N)
             weight = _point_weights([s[0].shape[0] for s in samples]).to(self.device)   # (B, N)
@@ -612,15 +623,36 @@ class NISF:
             share = min(1.0, max(_MIN_PRIOR_SHARE, 1.0 - need / max(budget.remaining_s(), 1e-9)))
         return float(broadcast_object(share))
 
-    def _sample_points(self, s: _Subject, rng: np.random.Generator
+    def _annotated_frames(self, s: _Subject) -> np.ndarray | None:
+        """The frames of a 3D + t case that hold an annotated voxel, ``(k,)`` int64, when the
+        case has ignored voxels; ``None`` otherwise (not 3D + t, no labels, or fully labelled:
+        frames are then drawn uniformly)."""
+        if self.spatial_ndim != 4 or s.labels is None:
+            return None
+        known = (s.labels != IGNORE).reshape(-1, s.shape[3])        # C order: time fastest
+        if bool(known.all()):
+            return None
+        return np.flatnonzero(known.any(0).numpy()).astype(np.int64)
+
+    def _sample_points(self, s: _Subject, rng: np.random.Generator,
+                       annotated_frames: np.ndarray | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One training sample of a case: a random frame (4D), all or ``points_per_step`` of its
         voxels, with coordinate jitter. Returns ``coords (n, d)``, ``intensity (n, C_in)``,
-        ``labels (n,)``, on the CPU."""
+        ``labels (n,)``, on the CPU.
+
+        ``annotated_frames`` (:meth:`_annotated_frames`; a sparsely labelled cine): with
+        probability ``annotated_frame_fraction`` the frame is one of them, else any frame. With
+        ``None`` (or an empty array, or a fraction of 0) no extra number is drawn, so the draws
+        are those of a fully labelled case."""
         cfg = self.config
         if self.spatial_ndim == 4:
             T = s.shape[3]
-            t = int(rng.integers(T))
+            if (annotated_frames is not None and annotated_frames.size and
+                    cfg.annotated_frame_fraction > 0 and rng.random() < cfg.annotated_frame_fraction):
+                t = int(annotated_frames[rng.integers(annotated_frames.size)])
+            else:
+                t = int(rng.integers(T))
             idx = torch.arange(t, s.coords.shape[0], T, device="cpu")   # C order: time is the fastest axis
         else:
             idx = None
