@@ -610,7 +610,7 @@ def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is written."),
-         minutes: float = typer.Option(2.0, help="MetaSeg training budget in minutes: meta-training, "
+         minutes: float = typer.Option(4.0, help="MetaSeg training budget in minutes: meta-training, "
                                                  "phase 2 and the choice of T_f."),
          force: bool = typer.Option(True, help="Replace an earlier demo's output."),
          device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")) -> None:
