@@ -23,6 +23,15 @@ def _plt():
     return plt
 
 
+def save_png(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure to ``path`` as PNG, atomically, and close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    _plt().close(fig)
+    return path
+
+
 def metaseg_step_curve(model, image: Volume, labels: Volume,
                        steps: Sequence[int] = (0, 1, 2, 5, 10, 25, 50, 100, 200, 500)) -> list[dict]:
     """Fit ``image`` from the meta-learned theta* and record, after each of ``steps`` test-time
@@ -65,10 +74,7 @@ def plot_step_curves(curves: dict[str, list[dict]], path: str | Path, t_f: int |
             ax.axvline(max(t_f, 0.5), color="k", ls="--", lw=0.8, label=f"T_f = {t_f}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path, dpi=100)
 
 
 def feature_pca_png(model, image: Volume, path: str | Path, steps: int | None = None) -> Path:
@@ -99,10 +105,7 @@ def feature_pca_png(model, image: Volume, path: str | Path, steps: int | None = 
         ax.set_title(t, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path, dpi=100)
 
 
 DIAGNOSTIC_STEPS = (0, 2, 5, 10, 25, 50, 100, 200)
@@ -163,8 +166,4 @@ def plot_diagnostic(curves: dict[str, list[dict]], path: str | Path, title: str 
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)

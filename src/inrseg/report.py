@@ -199,10 +199,9 @@ def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarr
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return Path(path)
+    from inrseg.figures import save_png
+
+    return save_png(fig, path, dpi=90)
 
 
 def save_plane_png(view: PlaneView, path: str | Path, alpha: float = 0.45,
@@ -230,8 +229,6 @@ def save_plane_png(view: PlaneView, path: str | Path, alpha: float = 0.45,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    from inrseg.figures import save_png
+
+    return save_png(fig, path, dpi=100)
