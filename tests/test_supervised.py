@@ -202,3 +202,24 @@ def test_sampler_with_ignore_crops_annotated_regions():
             assert all((y[i] == 1).any() for i in range(16))
     empty = PatchSampler([image], [torch.full_like(label, IGNORE)], (16, 16, 8), 0.5, augment=False, ignore=True)
     assert empty.item(0, 0)[1].shape == (1, 16, 16, 8)
+
+
+@pytest.mark.parametrize("arch", ["unet", "segresnet"])
+def test_every_tensor_on_an_explicit_device(tmp_path, arch):
+    """With the default device set to "meta", any tensor made without a device is a meta tensor
+    and the run fails: fit (3D crops, validation, resume state, metrics log) and predict (sliding
+    window, scale 2) with device="cpu" must not make one."""
+    ds = open_dataset(write_blobs(tmp_path / "b3", n=3, shape=(20, 24, 28), spacing=2.0))
+    cfg = SupervisedConfig(arch=arch, channels=(4, 8, 16), num_res_units=0, init_filters=8, batch_size=1,
+                           patch_size=(16, 16, 16), steps=2, val_every=2)
+    torch.set_default_device("meta")
+    try:
+        model = SupervisedSegmenter(ds.label_names, 3, 1, cfg, device="cpu")
+        model.fit(ds.train[:2], ds.train[2:], state_path=tmp_path / "m.train-state",
+                  log_path=tmp_path / "m.metrics.jsonl")
+        img = ds.train[0].load_image()
+        assert model.predict(img).shape == (20, 24, 28)
+        assert model.predict(img, scale=2.0).shape == (40, 48, 56)
+    finally:
+        torch.set_default_device(None)
+    assert next(model.net.parameters()).device.type == "cpu"
