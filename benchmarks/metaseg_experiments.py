@@ -19,6 +19,7 @@ Writes ``benchmarks/results/<date>-metaseg-exp-<name>.md`` and ``...-diagnostic.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -57,7 +58,7 @@ EXPERIMENTS: dict[str, tuple[str, dict]] = {
 def downsample_dataset(src: Path, dst: Path, factor: int) -> Path:
     """An nnU-Net copy of 2D dataset ``src`` at 1/``factor`` resolution: image ``factor^2`` mean,
     labels every ``factor``-th pixel, voxel spacing x ``factor``."""
-    from inrseg.data.io import Volume, load_image, load_labels, save_image, save_labels
+    from inrseg.data.io import Volume, save_image, save_labels
     from inrseg.data.layouts import open_dataset
 
     ds = open_dataset(src)
@@ -87,7 +88,12 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the experiments and exit")
     ap.add_argument("--data", type=Path, default=SHARED_DATA / "brain2d-seg4")
     ap.add_argument("--downsample", type=int, default=2, help="1 keeps the full resolution")
-    ap.add_argument("--steps", type=int, default=2000, help="outer steps (the schedules' length)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="outer steps (the schedules' length; default: the config's)")
+    ap.add_argument("--preset", default="2d-seg4", help="MetaSeg preset (2d-seg4, 2d-seg24, 3d-seg4)")
+    ap.add_argument("--unet-minutes", type=float, default=0.0,
+                    help="also train the U-Net (unet-small) for this many minutes on the same split "
+                         "and score it on the same test subjects, in the same run")
     ap.add_argument("--budget-minutes", type=float, default=None, help="bounds the whole fit")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -108,14 +114,19 @@ def main() -> None:
     desc, over = EXPERIMENTS[args.experiment]
     over = dict(over)
     paper = over.pop("paper")
+    if args.steps is not None:
+        over["steps"] = args.steps
     if over.get("outer_warmup") == -1:
-        over["outer_warmup"] = max(1, args.steps // 20)
+        over["outer_warmup"] = -1  # resolved below, from the config's step count
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data if args.downsample == 1 else downsample_dataset(args.data, Path(tmp) / "ds", args.downsample)
         ds = open_dataset(data)
+        names0 = ds.label_names
         train, val = split_by_subject(ds.train, 0.2, seed=0)
         test = ds.test[:args.max_test] if args.max_test else ds.test
-        cfg = metaseg_config("2d-seg4", paper=paper, steps=args.steps, seed=args.seed, **over)
+        cfg = metaseg_config(args.preset, paper=paper, seed=args.seed, **over)
+        if cfg.outer_warmup == -1:
+            cfg = dataclasses.replace(cfg, outer_warmup=max(1, cfg.steps // 20))
         dev = resolve_device(args.device)
         model = MetaSeg(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
         shape = ds.train[0].load_image().shape
@@ -129,34 +140,50 @@ def main() -> None:
         diag = metaseg_diagnostic(model, val_pairs, DIAGNOSTIC_STEPS)
         diag_s = time.perf_counter() - t1
         summary, secs = evaluate_cases(model, test, ds.num_classes)
+        unet_row = None
+        if args.unet_minutes > 0:
+            from baselines import supervised_factory
+            from harness import run_method
+
+            _, res = run_method("unet-small", supervised_factory("unet-small", args.unet_minutes, seed=args.seed),
+                                ds, train, val, test=test, device=args.device)
+            unet_row = {"method": f"U-Net (unet-small, {args.unet_minutes:g} min)",
+                        "mean fg Dice": res.summary["mean_foreground_dice"],
+                        "gen. Dice": res.summary["generalized_dice"], "HD95 mm": res.summary["hd95_mm"],
+                        **{n: v["dice"] for n, v in res.summary["per_class"].items() if n != names0[0]},
+                        "T_f": None, "s / slice (median)": res.infer_seconds_median,
+                        "train s": res.train_seconds}
     names = ds.label_names
     steps_run = model.history[-1]["step"] if model.history else 0
     rows = [{"T": t, **{f"{h} head": diag[h][i]["dice"] for h in diag}} for i, t in enumerate(DIAGNOSTIC_STEPS)]
     atlas = [{"head": h, "T": c["step"], **{n: c["per_class"][k] for k, n in enumerate(names) if k > 0}}
              for h in diag for c in diag[h] if c["step"] in (0, 2)]
     per_class = summary["per_class"]
-    test_row = {"mean fg Dice": summary["mean_foreground_dice"], "gen. Dice": summary["generalized_dice"],
+    test_row = {"method": f"MetaSeg {args.experiment}", "mean fg Dice": summary["mean_foreground_dice"], "gen. Dice": summary["generalized_dice"],
                 "HD95 mm": summary["hd95_mm"],
                 **{names[int(k[1:])]: v["dice"] for k, v in per_class.items() if int(k[1:]) > 0},
-                "T_f": model.t_f, "s / slice (median)": statistics.median(secs)}
+                "T_f": model.t_f, "s / slice (median)": statistics.median(secs), "train s": train_s}
     meta_curve = [{"step": h["step"], "outer loss": h["loss"], "val Dice (T=val_fit_steps)": h["val_dice"],
                    "time s": h.get("time_s")} for h in model.history]
     every = max(1, len(meta_curve) // 12)
     sections = {
-        "Test subjects": markdown_table([test_row]),
+        "Test subjects": markdown_table([test_row] + ([unet_row] if unet_row else [])),
         "Diagnostic: validation Dice against test-time steps T": markdown_table(rows),
         "Atlas Dice per class (validation, T = 0 and 2)": markdown_table(atlas),
         "T_f selection (validation)": markdown_table(model.tf_curve),
         "Meta-training validation (every few entries)": markdown_table(
             meta_curve[::every] + ([meta_curve[-1]] if (len(meta_curve) - 1) % every else [])),
     }
-    notes = (f"Experiment `{args.experiment}`: {desc}.\n\nData: `{args.data.name}` down-sampled "
-             f"{args.downsample}x to {shape[0]} x {shape[1]} ({len(train)} train / {len(val)} validation / "
+    res_txt = "at full resolution" if args.downsample == 1 else f"down-sampled {args.downsample}x"
+    notes = (f"Experiment `{args.experiment}`: {desc}.\n\nData: `{args.data.name}` {res_txt}, "
+             f"{shape[0]} x {shape[1]} ({len(train)} train / {len(val)} validation / "
              f"{len(test)} test slices, split by subject, validation seed 0); device {dev}; "
              f"{args.threads} torch threads; seed {args.seed}. Training (meta-training + phase 2 + T_f) "
              f"{train_s:.0f} s, {steps_run} outer steps; diagnostic {diag_s:.0f} s. Everything chosen on "
              f"validation. Config: `{json.dumps({k: v for k, v in vars(cfg).items()}, default=str)}`")
-    path = write_results(f"metaseg-exp-{args.experiment}", sections, notes)
+    tag = args.experiment + ("" if args.data.name == "brain2d-seg4" else f"-{args.data.name}") + \
+        ("" if args.downsample == 2 else f"-x{args.downsample}")
+    path = write_results(f"metaseg-exp-{tag}", sections, notes)
     png = plot_diagnostic(diag, RESULTS / f"{path.stem}-diagnostic.png",
                           title=f"MetaSeg {args.experiment} ({shape[0]}x{shape[1]})", t_f=model.t_f)
     with open(path, "a") as f:

@@ -21,7 +21,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from inrseg.data.layouts import open_dataset, split_by_subject

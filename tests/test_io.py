@@ -52,10 +52,11 @@ def test_int16_scaled_image_keeps_dtype_and_values(tmp_path):
 def test_multichannel_and_4d(tmp_path):
     aff = _affine([1.8, 1.8, 8.0])
     for c in range(2):
-        nib.save(nib.Nifti1Image(np.full((6, 7, 3), c, np.float32), aff), tmp_path / f"x_{c:04d}.nii.gz")
+        arr = c + np.arange(6 * 7 * 3, dtype=np.float32).reshape(6, 7, 3) / 1000
+        nib.save(nib.Nifti1Image(arr, aff), tmp_path / f"x_{c:04d}.nii.gz")
     vol = load_image([tmp_path / "x_0000.nii.gz", tmp_path / "x_0001.nii.gz"], expect_ndim=3)
-    assert vol.data.shape == (2, 6, 7, 3) and vol.data[1].max() == 1
-    cine = nib.Nifti1Image(np.zeros((6, 7, 3, 5), np.float32), aff)
+    assert vol.data.shape == (2, 6, 7, 3) and vol.data[1].min() == 1
+    cine = nib.Nifti1Image(np.random.default_rng(0).random((6, 7, 3, 5)).astype(np.float32), aff)
     cine.header.set_zooms((1.8, 1.8, 8.0, 0.04))
     nib.save(cine, tmp_path / "sa.nii.gz")
     v4 = load_image(tmp_path / "sa.nii.gz", expect_ndim=4)

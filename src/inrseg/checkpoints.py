@@ -13,6 +13,7 @@ JSON. ``inrseg info CKPT`` prints the JSON. Writes are atomic (temporary file + 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,50 @@ from inrseg.errors import InputError
 FORMAT_VERSION = 1
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: stored in the
+    header by :func:`save_checkpoint` and checked by :func:`load_checkpoint`, so a flipped or
+    zeroed weight byte is caught before the weights are used."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _need(path: Path, meta: dict, key: str, kinds: type | tuple, what: str) -> Any:
+    value = meta.get(key)
+    if not isinstance(value, kinds) or isinstance(value, bool) and kinds is not bool:
+        raise InputError(path, f"corrupt checkpoint metadata ({key!r} should be {what}, is {value!r:.60})")
+    return value
+
+
+def validate_model_header(path: str | Path, meta: dict) -> None:
+    """Check the JSON header of a model checkpoint against the schema every method writes:
+    ``method`` (str), ``config`` (object), ``label_names`` (>= 2 distinct strings),
+    ``spatial_ndim`` (2, 3 or 4), ``in_channels`` (>= 1). Raises :class:`InputError`."""
+    path = Path(path)
+    _need(path, meta, "method", str, "a method name")
+    _need(path, meta, "config", dict, "an object")
+    names = _need(path, meta, "label_names", list, "a list of class names")
+    if len(names) < 2 or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise InputError(path, f"corrupt checkpoint metadata ('label_names' should be >= 2 distinct "
+                               f"strings, is {names!r:.60})")
+    if _need(path, meta, "spatial_ndim", int, "2, 3 or 4") not in (2, 3, 4):
+        raise InputError(path, f"corrupt checkpoint metadata ('spatial_ndim' is {meta['spatial_ndim']})")
+    if _need(path, meta, "in_channels", int, "a channel count") < 1:
+        raise InputError(path, f"corrupt checkpoint metadata ('in_channels' is {meta['in_channels']})")
+
+
 def save_checkpoint(path: str | Path, method: str, tensors: dict[str, torch.Tensor],
                     meta: dict[str, Any]) -> Path:
     """Write ``tensors`` and the JSON ``meta`` (config, label names, ...) to ``path`` atomically."""
     header = {"format": "inrseg", "format_version": FORMAT_VERSION, "method": method,
               "inrseg_version": __version__, **meta}
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header["sha256"] = tensors_digest(clean)
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata={"inrseg": json.dumps(header)})
     return Path(path)
@@ -79,6 +118,12 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> tuple[dict[s
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(path, f"corrupt checkpoint weights ({type(exc).__name__})") from None
+    digest = meta.get("sha256")
+    if digest is not None and digest != tensors_digest(tensors):
+        raise InputError(path, "corrupt checkpoint weights (their SHA-256 does not match the header's)")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(path, f"corrupt checkpoint weights (tensor {name!r} holds NaN or Inf)")
     return tensors, meta
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import sys
 from enum import Enum
@@ -26,7 +27,7 @@ import typer
 
 from inrseg import __version__
 from inrseg.errors import InputError, InrsegError
-from inrseg.progress import progress, set_quiet, status
+from inrseg.progress import Heartbeat, last_status, progress, set_budget, set_quiet, status
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Medical image segmentation with implicit neural representations.")
@@ -38,6 +39,20 @@ app.add_typer(train_app, name="train")
 _state = {"debug": False}
 
 
+def _positive(value: Optional[float]) -> Optional[float]:
+    """Option callback: a positive finite number (``None`` passes)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a positive finite number, not {value}")
+    return value
+
+
+def _fraction(value: float) -> float:
+    """Option callback: a fraction in [0, 1)."""
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise typer.BadParameter(f"must be a fraction in [0, 1), not {value}")
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"inrseg {__version__}")
@@ -47,7 +62,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-          threads: Optional[int] = typer.Option(None, help="CPU threads for PyTorch (default: all)."),
+          threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for PyTorch (default: all)."),
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     set_quiet(quiet)
@@ -155,16 +170,21 @@ def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label m
              out: Path = typer.Option(..., help="Report directory: per_case.csv, summary.json."),
              labels: Optional[Path] = typer.Option(None, help="dataset.json giving the label names and the "
                                                              "ignore value (default: found next to --gt)."),
-             distances: bool = typer.Option(True, help="Compute HD95 / ASD (slower in 3D).")) -> None:
+             distances: bool = typer.Option(True, help="Compute HD95 / ASD (slower in 3D)."),
+             force: bool = typer.Option(False, "--force", help="Replace a non-empty report folder.")) -> None:
     """Score predictions against ground truth: Dice, Jaccard, generalized Dice, HD95 and ASD (mm).
     Ground-truth voxels with the dataset's ignore value are skipped; a 3D+t case (one subject) is
     the mean over its annotated frames of the per-frame 3D metrics."""
     from inrseg.report import evaluate_dirs, format_table, write_report
 
+    from inrseg.data.io import atomic_dir
+
+    _check_output_dir(out, force)
     per_case, summary, names = evaluate_dirs(pred, gt, labels, distances)
-    csv_path, json_path = write_report(out, per_case, summary, names)
+    with atomic_dir(out, force) as tmp:  # the report folder appears whole, or not at all
+        files = write_report(tmp, per_case, summary, names)
     print(format_table(summary))
-    status(f"wrote {csv_path} and {json_path}")
+    status(f"wrote {' and '.join(str(out / f.name) for f in files)}")
 
 
 # ----------------------------------------------------------------------------------- segment
@@ -175,7 +195,7 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
                                                            "Biobank subject folder(s): <subject>/sa.nii.gz "
                                                            "-> OUTPUT/<subject>.nii.gz."),
             output: Path = typer.Option(..., help="Output directory for the label maps."),
-            scale: float = typer.Option(1.0, help="Resolution factor of the output grid (2 = twice as fine)."),
+            scale: float = typer.Option(1.0, callback=_positive, help="Resolution factor of the output grid (2 = twice as fine)."),
             method: Optional[str] = typer.Option(None, help="Refuse a checkpoint of another method."),
             overlays: bool = typer.Option(False, help="Also write a PNG overlay per case."),
             heldout: Optional[str] = typer.Option(None, help="NISF: fit without these slices and predict "
@@ -184,18 +204,19 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
                                                           "the centre, spanned by the first and through-plane "
                                                           "axes) or 'cx,cy,cz;ux,uy,uz;vx,vy,vz' in world mm."),
             plane_size: str = typer.Option("160,160", help="Plane size in pixels 'NU,NV'."),
-            plane_mm: float = typer.Option(1.0, help="Plane pixel size in mm."),
-            frame: float = typer.Option(0.0, help="3D+t: time frame of the plane."),
-            device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")) -> None:
+            plane_mm: float = typer.Option(1.0, callback=_positive, help="Plane pixel size in mm."),
+            frame: float = typer.Option(0.0, min=0.0, help="3D+t: time frame of the plane."),
+            device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps."),
+            force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder.")) -> None:
     """Label images with a trained model; label maps carry the input's affine (or its resampled
     version for --scale != 1). NISF models can also predict held-out slices and render planes.
     Under torchrun the inputs are split across the ranks; each output is written once."""
-    from inrseg.data.io import load_image, save_labels
-    from inrseg.data.layouts import case_id_of, image_files
-    from inrseg.report import save_overlay
+    from inrseg.data.io import atomic_dir, load_image
+    from inrseg.data.layouts import image_files
     from inrseg.segmenter import load_segmenter
-    from inrseg.training import barrier, is_main, shard
+    from inrseg.training import broadcast_object, is_main
 
+    _check_output_dir(output, force)
     with _run_on(device) as dev:
         seg = load_segmenter(model, method, device=dev)
         for flag, needed in (("--heldout", heldout and "predict_heldout"), ("--plane", plane and "render_plane")):
@@ -206,25 +227,49 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
         groups = image_files(input)
         # Validate every input before writing anything, so a bad file leaves no partial output.
         for files in progress(groups, desc="checking inputs"):
-            load_image(files, expect_ndim=seg.spatial_ndim)
-        if is_main():
-            output.mkdir(parents=True, exist_ok=True)
-        barrier()
-        # under torchrun each rank segments its share of the inputs and writes only those
-        for files in progress(shard(groups), desc=f"segmenting ({seg.method}, {dev})"):
             image = load_image(files, expect_ndim=seg.spatial_ndim)
-            cid = case_id_of(files)
-            if heldout_spec is not None:
-                labels = seg.predict_heldout(image, heldout_spec[0], heldout_spec[1]).labels
-            else:
-                labels = seg.predict(image, scale=scale)
-            save_labels(labels.data, output / f"{cid}.nii.gz", like=labels)
-            if plane:
-                _render_plane(seg, image, plane, _parse_shape(plane_size), plane_mm, frame, output / cid)
-            if overlays and scale == 1.0:
-                save_overlay(image, labels.data, output / f"{cid}.png", title=cid)
-        barrier()
+            _check_output_memory(Path(files[0]), image.shape, scale, len(seg.label_names))
+        # The label maps go to a fresh folder that becomes OUTPUT in one rename at the end: a
+        # failure half-way, or a second run writing OUTPUT at the same time, never leaves a mix.
+        with atomic_dir(output, force) if is_main() else contextlib.nullcontext() as tmp:
+            _segment_into(Path(broadcast_object(str(tmp) if is_main() else None)), seg, groups, scale,
+                          heldout_spec, plane, plane_size, plane_mm, frame, overlays, dev)
     status(f"wrote {len(groups)} label maps to {output}")
+
+
+def _check_output_memory(path: Path, shape: tuple[int, ...], scale: float, num_classes: int) -> None:
+    """Refuse ``--scale`` values whose output grid would not fit in memory, before allocating:
+    per output voxel, class scores (float32, twice: logits and softmax), the label and the
+    coordinates."""
+    from inrseg.data.io import check_memory
+
+    voxels = math.prod(max(1, round(n * scale)) for n in shape[:3]) * math.prod(shape[3:])
+    check_memory(path, voxels * (8 * num_classes + 8 + 4 * len(shape)),
+                 f"--scale {scale:g} (an output grid of {voxels:.3g} voxels)")
+
+
+def _segment_into(output: Path, seg, groups, scale: float, heldout_spec, plane, plane_size: str,
+                  plane_mm: float, frame: float, overlays: bool, dev) -> None:
+    """Segment every input group into ``output``; under torchrun each rank segments its share
+    of the inputs and writes only those."""
+    from inrseg.data.io import load_image, save_labels
+    from inrseg.data.layouts import case_id_of
+    from inrseg.report import save_overlay
+    from inrseg.training import barrier, shard
+
+    for files in progress(shard(groups), desc=f"segmenting ({seg.method}, {dev})"):
+        image = load_image(files, expect_ndim=seg.spatial_ndim)
+        cid = case_id_of(files)
+        if heldout_spec is not None:
+            labels = seg.predict_heldout(image, heldout_spec[0], heldout_spec[1]).labels
+        else:
+            labels = seg.predict(image, scale=scale)
+        save_labels(labels.data, output / f"{cid}.nii.gz", like=labels)
+        if plane:
+            _render_plane(seg, image, plane, _parse_shape(plane_size), plane_mm, frame, output / cid)
+        if overlays and scale == 1.0:
+            save_overlay(image, labels.data, output / f"{cid}.png", title=cid)
+    barrier()
 
 
 def _parse_heldout(text: str) -> tuple[int, list[int]]:
@@ -281,12 +326,31 @@ def _open_train_data(data: Path, splits: Optional[Path], val_fraction: float, se
     return ds, train, val
 
 
+def _state_file(out: Path) -> Path:
+    """Where an interrupted ``train`` keeps its resumable state: ``OUT.train-state``."""
+    return out.with_name(out.name + ".train-state")
+
+
+def _check_train_out(out: Path, resume: bool, force: bool) -> None:
+    """Before any data is read: ``--out`` must be writable, and an interrupted run's state is
+    never overwritten without ``--resume`` (continue it) or ``--force`` (start over)."""
+    from inrseg.data.io import check_writable
+
+    check_writable(out, "checkpoint")
+    state = _state_file(out)
+    if resume and force:
+        raise typer.BadParameter("--resume and --force exclude each other")
+    if state.exists() and not (resume or force):
+        raise InputError(state, "holds the state of an interrupted run: add --resume to continue it, "
+                                "or --force to start over")
+
+
 def _state_path(out: Path, resume: bool) -> Path:
-    """``OUT.train-state``; without ``--resume`` a stale one (and its metrics log) is removed
-    by rank 0 before any rank looks for it."""
+    """``OUT.train-state``; without ``--resume`` (that is, with ``--force``) a stale one and its
+    metrics log are removed by rank 0 before any rank looks for it."""
     from inrseg.training import barrier, is_main
 
-    state = out.with_name(out.name + ".train-state")
+    state = _state_file(out)
     if not resume and is_main():
         for stale in (state, _log_path(out)):
             if stale.exists():
@@ -324,22 +388,33 @@ def _run_on(device: str):
             dist.destroy_process_group()
 
 
-def _fit_and_save(model, train, val, out: Path, resume: bool, budget, precision: str) -> None:
-    """Train (every rank) and write the checkpoint (rank 0), atomically."""
+def _fit_and_save(model, train, val, out: Path, resume: bool, budget, precision: str,
+                  force: bool = False) -> None:
+    """Train (every rank) and write the checkpoint (rank 0), atomically, holding a lock on
+    ``out`` so that two runs never write the same checkpoint; temporary files that a killed
+    run left next to it are removed (and named). The resumable state is deleted once the
+    checkpoint is written: it exists only while a run is unfinished or was interrupted."""
+    from inrseg.data.io import exclusive_lock, remove_stale_temporaries
     from inrseg.training import barrier, is_main
 
-    model.fit(train, val, state_path=_state_path(out, resume), budget=budget,
-              log_path=_log_path(out), precision=precision)
-    if is_main():
-        model.save(out)
-    barrier()
+    state = _state_file(out)
+    with exclusive_lock(out) if is_main() else contextlib.nullcontext():
+        if is_main():
+            for stale in remove_stale_temporaries(out) + remove_stale_temporaries(state):
+                status(f"removed {stale}: a temporary file an interrupted run left behind")
+        model.fit(train, val, state_path=_state_path(out, resume), budget=budget,
+                  log_path=_log_path(out), precision=precision)
+        if is_main():
+            model.save(out)
+            state.unlink(missing_ok=True)
+        barrier()
 
 
 def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Optional[int],
                       batch_size: Optional[int], budget_minutes: Optional[float], val_fraction: float,
                       splits: Optional[Path], seed: int, resume: bool, patch: Optional[str] = None,
                       foreground_fraction: Optional[float] = None, device: str = "cpu",
-                      precision: str = "auto") -> None:
+                      precision: str = "auto", force: bool = False) -> None:
     from dataclasses import replace
 
     from inrseg.methods.supervised import PRESETS, SupervisedConfig
@@ -347,7 +422,9 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
+    set_budget(budget)
     _check_device(device)
+    _check_train_out(out, resume, force)
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
@@ -365,16 +442,17 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
     with _run_on(device) as dev:
         model = cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
         status(f"{method}: {model.num_params / 1e6:.2f}M parameters on {dev}")
-        _fit_and_save(model, train, val, out, resume, budget, precision)
+        _fit_and_save(model, train, val, out, resume, budget, precision, force)
     status(f"saved {out} (best validation step {model.best_step})")
 
 
 _DATA = typer.Option(..., help="Dataset directory (nnU-Net, neurite-OASIS or UK Biobank layout).")
 _OUT = typer.Option(..., help="Checkpoint to write (.safetensors).")
-_VAL = typer.Option(0.2, help="Fraction of training subjects held out for validation.")
+_VAL = typer.Option(0.2, callback=_fraction, help="Fraction of training subjects held out for validation.")
 _SPLITS = typer.Option(None, help="Splits JSON overriding subjects / validation split.")
-_RESUME = typer.Option(False, help="Continue from OUT.train-state if a killed run left one.")
-_BUDGET = typer.Option(None, help="Stop training after this many minutes (best-on-validation kept).")
+_RESUME = typer.Option(False, help="Continue from OUT.train-state if an interrupted run left one.")
+_FORCE = typer.Option(False, "--force", help="Start over even if an interrupted run left OUT.train-state.")
+_BUDGET = typer.Option(None, callback=_positive, help="Stop training after this many minutes (best-on-validation kept).")
 _PATCH = typer.Option(None, help="3D training crop in voxels: one edge (64) or three (96,96,64); "
                                  "default 96^3, capped at the volume.")
 _FG = typer.Option(None, min=0.0, max=1.0, help="Share of 3D crops forced to contain foreground "
@@ -400,28 +478,28 @@ def _patch(text: Optional[str]) -> Optional[tuple[int, ...]]:
 @train_app.command("unet")
 def train_unet(data: Path = _DATA, out: Path = _OUT,
                preset: str = typer.Option("unet-small", help="unet-small (1.6M) or unet-paper (6.5M)."),
-               steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 2000)."),
-               batch_size: Optional[int] = typer.Option(None, help="Slices / patches per step."),
+               steps: Optional[int] = typer.Option(None, min=1, help="Optimiser steps (default 2000)."),
+               batch_size: Optional[int] = typer.Option(None, min=1, help="Slices / patches per step."),
                patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train the MONAI U-Net baseline (2D or 3D, from the data)."""
     _train_supervised("unet", data, out, preset, steps, batch_size, budget_minutes, val_fraction,
-                      splits, seed, resume, patch, foreground_fraction, device, precision)
+                      splits, seed, resume, patch, foreground_fraction, device, precision, force)
 
 
 @train_app.command("segresnet")
 def train_segresnet(data: Path = _DATA, out: Path = _OUT,
-                    steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 2000)."),
-                    batch_size: Optional[int] = typer.Option(None, help="Slices / patches per step."),
+                    steps: Optional[int] = typer.Option(None, min=1, help="Optimiser steps (default 2000)."),
+                    batch_size: Optional[int] = typer.Option(None, min=1, help="Slices / patches per step."),
                     patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                     budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-                    splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+                    splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                     device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train the MONAI SegResNet baseline (4.7M parameters)."""
     _train_supervised("segresnet", data, out, "segresnet", steps, batch_size, budget_minutes,
-                      val_fraction, splits, seed, resume, patch, foreground_fraction, device, precision)
+                      val_fraction, splits, seed, resume, patch, foreground_fraction, device, precision, force)
 
 
 def metaseg_config(preset: str, paper: bool = False, **overrides):
@@ -445,8 +523,8 @@ def metaseg_config(preset: str, paper: bool = False, **overrides):
 def train_metaseg(data: Path = _DATA, out: Path = _OUT,
                   preset: str = typer.Option("2d-seg4", help="2d-seg4 (6 x 128), 2d-seg24 (5 x 512) or "
                                                              "3d-seg4 (6 x 256)."),
-                  steps: Optional[int] = typer.Option(None, help="Outer (meta) steps."),
-                  inner_steps: Optional[int] = typer.Option(None, help="Inner Adam steps per task."),
+                  steps: Optional[int] = typer.Option(None, min=1, help="Outer (meta) steps."),
+                  inner_steps: Optional[int] = typer.Option(None, min=1, help="Inner Adam steps per task."),
                   meta_sgd: bool = typer.Option(False, help="Learn per-parameter inner learning rates."),
                   first_order: bool = typer.Option(False, help="First-order MAML (cheaper)."),
                   meta_batch: Optional[int] = typer.Option(None, min=1, help="Tasks (images) per outer step "
@@ -454,7 +532,7 @@ def train_metaseg(data: Path = _DATA, out: Path = _OUT,
                   paper: bool = typer.Option(False, help="The paper's full settings (all pixels per step, "
                                                          "lr 1e-4, joint inner loss, 5000 steps): for GPUs."),
                   budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-                  splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+                  splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                   device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train MetaSeg: meta-learn a SIREN + segmentation head, retrain the head on fitted
     features (phase 2) and choose the test-time step count T_f on the validation subjects.
@@ -462,18 +540,20 @@ def train_metaseg(data: Path = _DATA, out: Path = _OUT,
     overrides = {k: v for k, v in dict(steps=steps, inner_steps=inner_steps,
                                        meta_batch=meta_batch).items() if v is not None}
     _train_metaseg(data, out, preset, paper, budget_minutes, val_fraction, splits, seed, resume,
-                   device=device, precision=precision, meta_sgd=meta_sgd, first_order=first_order,
+                   device=device, precision=precision, force=force, meta_sgd=meta_sgd, first_order=first_order,
                    **overrides)
 
 
 def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minutes: Optional[float],
                    val_fraction: float, splits: Optional[Path], seed: int, resume: bool,
-                   device: str = "cpu", precision: str = "auto", **overrides) -> None:
+                   device: str = "cpu", precision: str = "auto", force: bool = False, **overrides) -> None:
     from inrseg.methods.metaseg import MetaSeg
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
+    set_budget(budget)
     _check_device(device)
+    _check_train_out(out, resume, force)
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     try:
         cfg = metaseg_config(preset, paper=paper, seed=seed, budget_minutes=budget_minutes, **overrides)
@@ -482,7 +562,7 @@ def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minut
     with _run_on(device) as dev:
         model = MetaSeg(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
         status(f"metaseg ({preset}): {model.num_params / 1e6:.3f}M parameters on {dev}")
-        _fit_and_save(model, train, val, out, resume, budget, precision)
+        _fit_and_save(model, train, val, out, resume, budget, precision, force)
     status(f"saved {out} (T_f = {model.t_f} test-time steps, chosen on validation)")
 
 
@@ -490,12 +570,12 @@ def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minut
 def train_nisf(data: Path = _DATA, out: Path = _OUT,
                preset: str = typer.Option("nisf-cpu", help="nisf-paper (8 x 128, GPU-sized), nisf-cpu, "
                                                            "or nisf-cpu-small (4 x 64)."),
-               steps: Optional[int] = typer.Option(None, help="Prior-training steps."),
+               steps: Optional[int] = typer.Option(None, min=1, help="Prior-training steps."),
                activation: Optional[str] = typer.Option(None, help="gabor (default), sine or relu (ablation)."),
-               infer_max_steps: Optional[int] = typer.Option(None, help="Longest latent fit tried on the "
+               infer_max_steps: Optional[int] = typer.Option(None, min=1, help="Longest latent fit tried on the "
                                                                        "validation cases when choosing the step count."),
                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+               splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train NISF: an auto-decoder prior (network + one latent per training case); the number of
     latent-fitting steps used at inference is chosen on the validation subjects. Under torchrun
@@ -504,8 +584,9 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
+    set_budget(budget)
     _check_device(device)
-    _check_device(device)
+    _check_train_out(out, resume, force)
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
@@ -516,7 +597,7 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
         model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
         status(f"nisf: {model.num_params / 1e6:.3f}M parameters ({cfg.activation}, {cfg.depth} x {cfg.width}) "
                f"on {dev}")
-        _fit_and_save(model, train, val, out, resume, budget, precision)
+        _fit_and_save(model, train, val, out, resume, budget, precision, force)
     status(f"saved {out} (inference steps chosen on validation: {model.infer_steps})")
 
 
@@ -542,22 +623,24 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
                 variant: MorseVariant = typer.Option(MorseVariant.morse, help="baseline, pointrend, smoe (experts "
                                                                               "only), iar (rendering only) or morse."),
                 preset: str = typer.Option("cpu", help="Widths: cpu (minutes on a CPU) or paper."),
-                steps: Optional[int] = typer.Option(None, help="Optimiser steps T (the L_rend schedule uses T)."),
-                batch_size: Optional[int] = typer.Option(None, help="Slices / crops per step."),
-                lr: Optional[float] = typer.Option(None, help="Initial learning rate (AdamW, default 5e-4)."),
+                steps: Optional[int] = typer.Option(None, min=1, help="Optimiser steps T (the L_rend schedule uses T)."),
+                batch_size: Optional[int] = typer.Option(None, min=1, help="Slices / crops per step."),
+                lr: Optional[float] = typer.Option(None, callback=_positive, help="Initial learning rate (AdamW, default 5e-4)."),
                 expert_dropout: Optional[str] = typer.Option(None, help="bernoulli (paper, alpha 0.7), count "
                                                                         "(official code) or none; slows short "
                                                                         "CPU runs down a lot."),
                 patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                 budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
-                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME,
+                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                 device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train MORSE or one of its ablation variants on a backbone (DDP under torchrun)."""
     from inrseg.methods.morse import MORSE, morse_config
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
+    set_budget(budget)
     _check_device(device)
+    _check_train_out(out, resume, force)
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr,
                                        expert_dropout=expert_dropout, patch_size=_patch(patch),
@@ -570,7 +653,7 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
     with _run_on(device) as dev:
         model = MORSE(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
         status(f"morse ({backbone.value}, {variant.value}): {model.num_params / 1e6:.2f}M parameters on {dev}")
-        _fit_and_save(model, train, val, out, resume, budget, precision)
+        _fit_and_save(model, train, val, out, resume, budget, precision, force)
     status(f"saved {out} (best validation step {model.best_step})")
 
 
@@ -580,7 +663,7 @@ def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
             data: Path = typer.Option(..., help="Dataset whose test cases (else training cases) are shown."),
             out: Path = typer.Option(..., help="Output directory for the PNGs."),
             cases: int = typer.Option(3, min=1, help="How many cases."),
-            max_steps: int = typer.Option(500, help="Longest test-time fit on the Dice/PSNR curve."),
+            max_steps: int = typer.Option(500, min=0, help="Longest test-time fit on the Dice/PSNR curve."),
             device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")) -> None:
     """MetaSeg figures: Dice and PSNR against test-time steps (paper Fig. 2), image / prediction /
     ground-truth overlays, and the PCA of the fitted INR's features (Fig. 4)."""
@@ -610,7 +693,7 @@ def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is written."),
-         minutes: float = typer.Option(4.0, help="MetaSeg training budget in minutes: meta-training, "
+         minutes: float = typer.Option(4.0, callback=_positive, help="MetaSeg training budget in minutes: meta-training, "
                                                  "phase 2 and the choice of T_f."),
          force: bool = typer.Option(True, help="Replace an earlier demo's output."),
          device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")) -> None:
@@ -658,24 +741,66 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is wr
 
 
 # ----------------------------------------------------------------------------------- entry
+#: click's base exception class, as typer vendors it (found through the MRO, not a private import)
+_ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _os_error_line(exc: OSError) -> Optional[str]:
+    """One line for an operating-system error the user can act on (disk full, no permission,
+    read-only file system, quota), naming the file; ``None`` for any other."""
+    import errno
+
+    problems = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+                errno.EDQUOT: "disk quota exceeded"}
+    if exc.errno not in problems:
+        return None
+    where = exc.filename if exc.filename is not None else "output"
+    return f"{where}: {problems[exc.errno]}; nothing was left half-written"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point; returns the exit code (0 ok, 2 bad input or usage, 130 interrupted)."""
+    """Console entry point; returns the exit code (0 ok, 1 failure, 2 bad input or usage,
+    130 interrupted). Errors are one line on stderr; ``--debug`` shows the traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in args
     try:
-        app(args=args, prog_name="inrseg", standalone_mode=True)
-    except SystemExit as exc:  # standalone mode exits after printing usage errors itself
+        with Heartbeat():
+            code = app(args=args, prog_name="inrseg", standalone_mode=False)
+        if code == 130 and not last_status().startswith("interrupted"):  # typer turns Ctrl-C into 130
+            print("interrupted", file=sys.stderr)
+        return code if isinstance(code, int) else 0
+    except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except _ClickError as exc:  # usage errors: bad option values, unknown commands
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            ctx = getattr(exc, "ctx", None)
+            print(ctx.get_help() if ctx is not None else exc.format_message())
+            return 2
+        if _state["debug"]:
+            raise
+        print(f"error: {exc.format_message()} (see --help)", file=sys.stderr)
+        return exc.exit_code if isinstance(exc.exit_code, int) and exc.exit_code else 2
     except InrsegError as exc:
         if _state["debug"]:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
-    return 0
+    except MemoryError:
+        if _state["debug"]:
+            raise
+        print("error: out of memory (try a smaller --scale, patch or batch)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        line = _os_error_line(exc)
+        if line is None or _state["debug"]:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

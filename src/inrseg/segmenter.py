@@ -13,7 +13,7 @@ from typing import ClassVar, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from inrseg.checkpoints import read_metadata
+from inrseg.checkpoints import read_metadata, validate_model_header
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
 from inrseg.errors import InputError
@@ -99,4 +99,14 @@ def load_segmenter(path: str | Path, method: str | None = None,
         raise InputError(path, "is a training-state file, not a model checkpoint")
     if method is not None and found != method:
         raise InputError(path, f"is a {found!r} checkpoint, not {method!r}")
-    return segmenter_class(found, path).load(path, device=device)
+    cls = segmenter_class(found, path)
+    validate_model_header(path, meta)
+    try:
+        return cls.load(path, device=device)
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        # a header that is valid JSON but lies about the config, the classes or the channels
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(path, f"checkpoint header does not match its weights ({type(exc).__name__}: "
+                               f"{msg[:160]})") from None

@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -168,15 +168,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def _comm_device(device: torch.device) -> torch.device:
     """Where collective tensors live: the GPU for NCCL, the CPU for gloo."""
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """``True`` on every rank if ``flag`` is true on any rank."""
-    if world()[1] == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
@@ -422,6 +413,47 @@ class MetricsLog:
             self._f = None
 
 
+class _DeferredInterrupt:
+    """Within the block, a first Ctrl-C (SIGINT) only sets :attr:`hit`, so that the current
+    step ends cleanly and its state can be saved; a second one interrupts at once. Only the
+    main thread can install signal handlers; elsewhere the block changes nothing."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt("interrupted again: stopped without saving")
+        self.hit = True
+        status("interrupt: finishing this step and saving the training state (Ctrl-C again to stop "
+               "at once)")
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _stop_code(expired: bool, interrupted: bool, device: torch.device, solo: bool) -> int:
+    """0 go on, 1 budget reached, 2 interrupted: the largest over ranks, so all ranks agree."""
+    code = 2 if interrupted else 1 if expired else 0
+    if solo or world()[1] == 1:
+        return code
+    t = torch.tensor([float(code)], device=_comm_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
     """Train ``task`` for ``loop.steps`` optimiser steps or until ``loop.budget`` expires.
 
@@ -451,7 +483,9 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
     t0 = time.perf_counter()
     bar = progress(total=loop.steps, desc=f"training {task.name}", initial=start) if is_main() else None
     done, stopped = start, False
+    sigint = _DeferredInterrupt()
     try:
+        sigint.__enter__()
         for step in range(start, loop.steps):
             for m in task.modules:
                 m.train()
@@ -473,9 +507,15 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
             lr = task.optimizers[0].param_groups[0]["lr"] if task.optimizers else float("nan")
             entry = {"step": step + 1, "time_s": round(time.perf_counter() - t0, 4), "loss": loss_value,
                      **{k: float(v) for k, v in parts.items()}, "lr": lr}
-            stopped = loop.budget.expired() if loop.solo else any_rank(loop.budget.expired(), loop.device)
+            code = _stop_code(loop.budget.expired(), sigint.hit, loop.device, loop.solo)
+            stopped = code > 0
             last = step + 1 == loop.steps or stopped
-            if (step + 1) % max(1, loop.val_every) == 0 or last:
+            if code == 2:  # interrupted: save the state now, validate after --resume
+                if loop.state_path is not None:
+                    state = _resume_state(task, step + 1, best, best_score, best_step, history)
+                    if is_main():
+                        save_train_state(loop.state_path, task.method, state)
+            elif (step + 1) % max(1, loop.val_every) == 0 or last:
                 if task.validate is not None:
                     metrics = task.validate() if loop.solo or is_main() else None
                     if not loop.solo:
@@ -496,12 +536,20 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
             done = step + 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+                left = {"budget left": f"{loop.budget.remaining_s() / 60:.1f} min"} if loop.budget.limited else {}
+                bar.set_postfix(loss=f"{loss_value:.4f}", **left)
+            if code == 2:
+                where = (f"the state is saved in {loop.state_path}: run the same command with --resume to "
+                         f"continue" if loop.state_path is not None else "no training state was kept")
+                message = f"{task.name} stopped after step {step + 1}; {where}"
+                status(f"interrupted: {message}")
+                raise KeyboardInterrupt(message)
             if stopped:
                 if is_main():
                     status(f"{task.name}: time budget reached at step {step + 1}")
                 break
     finally:
+        sigint.__exit__()
         if bar is not None:
             bar.close()
         log.close()

@@ -93,18 +93,124 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
+#: bytes a NIfTI header may precede its data by (extensions included) before we call it corrupt
+_MAX_HEADER_BYTES = 64 * 2**20
+#: bytes of data after the voxels that a file may carry before we call it corrupt (padding)
+_MAX_TRAILING_BYTES = 64 * 2**20
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may still allocate: ``MemAvailable`` of ``/proc/meminfo``
+    (Linux), else the free physical pages; environment ``INRSEG_MAX_MEMORY_GB`` caps it."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 2**62
+    cap = os.environ.get("INRSEG_MAX_MEMORY_GB")
+    if cap:
+        avail = min(avail, int(float(cap) * 2**30))
+    return avail
+
+
+def check_memory(path: Path | None, nbytes: float, what: str) -> None:
+    """Raise :class:`InputError` if allocating ``nbytes`` for ``what`` would exceed
+    :func:`available_memory` (checked before anything is allocated)."""
+    avail = available_memory()
+    if nbytes > avail:
+        raise InputError(path, f"{what} needs {nbytes / 2**30:.1f} GiB of memory, only "
+                               f"{avail / 2**30:.1f} GiB is available")
+
+
+def _parse_header(path: Path, head: bytes) -> nib.Nifti1Header:
+    """The NIfTI-1 or NIfTI-2 header at the start of ``head`` (at least 540 bytes if the file
+    has them), checked for a sane shape and voxel type."""
+    if len(head) < 348:
+        raise InputError(path, f"not a NIfTI file (only {len(head)} bytes, a header needs 348)")
+    import io
+    import struct
+
+    size_le, size_be = struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]
+    klass = nib.Nifti2Header if 540 in (size_le, size_be) else nib.Nifti1Header
+    try:
+        header = klass.from_fileobj(io.BytesIO(head), check=True)
+        shape = tuple(int(v) for v in header.get_data_shape())
+        dtype = header.get_data_dtype()
+        offset = int(header.get_data_offset())
+    except Exception as exc:  # nibabel raises several kinds for a malformed header
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(path, f"not a NIfTI file (no valid NIfTI header: {msg})") from None
+    if not shape or any(v < 1 for v in shape):
+        raise InputError(path, f"NIfTI header gives an invalid shape {shape}")
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        kind = "RGB" if dtype.fields is not None else str(dtype)
+        raise InputError(path, f"holds {kind} voxels; inrseg reads one scalar per voxel "
+                               f"(store colour channels as separate files)")
+    if offset > _MAX_HEADER_BYTES:
+        raise InputError(path, f"NIfTI header puts the data at byte {offset}: corrupt header")
+    return header
+
+
 def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Load a NIfTI file fully into memory (float32 via the header's scaling), with clear errors."""
+    """Load a NIfTI file fully into memory (float32 via the header's scaling), with clear errors.
+
+    Before anything large is allocated, the header's claimed data size is checked against the
+    file (for ``.nii.gz``, against the gzip trailer's length field) and against the available
+    memory. A ``.nii.gz`` is inflated to its end, so that gzip's CRC-32 and length fields are
+    verified: a stream that inflates but fails its CRC is rejected, never trained on.
+    """
     if not path.exists():
         raise InputError(path, "no such file")
     if path.is_dir():
         raise InputError(path, "is a directory, expected a NIfTI file")
     if not is_nifti(path):
         raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz)")
+    gz = path.name.endswith(".gz")
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise InputError(path, f"not a NIfTI file (nibabel read it as {type(img).__name__})")
+        file_size = path.stat().st_size
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(540)
+            header = _parse_header(path, head)
+            shape, dtype = header.get_data_shape(), header.get_data_dtype()
+            nvox = int(np.prod([int(v) for v in shape], dtype=np.float64))
+            data_bytes = nvox * dtype.itemsize
+            need = int(header.get_data_offset()) + data_bytes
+            if gz:
+                # the gzip trailer's ISIZE: the inflated length modulo 2^32 (single-member files)
+                with open(path, "rb") as raw:
+                    raw.seek(max(0, file_size - 4))
+                    isize = int.from_bytes(raw.read(4), "little")
+                if need < 2**32 and isize < need:
+                    raise InputError(path, f"header claims {shape} {dtype} voxels ({need} bytes) but the "
+                                           f"file holds {isize} bytes: truncated or corrupt")
+            elif file_size < need:
+                raise InputError(path, f"header claims {shape} {dtype} voxels ({need} bytes) but the "
+                                       f"file has {file_size} bytes: truncated or corrupt")
+            # the raw bytes, the array, and its float32 copy
+            check_memory(path, need + nvox * (dtype.itemsize + 4), f"reading {tuple(shape)} voxels")
+            body = f.read(need - len(head)) if need > len(head) else b""
+            if len(head) + len(body) < need:
+                raise InputError(path, f"truncated: {len(head) + len(body)} of the {need} bytes the header "
+                                       f"claims")
+            if gz:  # inflate to the end: GzipFile checks the CRC-32 and length there
+                extra = 0
+                while chunk := f.read(2**20):
+                    extra += len(chunk)
+                    if extra > _MAX_TRAILING_BYTES:
+                        raise InputError(path, "more data after the voxels than the header describes: "
+                                               "corrupt file")
+        blob = head[:need] + body if need <= len(head) else head + body
+        klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = klass.from_bytes(blob)
         data = np.asanyarray(img.dataobj)
     except InputError:
         raise
@@ -112,6 +218,8 @@ def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         raise InputError(path, f"corrupt or truncated gzip data ({exc})") from None
     except nib.filebasedimages.ImageFileError:
         raise InputError(path, "not a NIfTI file (no valid NIfTI header)") from None
+    except MemoryError:
+        raise InputError(path, "not enough memory to read it") from None
     except (OSError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "gzip" in msg.lower() or "compressed" in msg.lower() or "crc" in msg.lower():
@@ -180,6 +288,9 @@ def load_image(paths: str | Path | Sequence[str | Path], expect_ndim: int | None
                 raise InputError(p, f"channel affine differs from {paths[0].name}")
         channels.append(data)
     assert first is not None and nd is not None
+    if all(ch.size and ch.min() == ch.max() for ch in channels):
+        raise InputError(paths[0], f"image is constant (every voxel is {float(channels[0].flat[0]):g}): "
+                                   f"there is nothing to segment")
     zooms = first.header.get_zooms()
     return Volume(data=np.stack(channels, 0), affine=np.asarray(first.affine, dtype=np.float64),
                   spatial_ndim=nd, time_step=float(zooms[3]) if nd == 4 and len(zooms) > 3 else None,
@@ -251,6 +362,18 @@ def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:
                                       f"{image.path.name if image.path else ''} affine")
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_dir_public(path: Path) -> None:
+    """Give a directory made by :func:`tempfile.mkdtemp` (mode 0700) the umask's mode."""
+    os.chmod(path, 0o777 & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
@@ -268,6 +391,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600 (and some writers recreate the file): give it the umask's mode,
+        # so colleagues can read results as with any other file
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -340,3 +466,107 @@ def save_image(image: Volume | np.ndarray, path: str | Path, like: Volume | None
         data = data[0]
     _save(_to_file_array(np.asarray(data, dtype=np.float32), nd), affine, Path(path), dtype, ts)
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders written whole, locks against concurrent writers, stale temporary files
+# --------------------------------------------------------------------------------------------
+
+def check_writable(path: str | Path, what: str = "output") -> None:
+    """Raise :class:`InputError` unless ``path``'s nearest existing ancestor directory is
+    writable: called before training, so a bad ``--out`` is found in seconds, not hours."""
+    path = Path(path).absolute()
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(path, f"cannot write the {what}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(path, f"cannot write the {what}: {probe} is not writable")
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """Hidden temporary siblings ``.NAME.*.tmp*`` that :func:`atomic_path` / :func:`atomic_dir`
+    left behind for ``path`` when a process was killed mid-write."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{path.name}.*") if ".tmp" in p.name[len(path.name) + 2:])
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete :func:`stale_temporaries` of ``path`` (call it holding :func:`exclusive_lock`, so
+    that no live writer's file is taken); returns what was removed, for the caller to report."""
+    import shutil
+
+    removed = stale_temporaries(path)
+    for p in removed:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[Path]:
+    """Hold ``PATH.lock`` (an advisory ``flock``, released by the kernel even on SIGKILL) for the
+    block; a second inrseg process writing ``path`` fails at once with :class:`InputError`."""
+    import fcntl
+
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(path, "another inrseg process is writing it (wait for it to finish)") from None
+        yield lock
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``path``; when the block succeeds it becomes
+    ``path`` in one rename, so ``path`` is either written whole or left as it was.
+
+    ``path`` must not exist or be empty, unless ``force`` (then it is replaced). The check runs
+    before the block (fail early) and again at the rename (another writer may have finished
+    meanwhile: its folder is never mixed with ours).
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise InputError(path, "exists and is not empty (use --force to replace it)")
+    check_writable(path, "output folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    make_dir_public(tmp)
+    try:
+        yield tmp
+        old = None
+        if path.is_dir():
+            if any(path.iterdir()):
+                if not force:
+                    raise InputError(path, "was written by another process meanwhile; nothing was changed")
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old.tmp", dir=path.parent))
+                os.replace(path, old / "x")
+            else:
+                path.rmdir()
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            raise InputError(path, "was written by another process meanwhile; nothing was changed") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 
 from inrseg.data.io import Volume, check_same_grid, is_nifti, load_image, load_labels, strip_nifti_suffix
 from inrseg.errors import InputError

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from inrseg.data.io import Volume, save_image, save_labels
+from inrseg.data.io import Volume, make_dir_public, save_image, save_labels
 from inrseg.progress import progress
 
 __all__ = ["BRAIN_LABELS", "CARDIAC_LABELS", "brain_phantom", "cardiac_phantom"]
@@ -539,6 +539,7 @@ def write_phantom_dataset(kind: str, out: str | Path, n_train: int, n_test: int 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    make_dir_public(tmp)
     affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
     try:
         names = CARDIAC_LABELS if kind == "cardiac" else BRAIN_LABELS

@@ -873,8 +873,13 @@ class MetaSeg:
         known = MetaSegConfig.__dataclass_fields__
         obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"],
                   MetaSegConfig(**{k: v for k, v in cfg_dict.items() if k in known}), device=device)
-        obj.params = {k: v.to(obj.device) for k, v in tensors.items()
-                      if not k.startswith(("lr.", "meta_head."))}
+        params = {k: v.to(obj.device) for k, v in tensors.items() if not k.startswith(("lr.", "meta_head."))}
+        want = {k: tuple(v.shape) for k, v in obj.params.items()}
+        got = {k: tuple(v.shape) for k, v in params.items()}
+        if got != want:
+            diff = sorted(set(want.items()) ^ set(got.items()))[:2]
+            raise InputError(path, f"weights do not match the stored config (e.g. {diff})")
+        obj.params = params
         obj.meta_head = {k[len("meta_head."):]: v.to(obj.device) for k, v in tensors.items()
                          if k.startswith("meta_head.")} or None
         lrs = {k[3:]: v.to(obj.device) for k, v in tensors.items() if k.startswith("lr.")}
