@@ -398,15 +398,29 @@ def _fit_and_save(model, train, val, out: Path, resume: bool, budget, precision:
     from inrseg.training import barrier, is_main
 
     state = _state_file(out)
+    made = out.parent
+    while not made.parent.exists() and made != made.parent:  # the first folder this run creates
+        made = made.parent
+    made = None if made.exists() else made
     with exclusive_lock(out) if is_main() else contextlib.nullcontext():
         if is_main():
             for stale in remove_stale_temporaries(out) + remove_stale_temporaries(state):
                 status(f"removed {stale}: a temporary file an interrupted run left behind")
-        model.fit(train, val, state_path=_state_path(out, resume), budget=budget,
-                  log_path=_log_path(out), precision=precision)
-        if is_main():
-            model.save(out)
-            state.unlink(missing_ok=True)
+        try:
+            model.fit(train, val, state_path=_state_path(out, resume), budget=budget,
+                      log_path=_log_path(out), precision=precision)
+            if is_main():
+                model.save(out)
+                state.unlink(missing_ok=True)
+        except (InrsegError, OSError):
+            # a bad case found mid-training, or a full disk: leave no trace of this run (an
+            # interrupted run's state and log, kept for --resume, stay as they were)
+            if is_main() and not resume:
+                state.unlink(missing_ok=True)
+                _log_path(out).unlink(missing_ok=True)
+            if is_main() and made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
         barrier()
 
 

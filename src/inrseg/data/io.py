@@ -395,6 +395,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # so colleagues can read results as with any other file
         os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
+    except OSError as exc:  # name the file the user asked for, not our temporary one
+        if exc.errno is not None and exc.filename in (None, str(tmp_path), tmp):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
