@@ -243,6 +243,36 @@ def test_inner_adam_equals_torch_adam_step_for_step(monkeypatch):
     assert largest_gap() > 1e-3
 
 
+def test_test_time_adam_equals_torch_adam_step_for_step(monkeypatch):
+    """The test-time fit (fit_theta, all pixels per step) is torch.optim.Adam on the image's
+    MSE, step for step, for theta only; and the comparison sees a missing bias correction or a
+    wrong moment update inside fit_theta."""
+    cfg = MetaSegConfig(hidden=8, layers=3, inner_lr=1e-3, fit_points=None, chunk=100_000)
+    model = MetaSeg(["background", "a", "b"], 2, 1, cfg, device="cpu")
+    rng = np.random.default_rng(0)
+    image = Volume(rng.random((1, 12, 10)).astype(np.float32), np.eye(4), 2)
+    im = model._prepare(image)
+    theta = {k: model.params[k].detach().clone().requires_grad_(True) for k in model.theta_keys}
+    opt = torch.optim.Adam(theta.values(), lr=cfg.inner_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    reference = {}
+    for t in range(1, 6):
+        opt.zero_grad()
+        weighted_mse(siren_forward(theta, im.coords, cfg.w0)[0], im.pixels, None).backward()
+        opt.step()
+        reference[t] = {k: v.detach().clone() for k, v in theta.items()}
+
+    def largest_gap() -> float:
+        gap = 0.0
+        for t, fitted in model.fit_theta([im], 5, snapshots=range(1, 6)):
+            if t in reference:
+                gap = max(gap, max(float((fitted[k][0] - reference[t][k]).abs().max()) for k in reference[t]))
+        return gap
+
+    assert largest_gap() < 2e-6
+    monkeypatch.setattr(metaseg, "adam_direction", lambda m, v, t: m / ((v + 1e-30).sqrt() + ADAM_EPS))
+    assert largest_gap() > 1e-4
+
+
 # -------------------------------------------------------------------------------- training
 def test_meta_training_beats_random_init(trained, data):
     assert isinstance(trained, Segmenter)
