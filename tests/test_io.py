@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -81,3 +83,19 @@ def test_volume_shape_helpers():
     v = Volume(np.zeros((2, 5, 6, 7), np.float32), np.eye(4), 3)
     assert v.shape == (5, 6, 7) and not v.is_label
     assert v.with_data(np.zeros((5, 6, 7), np.int64)).is_label
+
+
+def test_reader_survives_a_header_whose_data_start_inside_it(tmp_path):
+    """Found by the fuzz run (benchmarks/fuzz_nifti.py): vox_offset 0, the data inside the
+    header block; nibabel raised WrapStructError. Now read, or refused as InputError."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.float32)
+    hdr.set_data_shape((2, 2, 1))
+    raw = bytearray(hdr.binaryblock) + bytes(4) + np.arange(1, 5, dtype=np.float32).tobytes()
+    raw[108:112] = np.float32(0).tobytes()  # vox_offset = 0
+    for name, payload in (("a.nii", bytes(raw)), ("b.nii.gz", gzip.compress(bytes(raw)))):
+        (tmp_path / name).write_bytes(payload)
+        try:
+            load_image(tmp_path / name)
+        except InputError as exc:
+            assert name in str(exc)

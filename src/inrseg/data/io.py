@@ -208,9 +208,13 @@ def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
                     if extra > _MAX_TRAILING_BYTES:
                         raise InputError(path, "more data after the voxels than the header describes: "
                                                "corrupt file")
-        blob = head[:need] + body if need <= len(head) else head + body
+        blob = head + body  # the whole header block even when the data end inside it
         klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
         img = klass.from_bytes(blob)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise InputError(path, "NIfTI header gives a degenerate voxel-to-world affine (zero or "
+                                   "non-finite voxel size)")
         data = np.asanyarray(img.dataobj)
     except InputError:
         raise
@@ -220,11 +224,11 @@ def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         raise InputError(path, "not a NIfTI file (no valid NIfTI header)") from None
     except MemoryError:
         raise InputError(path, "not enough memory to read it") from None
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # nibabel raises many kinds (WrapStructError, HeaderDataError, ...)
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "gzip" in msg.lower() or "compressed" in msg.lower() or "crc" in msg.lower():
             raise InputError(path, f"corrupt or truncated gzip data ({msg})") from None
-        raise InputError(path, f"unreadable NIfTI file ({msg})") from None
+        raise InputError(path, f"unreadable NIfTI file ({type(exc).__name__}: {msg})") from None
     return data, img
 
 
