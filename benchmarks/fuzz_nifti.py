@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import io
+import logging
 import os
 import sys
 import tempfile
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("INRSEG_MAX_MEMORY_GB", "1")
+logging.getLogger("nibabel").setLevel(logging.CRITICAL)  # its warnings about odd headers: noise here
 
 import atheris  # noqa: E402
 import numpy as np  # noqa: E402  (not instrumented: coverage of our reader and nibabel is what counts)

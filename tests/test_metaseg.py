@@ -400,6 +400,19 @@ def test_phase2_past_its_deadline_does_the_least(trained, data):
     val_s = [model._prepare(*c.load()) for c in data["val"]]
     model.select_tf_and_head(train_s, val_s, Budget(1e-6))  # expired by the time it is used
     assert [e["t_f"] for e in model.tf_curve] == [0] and model.t_f == 0
+    # the fits themselves stop at the first candidate: no 400-step fit after the deadline
+    model.config = dataclasses.replace(model.config, tf_candidates=(5, 10, 400))
+    reached = []
+    fit_theta = model.fit_theta
+
+    def recording(*args, **kwargs):
+        for t, theta in fit_theta(*args, **kwargs):
+            reached.append(t)
+            yield t, theta
+
+    model.fit_theta = recording
+    model.select_tf_and_head(train_s, val_s, Budget(1e-6))
+    assert max(reached) == 5 and [e["t_f"] for e in model.tf_curve] == [5]
 
 
 def test_every_tensor_on_an_explicit_device(data, tmp_path):

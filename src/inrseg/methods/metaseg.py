@@ -712,7 +712,7 @@ class MetaSeg:
             groups.setdefault(im.shape, []).append(im)
         fb = self.config.fit_batch
         blocks = [group[s:s + fb] for group in groups.values() for s in range(0, len(group), fb)]
-        fitted = 0
+        fitted, limit = 0, max(snaps)
         for block in blocks:
             if fitted and budget.expired():
                 status(f"time budget reached: features of {fitted} of {len(images)} images")
@@ -723,11 +723,16 @@ class MetaSeg:
                                for im in block]).to(self.device)                       # (B, n)
             q = block[0].coords[idx]                                                  # (B, n, d)
             labels.append(torch.stack([im.labels[i] for im, i in zip(block, idx)]).reshape(-1))
-            for t, theta in self.fit_theta(block, max(snaps), snaps, gen):
+            for t, theta in self.fit_theta(block, limit, [s for s in snaps if s <= limit], gen):
                 if t in feats:
                     feats[t].append(self.features(theta, q).reshape(-1, self.config.hidden))
+                if not fitted and t < limit and budget.expired():
+                    # out of time within the first block: stop at this snapshot, drop longer fits
+                    status(f"time budget reached: fits stop at {t} steps")
+                    limit = t
+                    break
             fitted += len(block)
-        return {t: torch.cat(v) for t, v in feats.items()}, torch.cat(labels), fitted
+        return ({t: torch.cat(v) for t, v in feats.items() if t <= limit and v}, torch.cat(labels), fitted)
 
     @staticmethod
     def _labelled_pixels(im: _Image, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -806,8 +811,9 @@ class MetaSeg:
 
         Ends by ``budget``'s deadline (default: none) where it can: once it has passed, no
         further images are fitted (one block of training and one of validation images always
-        are), a head being retrained stops with its best so far, and the candidates left
-        (ascending; the first is always tried) are skipped.
+        are, and their fits stop at the first candidate step count reached after the deadline,
+        dropping the longer candidates), a head being retrained stops with its best so far, and
+        the candidates left (ascending; the first is always tried) are skipped.
         """
         cfg = self.config
         budget = budget if budget is not None else Budget(None)
@@ -830,6 +836,8 @@ class MetaSeg:
         if val_s:
             status(f"choosing T_f among {cands} on {len(val_s)} validation images")
             va_feats, va_labels, n_val = self._snapshot_features(val_s, cfg.val_points, cands, gen, budget)
+        # candidates whose fits the budget cut short are dropped (the smallest is always kept)
+        cands = [t for t in cands if (tr_feats is None or t in tr_feats) and (va_feats is None or t in va_feats)]
         meta_head = {k: v for k, v in self.params.items() if k.startswith("g.")}
         self.meta_head = {k: v.detach().clone() for k, v in meta_head.items()}
         self.tf_curve, best = [], None
