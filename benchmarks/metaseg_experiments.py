@@ -36,8 +36,14 @@ from harness import RESULTS, SHARED_DATA, evaluate_cases, markdown_table, write_
 
 #: name -> (description, overrides of metaseg_config("2d-seg4", paper=...))
 EXPERIMENTS: dict[str, tuple[str, dict]] = {
-    "cpu-default": ("today's CPU defaults (4,096-pixel subsets, pixels-only inner loop, lr 1e-3, "
-                    "T_f from 50-300)", dict(paper=False)),
+    "cpu-default": ("the CPU defaults (since 2026-11-22): the paper's joint inner loop and lr 1e-4 on "
+                    "2,048-pixel subsets, cosine outer lr with warm-up, 4,096-pixel test-time steps, "
+                    "T_f among 25 / 50 / 100", dict(paper=False)),
+    "old-cpu-default": ("the CPU defaults before 2026-11-22: 2,048-pixel subsets, pixels-only inner loop, "
+                        "inner / test / phase-2 lr 1e-3, constant outer lr 1e-4, T_f among 50-300",
+                        dict(paper=False, inner_loss="pixels", inner_lr=1e-3, phase2_lr=1e-3,
+                             outer_schedule="constant", outer_warmup=0, val_every=50,
+                             tf_candidates=(50, 100, 200, 300))),
     "a-paper": ("the paper's recipe: whole images, lr 1e-4 inside and out, 2 inner steps, the joint "
                 "(label-informed) inner loop, T_f 100", dict(paper=True, tf_candidates=(100,))),
     "b-matched": ("(a) with test-time movement matched to meta-training: T_f chosen among 2, 5, 10 "

@@ -216,7 +216,7 @@ def test_focal_loss_is_the_formula_and_twice_differentiable(gamma):
 
 
 def test_inner_adam_equals_torch_adam_step_for_step(monkeypatch):
-    cfg = MetaSegConfig(hidden=8, layers=3, inner_lr=1e-2)   # inner_loss "pixels": theta only
+    cfg = MetaSegConfig(hidden=8, layers=3, inner_lr=1e-2, inner_loss="pixels")   # theta only
     params = {k: v.requires_grad_(True) for k, v in
               init_params(2, 1, 8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).items()}
     support = [_random_task(s) for s in range(1, 6)]
@@ -452,7 +452,7 @@ def test_every_tensor_on_an_explicit_device(data, tmp_path):
 
 def test_inner_sgd_equals_torch_sgd_step_for_step():
     """``inner_optimizer="sgd"`` (Meta-SGD's update) is torch.optim.SGD on the same gradients."""
-    cfg = MetaSegConfig(hidden=8, layers=3, inner_lr=3e-2, inner_optimizer="sgd")
+    cfg = MetaSegConfig(hidden=8, layers=3, inner_lr=3e-2, inner_optimizer="sgd", inner_loss="pixels")
     params = {k: v.requires_grad_(True) for k, v in
               init_params(2, 1, 8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).items()}
     support = [_random_task(s) for s in range(1, 5)]

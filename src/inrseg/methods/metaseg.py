@@ -87,13 +87,12 @@ from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, broadca
 PRESETS: dict[str, dict] = {
     # 2D, 5 classes: 6 linear layers x 128 (83K parameters with the head), focal gamma 1.
     "2d-seg4": dict(hidden=128, layers=6, focal_gamma=1.0),
-    # 2D, 24 classes + background: 5 layers x 512 (1.06M), focal gamma 2. Inner / test Adam lr
-    # 2.5e-4: at lr 1e-3 a width-512 SIREN does not fit at all (docs/findings/metaseg.md, "learning rate and width").
-    "2d-seg24": dict(hidden=512, layers=5, focal_gamma=2.0, inner_lr=2.5e-4),
-    # 3D, 5 classes: 6 layers x 256 (330K), focal gamma 3, MSE weight 0.1 on background voxels;
-    # inner / test lr 2.5e-4 (width 256, same finding).
-    "3d-seg4": dict(hidden=256, layers=6, focal_gamma=3.0, bg_mse_weight=0.1, inner_lr=2.5e-4,
-                    tf_candidates=(10, 25, 50, 100, 200, 300)),
+    # 2D, 24 classes + background: 5 layers x 512 (1.06M), focal gamma 2. (At the old inner lr
+    # 1e-3 a width-512 SIREN did not fit at all; the default 1e-4 is safe for every width:
+    # docs/findings/metaseg.md, "learning rate and width".)
+    "2d-seg24": dict(hidden=512, layers=5, focal_gamma=2.0),
+    # 3D, 5 classes: 6 layers x 256 (330K), focal gamma 3, MSE weight 0.1 on background voxels.
+    "3d-seg4": dict(hidden=256, layers=6, focal_gamma=3.0, bg_mse_weight=0.1),
 }
 
 
@@ -112,11 +111,12 @@ class MetaSegConfig:
     seg_weight: float = 1.0
     bg_mse_weight: float = 1.0             # MSE weight of background pixels (intensity == 0)
     # meta-training
-    steps: int = 2000                      # outer steps
+    steps: int = 5000                      # outer steps (the paper's 5,000; the budget may stop sooner)
     meta_batch: int = 1                    # tasks (images) per outer step and rank
     inner_steps: int = 2
-    inner_loss: str = "pixels"             # "pixels": MSE, theta only (= test time); "joint": paper
-    inner_lr: float = 1e-3                 # inner Adam lr (init value of the learned lrs with meta_sgd)
+    inner_loss: str = "joint"              # "joint" (paper): MSE + focal, theta and phi adapted;
+                                           # "pixels": MSE, theta only (= test time)
+    inner_lr: float = 1e-4                 # inner Adam lr (init value of the learned lrs with meta_sgd)
     outer_lr: float = 1e-4
     first_order: bool = False              # first-order MAML throughout
     first_order_steps: int = 0             # warm-up: this many first-order outer steps first
@@ -126,22 +126,22 @@ class MetaSegConfig:
     points_per_task: int | None = 2048     # random pixels per inner/outer step (None: all)
     query_pixels: str = "fresh"            # outer-loss pixels: "fresh" random subset | "same" as
                                            # the first inner step's
-    outer_schedule: str = "constant"       # outer lr: "constant" | "cosine" (after outer_warmup)
-    outer_warmup: int = 0                  # linear warm-up steps of the outer lr
+    outer_schedule: str = "cosine"         # outer lr: "constant" | "cosine" (after outer_warmup)
+    outer_warmup: int = 250                # linear warm-up steps of the outer lr (5 % of steps)
     grad_clip: float | None = 10.0         # outer gradient-norm clip (None: off)
-    val_every: int = 50
+    val_every: int = 100
     val_fit_steps: int = 25                # test-time steps used by the meta-training validation
     val_max_cases: int = 4                 # validation images scored during meta-training
     budget_minutes: float | None = None    # wall-time limit of the whole fit (meta-training + phase 2)
     # test time
     test_lr: float | None = None           # test-time Adam lr (None: inner_lr)
-    tf_candidates: tuple[int, ...] = (50, 100, 200, 300)   # Dice still rises to 200 (docs/findings/metaseg.md)
+    tf_candidates: tuple[int, ...] = (25, 50, 100)   # at lr 1e-4 (docs/findings/metaseg.md)
     default_tf: int = 25                   # T_f when there is no validation data
     fit_points: int | None = 4096          # random pixels per test-time Adam step (None: all)
     fit_batch: int = 1                     # images fitted at once (stacked; 1 is fastest on CPU)
     # phase 2: head retraining on fitted features, per candidate T_f
     phase2_steps: int = 300                # 0: keep the meta-learned head
-    phase2_lr: float = 1e-3
+    phase2_lr: float = 1e-4
     phase2_points: int = 4096              # pixels per training image whose features are kept
     phase2_max_cases: int | None = 12      # training images fitted for phase 2 (12 = 24, docs/findings/metaseg.md)
     phase2_batch: int = 8192               # feature vectors per head step
