@@ -209,25 +209,24 @@ def k_rgb_nifti(env):
     return Scenario(_segment(env, bad), (str(bad), "RGB"), env.tmp / "out")
 
 
-def k_header_claims_32767_cubed(env):
-    bad = env.tmp / "in" / "huge.nii.gz"
+def _header_claiming(env, name: str, shape, needle: str, nifti2: bool = False) -> Scenario:
+    bad = env.tmp / "in" / name
     bad.parent.mkdir()
-    bad.write_bytes(gzip.compress(nifti_header_claiming((32767, 32767, 32767))))
-    return Scenario(_segment(env, bad), (str(bad), "GiB"), env.tmp / "out")
+    raw = nifti_header_claiming(shape, nifti2)
+    bad.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    return Scenario(_segment(env, bad), (str(bad), needle), env.tmp / "out")
+
+
+def k_header_claims_32767_cubed(env):
+    return _header_claiming(env, "huge.nii.gz", (32767, 32767, 32767), "GiB")
 
 
 def k_header_claims_100000_cubed(env):
-    bad = env.tmp / "in" / "huge2.nii"
-    bad.parent.mkdir()
-    bad.write_bytes(nifti_header_claiming((100000, 100000, 100000), nifti2=True))
-    return Scenario(_segment(env, bad), (str(bad), "truncated or corrupt"), env.tmp / "out")
+    return _header_claiming(env, "huge2.nii", (100000, 100000, 100000), "truncated or corrupt", nifti2=True)
 
 
 def k_header_claims_30000_squared_tiny_data(env):
-    bad = env.tmp / "in" / "flat.nii.gz"
-    bad.parent.mkdir()
-    bad.write_bytes(gzip.compress(nifti_header_claiming((30000, 30000, 1))))
-    return Scenario(_segment(env, bad), (str(bad), "truncated or corrupt"), env.tmp / "out")
+    return _header_claiming(env, "flat.nii.gz", (30000, 30000, 1), "truncated or corrupt")
 
 
 def k_image_label_shape_mismatch(env):
@@ -341,25 +340,27 @@ def k_pickle_renamed_as_checkpoint(env):
     return Scenario(_segment(env, f, model=ckpt), (str(ckpt), "not an inrseg checkpoint"), env.tmp / "out")
 
 
-def k_checkpoint_weight_bytes_flipped(env):
-    ckpt = env.tmp / "flipped.safetensors"
+def _damaged_checkpoint(env, name: str, damage: Callable[[bytearray, int], None]) -> Scenario:
+    """``env.model`` with its weight bytes changed by ``damage(raw, start_of_data)``."""
+    ckpt = env.tmp / name
     raw = bytearray(env.model.read_bytes())
-    start = 8 + int.from_bytes(raw[:8], "little")  # safetensors: header length, header, data
-    for i in range(start + 100, start + 108):
-        raw[i] ^= 0xFF
+    damage(raw, 8 + int.from_bytes(raw[:8], "little"))  # safetensors: header length, header, data
     ckpt.write_bytes(bytes(raw))
     f = image(env.tmp / "in" / "a.nii.gz")
     return Scenario(_segment(env, f, model=ckpt), (str(ckpt), "SHA-256"), env.tmp / "out")
+
+
+def k_checkpoint_weight_bytes_flipped(env):
+    def flip(raw, start):
+        for i in range(start + 100, start + 108):
+            raw[i] ^= 0xFF
+    return _damaged_checkpoint(env, "flipped.safetensors", flip)
 
 
 def k_checkpoint_weights_zeroed(env):
-    ckpt = env.tmp / "zeroed.safetensors"
-    raw = bytearray(env.model.read_bytes())
-    start = 8 + int.from_bytes(raw[:8], "little")
-    raw[start + 64:start + 128] = b"\x00" * 64
-    ckpt.write_bytes(bytes(raw))
-    f = image(env.tmp / "in" / "a.nii.gz")
-    return Scenario(_segment(env, f, model=ckpt), (str(ckpt), "SHA-256"), env.tmp / "out")
+    def zero(raw, start):
+        raw[start + 64:start + 128] = b"\x00" * 64
+    return _damaged_checkpoint(env, "zeroed.safetensors", zero)
 
 
 def k_checkpoint_nan_weights(env):
