@@ -1,7 +1,8 @@
 """Coverage-guided fuzzing of the NIfTI reader (issue 13): random bytes and mutated headers.
 
     pip install atheris
-    python benchmarks/fuzz_nifti.py --minutes 30 --out benchmarks/results
+    python benchmarks/fuzz_nifti.py --minutes 30
+    python benchmarks/fuzz_nifti.py --parse-log LOG    # the report of an earlier run's output
 
 Every input is written as a ``.nii`` or a ``.nii.gz`` (by its first byte) and read with
 ``load_image`` and ``load_labels``. The only acceptable failure is
@@ -11,19 +12,22 @@ The seed corpus is a handful of valid files (2D, 3D, 4D; float, integer, scaled;
 NIfTI-2). Memory is capped with ``INRSEG_MAX_MEMORY_GB=1`` so that a header claiming a huge
 image must be refused by the size checks, not by the machine.
 
-Writes ``<date>-fuzz-nifti.md`` with the number of inputs tried, the coverage reached and the
-findings.
+The fuzzing runs in a child process (libFuzzer ends its process with ``exit()``); the parent
+writes ``<date>-fuzz-nifti.md`` with the number of inputs run, the coverage reached and the
+findings (crashing inputs are kept under the run's temporary folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import logging
 import os
+import re
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("INRSEG_MAX_MEMORY_GB", "1")
@@ -75,47 +79,85 @@ def one_input(data: bytes) -> None:
                 raise AssertionError(f"multi-line error message: {exc!r}") from None
 
 
+def child(minutes: float, corpus: Path, crashes: Path, stats_path: Path, rest: list[str]) -> None:
+    """The fuzzing process itself (libFuzzer ends it with exit(), so the parent reports)."""
+    def counted(data: bytes) -> None:
+        one_input(data)
+        if STATS["inputs"] % 5000 == 0:
+            stats_path.write_text(json.dumps(STATS))
+
+    argv = [sys.argv[0], str(corpus), f"-max_total_time={int(minutes * 60)}", "-timeout=60",
+            "-rss_limit_mb=3000", "-max_len=4096", f"-artifact_prefix={crashes}/", "-print_final_stats=1", *rest]
+    atheris.Setup(argv, counted)
+    atheris.Fuzz()
+
+
+def parse_log(log: str) -> dict:
+    """libFuzzer's final figures and the crash artifacts from its output."""
+    out = {}
+    m = re.search(r"Done (\d+) runs in (\d+) second", log)
+    if m:
+        out["runs"], out["seconds"] = int(m.group(1)), int(m.group(2))
+    for key in ("new_units_added", "peak_rss_mb", "average_exec_per_sec"):
+        m = re.search(rf"stat::{key}:\s+(\d+)", log)
+        if m:
+            out[key] = int(m.group(1))
+    m = re.findall(r"cov: (\d+) ft: (\d+)", log)
+    if m:
+        out["coverage"], out["features"] = map(int, m[-1])
+    out["crashes"] = re.findall(r"Test unit written to (\S+)", log)
+    out["errors"] = sorted(set(re.findall(r"^(\w+(?:Error|Exception)): .*$", log, flags=re.M)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=30.0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--parse-log", type=Path, default=None,
+                    help="write the report from the output of an earlier run instead of fuzzing")
+    ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
-    corpus = TMP / "corpus"
-    corpus.mkdir()
+    if args.child is not None:
+        child(args.minutes, args.child / "corpus", args.child / "crashes", args.child / "stats.json", rest)
+        return
+    if args.parse_log is not None:
+        report(parse_log(args.parse_log.read_text(errors="replace")), {}, args.minutes, f"--parse-log {args.parse_log.name}")
+        return
+    work = TMP
+    (work / "corpus").mkdir()
+    (work / "crashes").mkdir()
     for i, s in enumerate(seeds()):
-        (corpus / f"seed{i}").write_bytes(b"\x00" + s)              # as .nii
-        (corpus / f"seed{i}gz").write_bytes(b"\x03" + s)            # as .nii.gz
-    crashes = TMP / "crashes"
-    crashes.mkdir()
-    t0 = time.perf_counter()
-    finding = None
-    argv = [sys.argv[0], str(corpus), f"-max_total_time={int(args.minutes * 60)}", "-timeout=60",
-            "-rss_limit_mb=3000", "-max_len=4096", f"-artifact_prefix={crashes}/", "-print_final_stats=1", *rest]
-    atheris.Setup(argv, one_input)
-    try:
-        atheris.Fuzz()
-    except SystemExit:
-        pass
-    except BaseException as exc:  # a finding: keep it for the report
-        finding = f"{type(exc).__name__}: {exc}"
-    report(args, time.perf_counter() - t0, finding, crashes)
+        (work / "corpus" / f"seed{i}").write_bytes(b"\x00" + s)              # as .nii
+        (work / "corpus" / f"seed{i}gz").write_bytes(b"\x03" + s)            # as .nii.gz
+    log_path = work / "fuzz.log"
+    with open(log_path, "w") as log:
+        subprocess.run([sys.executable, __file__, "--minutes", str(args.minutes), "--child", str(work), *rest],
+                       stdout=log, stderr=subprocess.STDOUT, check=False)
+    stats = json.loads((work / "stats.json").read_text()) if (work / "stats.json").exists() else {}
+    report(parse_log(log_path.read_text(errors="replace")), stats, args.minutes, "")
 
 
-def report(args, seconds: float, finding: str | None, crashes: Path) -> None:
+def report(fz: dict, stats: dict, minutes: float, how: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from harness import write_results
 
-    found = sorted(p.name for p in crashes.iterdir())
-    if found and finding is None:
-        finding = f"{len(found)} crashing input(s), see the log"
-    rows = (f"| inputs tried | {STATS['inputs']} |\n| read (accepted) | {STATS['accepted']} |\n"
-            f"| refused with InputError | {STATS['input_errors']} |\n| wall time | {seconds / 60:.1f} min |\n"
-            f"| findings | {finding or 'none'} |\n| saved crash inputs | {', '.join(found) or 'none'} |")
-    write_results("fuzz-nifti", {"Fuzz run of the NIfTI reader": "| | |\n|---|---|\n" + rows},
-                  f"atheris {getattr(atheris, '__version__', '')} (libFuzzer), seed corpus of "
-                  f"{len(seeds()) * 2} valid files, max input 4 KiB, INRSEG_MAX_MEMORY_GB=1; every input "
-                  f"read by load_image and load_labels; only InputError is acceptable.")
-    print(rows)
+    def cell(v):
+        return "n/a" if v is None else v
+
+    rows = [("inputs run (libFuzzer)", fz.get("runs")), ("wall time (s)", fz.get("seconds")),
+            ("inputs / s", fz.get("average_exec_per_sec")), ("coverage edges / features", 
+             f"{fz.get('coverage')} / {fz.get('features')}"),
+            ("new corpus units", fz.get("new_units_added")), ("peak RSS (MB)", fz.get("peak_rss_mb")),
+            ("reads accepted (sampled every 5,000 inputs)", stats.get("accepted")),
+            ("reads refused with InputError (sampled)", stats.get("input_errors")),
+            ("crashes (uncaught exceptions)", len(fz.get("crashes", [])) or "none"),
+            ("exception types seen", ", ".join(fz.get("errors", [])) or "none")]
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {cell(v)} |" for k, v in rows)
+    write_results("fuzz-nifti", {"Fuzz run of the NIfTI reader": table},
+                  f"atheris (libFuzzer), {minutes:g} min, seed corpus of {len(seeds()) * 2} valid files, max input "
+                  f"4 KiB, INRSEG_MAX_MEMORY_GB=1; every input read by load_image and load_labels; only "
+                  f"InputError is acceptable. {how}")
+    print(table)
 
 
 if __name__ == "__main__":
