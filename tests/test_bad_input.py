@@ -659,3 +659,20 @@ def test_files_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
         assert f.stat().st_mode & 0o777 == file_mode, (f, oct(f.stat().st_mode))
     for d in (tmp_path / "rep", ds):
         assert d.stat().st_mode & 0o777 == dir_mode, (d, oct(d.stat().st_mode))
+
+
+def test_status_lines_without_a_terminal(tmp_path):
+    """stderr a pipe (a batch job's log): no progress bar, but a status line at least every
+    INRSEG_STATUS_SECONDS, with the bar's count and the budget used."""
+    root = write_nnunet(tmp_path / "ds", n=4)
+    cmd = [sys.executable, "-m", "inrseg", "--threads", "1", "train", "unet", "--data", str(root),
+           "--out", str(tmp_path / "u.safetensors"), "--steps", "150", "--budget-minutes", "5"]
+    env = {k: v for k, v in os.environ.items() if k not in ("INRSEG_PROGRESS", "INRSEG_QUIET")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(env, INRSEG_STATUS_SECONDS="0.5"))
+    assert res.returncode == 0, res.stderr
+    beats = [ln for ln in res.stderr.splitlines() if ln.startswith("[") and " min] " in ln]
+    assert len(beats) >= 2, res.stderr
+    assert any("training unet:" in ln and "/150" in ln for ln in beats), beats
+    assert any("budget" in ln and "of 5.0 min used" in ln for ln in beats), beats
+    assert "\r" not in res.stderr  # no bar redraws in a log
