@@ -568,6 +568,14 @@ def test_console_entry_point_exit_code_and_debug(tmp_path):
     assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
     res = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "Traceback" in res.stderr
+    # a file nibabel itself complains about: its own log lines must not surround ours
+    bad = tmp_path / "scan.nii"
+    bad.write_bytes(b"\x01\x02garbage" * 100)
+    tiny_unet(tmp_path / "m.safetensors")
+    res = subprocess.run([sys.executable, "-m", "inrseg", "segment", "--model", str(tmp_path / "m.safetensors"),
+                          "--input", str(bad), "--output", str(tmp_path / "o")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
 
 
 def test_sigint_saves_the_state_and_resume_continues(tmp_path):

@@ -160,7 +160,29 @@ def _parse_header(path: Path, head: bytes) -> nib.Nifti1Header:
     return header
 
 
+@contextlib.contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Silence nibabel's logger while we read: it logs fix-ups and header problems to stderr
+    itself ("data code ... not recognized"), around our one-line error, which already says what
+    is wrong with the file."""
+    import logging
+
+    logger = logging.getLogger("nibabel")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Load a NIfTI file (see :func:`_read_file`) with nibabel's own logging silenced."""
+    with _nibabel_quiet():
+        return _read_file(path)
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Load a NIfTI file fully into memory (float32 via the header's scaling), with clear errors.
 
     Before anything large is allocated, the header's claimed data size is checked against the
