@@ -39,6 +39,8 @@ EXPERIMENTS: dict[str, tuple[str, dict]] = {
     "cpu-default": ("the CPU defaults (since 2026-11-22): the paper's joint inner loop and lr 1e-4 on "
                     "2,048-pixel subsets, cosine outer lr with warm-up, 4,096-pixel test-time steps, "
                     "T_f among 25 / 50 / 100", dict(paper=False)),
+    "f-more-signal": ("the CPU defaults with a less noisy meta-gradient: 4,096-pixel subsets and 2 tasks per "
+                      "outer step (4x the step cost)", dict(paper=False, points_per_task=4096, meta_batch=2)),
     "old-cpu-default": ("the CPU defaults before 2026-11-22: 2,048-pixel subsets, pixels-only inner loop, "
                         "inner / test / phase-2 lr 1e-3, constant outer lr 1e-4, T_f among 50-300",
                         dict(paper=False, inner_loss="pixels", inner_lr=1e-3, phase2_lr=1e-3,
