@@ -452,3 +452,48 @@ def test_one_4d_definition_evaluate_harness_nisf(tmp_path):
     assert via_nisf == pytest.approx(via_evaluate, abs=1e-12)
     assert summary["mean_case_foreground_dice"] == pytest.approx(via_evaluate, abs=1e-12)
     assert abs(whole - via_evaluate) > 1e-4
+
+
+# ----------------------------------------------------------------------------- BraTS regions
+def _binary_dice(p: np.ndarray, g: np.ndarray) -> float:
+    s = p.sum() + g.sum()
+    return float("nan") if s == 0 else 2.0 * np.logical_and(p, g).sum() / s
+
+
+def test_brats_regions_are_unions_of_labels_scored_as_one_structure():
+    """Whole tumour = labels 1-4, tumour core = 1, 3, 4, enhancing = 4 (BraTS 2015 and 2017+),
+    each scored as a binary map; ignored voxels stay out."""
+    from inrseg.metrics import BRATS_REGIONS, region_metrics
+
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 5, (20, 18, 6))
+    pred = np.where(rng.random(gt.shape) < 0.7, gt, rng.integers(0, 5, gt.shape))
+    gt_ign = np.where(rng.random(gt.shape) < 0.1, 255, gt)
+    keep = gt_ign != 255
+    got = region_metrics(pred, gt_ign, BRATS_REGIONS, distances=False, ignore_label=255)
+    expected_sets = {"whole tumour": {1, 2, 3, 4}, "tumour core": {1, 3, 4}, "enhancing tumour": {4}}
+    assert set(got) == set(expected_sets)
+    for name, labels in expected_sets.items():
+        ref = _binary_dice(np.isin(pred[keep], list(labels)), np.isin(gt[keep], list(labels)))
+        assert got[name].dice[1] == pytest.approx(ref), name
+
+
+def test_evaluate_regions_brats_cli(cli, tmp_path):
+    import json
+
+    from conftest import write_nnunet
+
+    names = {"background": 0, "necrosis": 1, "edema": 2, "non-enhancing-tumour": 3, "enhancing-tumour": 4}
+    root = write_nnunet(tmp_path / "ds", n=3, labels=names)
+    res = cli("evaluate", "--pred", root / "labelsTr", "--gt", root / "labelsTr", "--out", tmp_path / "rep",
+              "--regions", "brats", "--no-distances")
+    assert res.code == 0, res.err
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert set(summary["regions"]) == {"whole tumour", "tumour core", "enhancing tumour"}
+    assert all(r["dice"] == pytest.approx(1.0) and r["n_cases"] == 3 for r in summary["regions"].values())
+    header = (tmp_path / "rep" / "per_case.csv").read_text().splitlines()[0]
+    assert "dice_whole_tumour" in header and "hd95_mm_enhancing_tumour" in header
+    assert "region: tumour core" in res.out
+    bad = cli("evaluate", "--pred", root / "labelsTr", "--gt", root / "labelsTr", "--out", tmp_path / "rep2",
+              "--regions", "kits")
+    assert bad.code == 2 and "--regions" in bad.err

@@ -171,7 +171,10 @@ def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label m
              labels: Optional[Path] = typer.Option(None, help="dataset.json giving the label names and the "
                                                              "ignore value (default: found next to --gt)."),
              distances: bool = typer.Option(True, help="Compute HD95 / ASD (slower in 3D)."),
-             force: bool = typer.Option(False, "--force", help="Replace a non-empty report folder.")) -> None:
+             force: bool = typer.Option(False, "--force", help="Replace a non-empty report folder."),
+             regions: Optional[str] = typer.Option(None, help="Also score unions of labels as regions: 'brats' "
+                                                              "(whole tumour 1-4, tumour core 1,3,4, enhancing 4).")
+             ) -> None:
     """Score predictions against ground truth: Dice, Jaccard, generalized Dice, HD95 and ASD (mm).
     Ground-truth voxels with the dataset's ignore value are skipped; a 3D+t case (one subject) is
     the mean over its annotated frames of the per-frame 3D metrics."""
@@ -179,8 +182,13 @@ def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label m
 
     from inrseg.data.io import atomic_dir
 
+    from inrseg.metrics import REGION_SETS
+
+    if regions is not None and regions not in REGION_SETS:
+        raise typer.BadParameter(f"unknown region set {regions!r} ({', '.join(REGION_SETS)})", param_hint="'--regions'")
     _check_output_dir(out, force)
-    per_case, summary, names = evaluate_dirs(pred, gt, labels, distances)
+    per_case, summary, names = evaluate_dirs(pred, gt, labels, distances,
+                                             regions=REGION_SETS[regions] if regions else None)
     with atomic_dir(out, force) as tmp:  # the report folder appears whole, or not at all
         files = write_report(tmp, per_case, summary, names)
     print(format_table(summary))

@@ -364,6 +364,47 @@ def score_case(
     return case_metrics(pred, gt, num_classes, spacing, distances, ignore_label)
 
 
+#: BraTS tumour regions as sets of label values: whole tumour, tumour core, enhancing tumour.
+#: The same sets fit BraTS 2015 (1 necrosis, 2 oedema, 3 non-enhancing, 4 enhancing tumour)
+#: and BraTS 2017-2021 (1 necrotic / non-enhancing core, 2 oedema, 4 enhancing; 3 unused).
+BRATS_REGIONS: dict[str, tuple[int, ...]] = {"whole tumour": (1, 2, 3, 4), "tumour core": (1, 3, 4),
+                                             "enhancing tumour": (4,)}
+#: region sets by the name ``inrseg evaluate --regions`` takes
+REGION_SETS: dict[str, dict[str, tuple[int, ...]]] = {"brats": BRATS_REGIONS}
+
+
+def region_metrics(pred: np.ndarray, gt: np.ndarray, regions: dict[str, Sequence[int]],
+                   spacing: Sequence[float] | None = None, distances: bool = True,
+                   ignore_label: int | None = None) -> dict[str, CaseMetrics]:
+    """Per region (a union of label values), the metrics of the binary maps "in the region" of
+    ``pred`` and ``gt`` (``{region: CaseMetrics}`` with 2 classes; index 1 is the region).
+    Voxels of ``gt`` equal to ``ignore_label`` stay ignored; 3D + t as :func:`score_case`."""
+    gt = np.asarray(gt)
+    out = {}
+    for name, values in regions.items():
+        p = np.isin(pred, values).astype(np.int64)
+        g = np.isin(gt, values).astype(np.int64)
+        if ignore_label is not None:
+            g = np.where(gt == ignore_label, ignore_label, g)
+        out[name] = score_case(p, g, 2, spacing, distances, ignore_label)
+    return out
+
+
+def summarize_regions(per_case: Sequence[tuple[str, dict[str, CaseMetrics]]]) -> dict:
+    """``{region: {dice, hd95_mm, asd_mm, n_cases, per_case: {case: {dice, hd95_mm}}}}`` from
+    :func:`region_metrics` results; means ignore NaN (a region absent from both maps)."""
+    names = list(per_case[0][1]) if per_case else []
+    out = {}
+    for r in names:
+        ms = [(cid, m[r]) for cid, m in per_case]
+        dice = np.array([m.dice[1] for _, m in ms], dtype=np.float64)
+        out[r] = {"dice": _nanmean(dice), "hd95_mm": _nanmean(np.array([m.hd95_mm[1] for _, m in ms])),
+                  "asd_mm": _nanmean(np.array([m.asd_mm[1] for _, m in ms])),
+                  "n_cases": int((~np.isnan(dice)).sum()),
+                  "per_case": {cid: {"dice": float(m.dice[1]), "hd95_mm": float(m.hd95_mm[1])} for cid, m in ms}}
+    return out
+
+
 def annotation_stats(gt: np.ndarray, ignore_label: int | None) -> dict[str, int]:
     """How much of a label map is annotated: ``voxels`` and ``annotated_voxels`` (not ignored);
     for 2D+ maps ``slices`` / ``annotated_slices`` (2D images along the third axis, per frame for

@@ -16,7 +16,7 @@ from inrseg.data.layouts import (UKBB_LABELS, _find, _read_json, _ukbb_subject_d
                                  label_names_from_json)
 from inrseg.data.planes import PlaneView
 from inrseg.errors import InputError
-from inrseg.metrics import CaseMetrics, score_case, summarize
+from inrseg.metrics import CaseMetrics, region_metrics, score_case, summarize, summarize_regions
 from inrseg.progress import progress
 
 
@@ -60,7 +60,8 @@ def find_label_names(gt_dir: Path, labels_json: Path | None) -> list[str] | None
 
 
 def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | Path | None = None,
-                  distances: bool = True, ignore_label: int | None = None
+                  distances: bool = True, ignore_label: int | None = None,
+                  regions: dict[str, Sequence[int]] | None = None
                   ) -> tuple[list[tuple[str, CaseMetrics]], dict, list[str]]:
     """Score every ground-truth case of ``gt_dir`` against the same-named file in ``pred_dir``.
 
@@ -71,7 +72,9 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | P
     value present (and ``ignore_label``). Ground-truth voxels with the ignore value are left
     out of every metric; 3D + t cases are scored per annotated frame
     (:func:`inrseg.metrics.score_case`). A prediction whose grid (shape or affine) differs from
-    its ground truth, or a missing prediction, is an error naming the file.
+    its ground truth, or a missing prediction, is an error naming the file. With ``regions``
+    (e.g. :data:`inrseg.metrics.BRATS_REGIONS`), ``summary["regions"]`` also scores each union
+    of labels as one binary structure (:func:`inrseg.metrics.region_metrics`).
 
     Returns:
         ``(per_case, summary, label_names)`` with ``per_case = [(case_id, CaseMetrics)]``.
@@ -104,12 +107,17 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | P
 
         top = max(max(int(p.data.max()), top_of(g.data)) for _, p, g in loaded)
         names = ["background"] + [f"class-{i}" for i in range(1, top + 1)]
-    per_case = []
+    per_case, per_region = [], []
     for cid, pred, gt in progress(loaded, desc="scoring"):
         # the project's one definition: 2D / 3D per case, 3D + t per annotated frame, averaged
         m = score_case(pred.data, gt.data, len(names), gt.spacing, distances, ignore_label)
         per_case.append((cid, m))
+        if regions:
+            per_region.append((cid, region_metrics(pred.data, gt.data, regions, gt.spacing, distances,
+                                                   ignore_label)))
     summary = summarize([m for _, m in per_case], names)
+    if regions:
+        summary["regions"] = summarize_regions(per_region)
     return per_case, summary, names
 
 
@@ -138,7 +146,10 @@ def write_report(out_dir: str | Path, per_case: list[tuple[str, CaseMetrics]], s
     """Write ``per_case.csv`` and ``summary.json`` into ``out_dir`` (atomically, each)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{"case": cid, **m.to_row(names)} for cid, m in per_case]
+    regions = summary.get("regions", {})
+    rows = [{"case": cid, **m.to_row(names),
+             **{f"{k}_{r.replace(' ', '_')}": regions[r]["per_case"][cid][k] for r in regions
+                for k in ("dice", "hd95_mm")}} for cid, m in per_case]
     csv_path = out_dir / "per_case.csv"
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -162,6 +173,11 @@ def format_table(summary: dict) -> str:
                  f"{f(summary['jaccard']):>8} {f(summary['hd95_mm'], 2):>9} {f(summary['asd_mm'], 2):>8} "
                  f"{summary['n_cases']:>6}")
     lines.append(f"generalized Dice (MetaSeg's, bg incl.): {f(summary['generalized_dice'])}")
+    if summary.get("regions"):
+        lines.append("-" * 70)
+        for name, m in summary["regions"].items():
+            lines.append(f"{'region: ' + name:<28} {f(m['dice']):>7} {'':>8} {f(m['hd95_mm'], 2):>9} "
+                         f"{f(m['asd_mm'], 2):>8} {m['n_cases']:>6}")
     return "\n".join(lines)
 
 
