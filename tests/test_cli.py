@@ -253,3 +253,49 @@ def test_ukbb_folder_segments_and_evaluates(cli, tmp_path):
     ann = json.loads(res.out)["annotation"]
     assert ann["ignore_label"] == 255 and ann["annotated_frames"] == 6 and ann["frames"] == 8
     assert ann["annotated_voxel_fraction"] == pytest.approx(0.75)  # train fully, test half annotated
+
+
+@pytest.mark.parametrize("method", ["unet", "metaseg", "nisf", "morse"])
+def test_segment_save_probabilities(method, cli, tmp_path):
+    """--save-probabilities writes <case>.npz beside each label map: (C, *S) float32 summing to
+    1, whose argmax is the label map, for every method family."""
+    import nibabel as nib
+    import numpy as np
+
+    from conftest import write_nnunet
+    from inrseg.segmenter import segmenter_class
+
+    root = write_nnunet(tmp_path / "ds", n=2, shape=(16, 20))
+    names = ["background", "a", "b"]
+    cls = segmenter_class(method)
+    if method == "unet":
+        from inrseg.methods.supervised import SupervisedConfig
+        model = cls(names, 2, 1, SupervisedConfig(channels=(4, 8), num_res_units=0))
+    elif method == "metaseg":
+        from inrseg.methods.metaseg import MetaSegConfig
+        model = cls(names, 2, 1, MetaSegConfig(hidden=16, layers=3, tf_candidates=(3,)))
+        model.t_f = 3
+    elif method == "nisf":
+        from inrseg.methods.nisf import config_from_preset
+        model = cls(names, 2, 1, config_from_preset("nisf-cpu-small", infer_steps=2))
+    else:
+        from inrseg.methods.morse import morse_config
+        model = cls(names, 2, 1, morse_config("unet", "morse", 2, "cpu"))
+    model.save(tmp_path / "m.safetensors")
+    out = tmp_path / "out"
+    res = cli("segment", "--model", tmp_path / "m.safetensors", "--input", root / "imagesTr", "--output", out,
+              "--save-probabilities")
+    assert res.code == 0, res.err
+    for lab_file in sorted(out.glob("*.nii.gz")):
+        npz = np.load(lab_file.with_name(lab_file.name.replace(".nii.gz", ".npz")))
+        probs, labels = npz["probabilities"], np.asarray(nib.load(lab_file).dataobj)[..., 0]
+        assert probs.dtype == np.float32 and probs.shape == (3, 16, 20)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(probs.argmax(0), labels)
+        assert list(npz["label_names"]) == names
+    # the same labels as a plain run: the probabilities come from the prediction itself
+    assert cli("segment", "--model", tmp_path / "m.safetensors", "--input", root / "imagesTr", "--output",
+               tmp_path / "plain").code == 0
+    for lab_file in sorted(out.glob("*.nii.gz")):
+        np.testing.assert_array_equal(np.asarray(nib.load(lab_file).dataobj),
+                                      np.asarray(nib.load(tmp_path / "plain" / lab_file.name).dataobj))

@@ -206,6 +206,8 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
             scale: float = typer.Option(1.0, callback=_positive, help="Resolution factor of the output grid (2 = twice as fine)."),
             method: Optional[str] = typer.Option(None, help="Refuse a checkpoint of another method."),
             overlays: bool = typer.Option(False, help="Also write a PNG overlay per case."),
+            save_probabilities: bool = typer.Option(False, help="Also write OUTPUT/<case>.npz: the class "
+                                                                "probabilities (C, *S) float32, as nnU-Net does."),
             heldout: Optional[str] = typer.Option(None, help="NISF: fit without these slices and predict "
                                                             "them, 'AXIS:i,j,..' e.g. '2:3,4'."),
             plane: Optional[str] = typer.Option(None, help="NISF (3D, 3D+t): also render a plane: 'lax' (through "
@@ -232,6 +234,8 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
                 raise InputError(model, f"{flag} needs an implicit model that supports it (NISF); "
                                         f"this is a {seg.method!r} checkpoint")
         heldout_spec = _parse_heldout(heldout) if heldout else None
+        if save_probabilities and heldout_spec is not None:
+            raise typer.BadParameter("is not available with --heldout", param_hint="'--save-probabilities'")
         groups = image_files(input)
         # Validate every input before writing anything, so a bad file leaves no partial output.
         for files in progress(groups, desc="checking inputs"):
@@ -241,7 +245,7 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
         # failure half-way, or a second run writing OUTPUT at the same time, never leaves a mix.
         with atomic_dir(output, force) if is_main() else contextlib.nullcontext() as tmp:
             _segment_into(Path(broadcast_object(str(tmp) if is_main() else None)), seg, groups, scale,
-                          heldout_spec, plane, plane_size, plane_mm, frame, overlays, dev)
+                          heldout_spec, plane, plane_size, plane_mm, frame, overlays, dev, save_probabilities)
     status(f"wrote {len(groups)} label maps to {output}")
 
 
@@ -257,10 +261,13 @@ def _check_output_memory(path: Path, shape: tuple[int, ...], scale: float, num_c
 
 
 def _segment_into(output: Path, seg, groups, scale: float, heldout_spec, plane, plane_size: str,
-                  plane_mm: float, frame: float, overlays: bool, dev) -> None:
+                  plane_mm: float, frame: float, overlays: bool, dev, save_probabilities: bool = False) -> None:
     """Segment every input group into ``output``; under torchrun each rank segments its share
-    of the inputs and writes only those."""
-    from inrseg.data.io import load_image, save_labels
+    of the inputs and writes only those. With ``save_probabilities`` the labels are the argmax
+    of the probabilities written beside them (one test-time fit for the INR methods)."""
+    import numpy as np
+
+    from inrseg.data.io import Volume, atomic_path, load_image, save_labels
     from inrseg.data.layouts import case_id_of
     from inrseg.report import save_overlay
     from inrseg.training import barrier, shard
@@ -270,6 +277,13 @@ def _segment_into(output: Path, seg, groups, scale: float, heldout_spec, plane, 
         cid = case_id_of(files)
         if heldout_spec is not None:
             labels = seg.predict_heldout(image, heldout_spec[0], heldout_spec[1]).labels
+        elif save_probabilities:
+            probs = seg.predict_probabilities(image, scale=scale)
+            labels = Volume(probs.data.argmax(0).astype(np.int64), probs.affine, probs.spatial_ndim,
+                            probs.time_step, path=probs.path)
+            with atomic_path(output / f"{cid}.npz") as tmp:
+                np.savez_compressed(tmp, probabilities=probs.data, label_names=np.array(seg.label_names),
+                                    affine=np.asarray(probs.affine))
         else:
             labels = seg.predict(image, scale=scale)
         save_labels(labels.data, output / f"{cid}.nii.gz", like=labels)

@@ -60,6 +60,10 @@ class Segmenter(Protocol):
         (``S' = round(S * scale)``) where the method supports it.
         """
 
+    def predict_probabilities(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """Class probabilities ``(num_classes, *S')`` float32 (summing to 1 per voxel) on the grid
+        of :meth:`predict`, whose labels are their argmax; ``inrseg segment --save-probabilities``."""
+
     def save(self, path: str | Path) -> None:
         """Write a checkpoint (safetensors + JSON header), atomically."""
 

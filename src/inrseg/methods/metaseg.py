@@ -497,10 +497,11 @@ class MetaSeg:
         head = self.params if head is None else head
         return head_forward(head, self.features(theta, coords))
 
-    def _fit_predict(self, images: Sequence[Volume], queries: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _fit_predict(self, images: Sequence[Volume], queries: Sequence[torch.Tensor],
+                     probabilities: bool = False) -> list[torch.Tensor]:
         """Labels ``(M_i,)`` int64 (on the device) at ``queries[i]`` ``(M_i, d)`` after fitting
-        each image for ``T_f`` steps; images of one shape are fitted together, ``fit_batch`` at a
-        time."""
+        each image for ``T_f`` steps - or, with ``probabilities``, the head's softmax ``(M_i, C)``;
+        images of one shape are fitted together, ``fit_batch`` at a time."""
         prepared = [self._prepare(im) for im in images]
         out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -514,7 +515,8 @@ class MetaSeg:
                     pass
                 for j, i in enumerate(block):
                     one = {k: v[j:j + 1] for k, v in theta.items()}
-                    out[i] = self.logits(one, queries[i])[0].argmax(-1)
+                    logits = self.logits(one, queries[i])[0]
+                    out[i] = torch.softmax(logits, -1) if probabilities else logits.argmax(-1)
         return out  # type: ignore[return-value]
 
     def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
@@ -533,6 +535,17 @@ class MetaSeg:
             result.append(Volume(lab.reshape(new_shape).cpu().numpy().astype(np.int64), np.asarray(affine, float),
                                  self.spatial_ndim, im.time_step, path=im.path))
         return result
+
+    def predict_probabilities(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """The head's softmax ``(num_classes, *S')`` float32 after the test-time fit, on the grid
+        of :meth:`predict` (whose labels are its argmax)."""
+        q = self._query_coords(image, scale)
+        probs = self._fit_predict([image], [q], probabilities=True)[0]                # (M, C)
+        new_shape = resampled_shape(image.shape, scale)
+        affine = image.affine if new_shape == tuple(image.shape) else resampled_affine(image.affine, image.shape,
+                                                                                         new_shape)
+        data = probs.T.reshape((len(self.label_names),) + new_shape).cpu().numpy().astype(np.float32)
+        return Volume(data, np.asarray(affine, float), self.spatial_ndim, image.time_step, path=image.path)
 
     def predict_points(self, image: Volume, coords: torch.Tensor | np.ndarray) -> np.ndarray:
         """Labels ``(N,)`` int64 at continuous coordinates ``(N, d)`` (the convention of

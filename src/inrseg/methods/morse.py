@@ -445,6 +445,18 @@ class MORSE:
         labels = logits.argmax(0).cpu().numpy().astype(np.int64)
         return Volume(labels, affine, self.spatial_ndim, image.time_step, path=image.path)
 
+    @torch.no_grad()
+    def predict_probabilities(self, image: Volume, scale: float | Sequence[float] = 1.0,
+                              refine: bool | None = None) -> Volume:
+        """Softmax class probabilities ``(num_classes, *S')`` float32 on the grid of
+        :meth:`predict` (their argmax is its label map)."""
+        logits = self.predict_logits(image, scale, refine)
+        new_shape = tuple(logits.shape[1:])
+        affine = image.affine if new_shape == tuple(image.shape) else resampled_affine(image.affine, image.shape,
+                                                                                         new_shape)
+        probs = torch.softmax(logits.float(), 0).cpu().numpy().astype(np.float32)
+        return Volume(probs, affine, self.spatial_ndim, image.time_step, path=image.path)
+
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
         cfg = asdict(self.config)

@@ -848,19 +848,39 @@ class NISF:
         affine (:func:`~inrseg.data.grids.resampled_affine`)."""
         return self._render_grid(fit, scale)[0]
 
+    def probabilities(self, fit: LatentFit, scale: float | Sequence[float] = 1.0) -> Volume:
+        """Softmax class probabilities ``(num_classes, *S')`` float32 of a fitted latent on the
+        grid of :meth:`segment` (whose labels are their argmax)."""
+        self._check_fit(fit)
+        new_shape, affine, ts = self._grid_geometry(fit, scale)
+        out = self._evaluate(self._coords(fit.shape, fit.spacing, scale)[None], fit.latent[None],
+                             want_image=False, want_probs=True)
+        data = out["probs"][0].T.numpy().reshape((self.num_classes,) + new_shape).astype(np.float32)
+        return Volume(data, affine, self.spatial_ndim, ts, path=fit.path)
+
+    def predict_probabilities(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """:meth:`probabilities` of ``image``'s fitted latent (the fit of :meth:`predict`)."""
+        return self.probabilities(self.fit_latents([image])[0], scale)
+
     def reconstruct(self, fit: LatentFit, scale: float | Sequence[float] = 1.0) -> Volume:
         """Reconstructed intensities ``(C_in, *S')`` in the normalised [0, 1] range."""
         return self._render_grid(fit, scale)[1]
 
-    def _render_grid(self, fit: LatentFit, scale: float | Sequence[float]) -> tuple[Volume, Volume]:
-        self._check_fit(fit)
+    def _grid_geometry(self, fit: LatentFit, scale: float | Sequence[float]
+                       ) -> tuple[tuple[int, ...], np.ndarray, float | None]:
+        """Shape, affine and time step of ``fit``'s grid resampled by ``scale``."""
         new_shape = resampled_shape(fit.shape, scale)
-        coords = self._coords(fit.shape, fit.spacing, scale)
-        out = self._evaluate(coords[None], fit.latent[None])
         affine = fit.affine if new_shape == tuple(fit.shape) else resampled_affine(fit.affine, fit.shape, new_shape)
         ts = fit.time_step
         if self.spatial_ndim == 4 and ts is not None and new_shape[3] != fit.shape[3]:
             ts = ts * fit.shape[3] / new_shape[3]
+        return new_shape, affine, ts
+
+    def _render_grid(self, fit: LatentFit, scale: float | Sequence[float]) -> tuple[Volume, Volume]:
+        self._check_fit(fit)
+        new_shape, affine, ts = self._grid_geometry(fit, scale)
+        coords = self._coords(fit.shape, fit.spacing, scale)
+        out = self._evaluate(coords[None], fit.latent[None])
         labels = Volume(out["labels"][0].numpy().reshape(new_shape), affine, self.spatial_ndim, ts,
                         path=fit.path)
         image = Volume(out["image"][0].T.numpy().reshape((self.in_channels,) + new_shape),

@@ -203,10 +203,9 @@ class SupervisedSegmenter:
             logits = self.net(xp)[(slice(None), slice(None)) + tuple(crop)]
         return plain(logits)[0]
 
-    @torch.no_grad()
-    def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
-        """Label map of ``image``; ``scale`` != 1 resamples the logits (trilinear) to a finer or
-        coarser grid of the same field of view, with the matching affine."""
+    def _scaled_logits(self, image: Volume, scale: float | Sequence[float]) -> tuple[torch.Tensor, np.ndarray]:
+        """Logits ``(num_classes, *S')`` resampled (bi/trilinear) to the grid of ``scale`` and
+        that grid's affine."""
         logits = self.predict_logits(image)
         new_shape = resampled_shape(image.shape, scale)
         affine = image.affine
@@ -214,8 +213,23 @@ class SupervisedSegmenter:
             mode = "bilinear" if self.spatial_ndim == 2 else "trilinear"
             logits = F.interpolate(logits[None], size=new_shape, mode=mode, align_corners=False)[0]
             affine = resampled_affine(image.affine, image.shape, new_shape)
+        return logits, affine
+
+    @torch.no_grad()
+    def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """Label map of ``image``; ``scale`` != 1 resamples the logits (trilinear) to a finer or
+        coarser grid of the same field of view, with the matching affine."""
+        logits, affine = self._scaled_logits(image, scale)
         labels = logits.argmax(0).cpu().numpy().astype(np.int64)
         return Volume(labels, affine, self.spatial_ndim, image.time_step, path=image.path)
+
+    @torch.no_grad()
+    def predict_probabilities(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """Softmax class probabilities ``(num_classes, *S')`` float32 on the grid of
+        :meth:`predict` (their argmax is its label map)."""
+        logits, affine = self._scaled_logits(image, scale)
+        probs = torch.softmax(logits.float(), 0).cpu().numpy().astype(np.float32)
+        return Volume(probs, affine, self.spatial_ndim, image.time_step, path=image.path)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
