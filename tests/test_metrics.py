@@ -497,3 +497,27 @@ def test_evaluate_regions_brats_cli(cli, tmp_path):
     bad = cli("evaluate", "--pred", root / "labelsTr", "--gt", root / "labelsTr", "--out", tmp_path / "rep2",
               "--regions", "kits")
     assert bad.code == 2 and "--regions" in bad.err
+
+
+def test_overlay_has_a_legend_of_the_classes_shown():
+    """Every overlay names its colours: one legend entry per class present in the prediction or
+    the ground truth, with the dataset's class name and the colour drawn for that label."""
+    import matplotlib
+    from matplotlib.colors import to_rgba
+
+    from inrseg.data.io import Volume
+    from inrseg.report import overlay_figure
+
+    matplotlib.use("Agg")
+    img = Volume(np.random.default_rng(0).random((1, 12, 10)).astype(np.float32), np.eye(4), 2)
+    pred = np.zeros((12, 10), np.int64)
+    pred[2:5, 2:5] = 1
+    gt = np.zeros((12, 10), np.int64)
+    gt[6:9, 6:9] = 3
+    fig = overlay_figure(img, pred, gt, names=["background", "cortex", "white matter", "csf"])
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["cortex", "csf"]
+    # the legend colour of a class is the colour its pixels are drawn in
+    cmap = fig.axes[1].images[1].cmap
+    assert legend.legend_handles[0].get_facecolor()[:3] == pytest.approx(to_rgba(cmap(1))[:3])
+    assert legend.legend_handles[1].get_facecolor()[:3] == pytest.approx(to_rgba(cmap(3))[:3])

@@ -290,7 +290,7 @@ def _segment_into(output: Path, seg, groups, scale: float, heldout_spec, plane, 
         if plane:
             _render_plane(seg, image, plane, _parse_shape(plane_size), plane_mm, frame, output / cid)
         if overlays and scale == 1.0:
-            save_overlay(image, labels.data, output / f"{cid}.png", title=cid)
+            save_overlay(image, labels.data, output / f"{cid}.png", title=cid, names=seg.label_names)
     barrier()
 
 
@@ -721,6 +721,7 @@ def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
         image, labels = case.load()
         curves[case.case_id] = metaseg_step_curve(seg, image, labels, steps)
         save_overlay(image, seg.predict(image).data, out / f"{case.case_id}_overlay.png", gt=labels.data,
+                     names=seg.label_names,
                      title=f"{case.case_id} (MetaSeg, T_f = {seg.t_f})")
         feature_pca_png(seg, image, out / f"{case.case_id}_features_pca.png")
     plot_step_curves(curves, out / "dice_psnr_vs_steps.png", t_f=seg.t_f)
@@ -767,6 +768,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is wr
         pred = seg.predict(image)
         save_labels(pred.data, pred_dir / f"{case.case_id}.nii.gz", like=pred)
         save_overlay(image, pred.data, out / "overlays" / f"{case.case_id}.png", gt=labels.data,
+                     names=seg.label_names,
                      title=f"{case.case_id}: MetaSeg after T_f = {seg.t_f} steps")
         if i < 2:
             curves[case.case_id] = metaseg_step_curve(seg, image, labels, (0, 1, 5, 10, 25, 50, 100, 200))

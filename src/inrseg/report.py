@@ -182,11 +182,20 @@ def format_table(summary: dict) -> str:
 
 
 def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarray | None = None,
-                 title: str = "") -> Path:
-    """PNG: image | prediction overlay | ground-truth overlay (middle slice for 3D / 3D+t).
+                 title: str = "", names: Sequence[str] | None = None) -> Path:
+    """PNG: image | prediction overlay | ground-truth overlay (middle slice for 3D / 3D+t), with
+    a legend of the class colours (``names``: class names by label value; default "class k").
 
     ``pred`` and ``gt`` are label maps on the image grid ``S``. Atomic write.
     """
+    from inrseg.figures import save_png
+
+    return save_png(overlay_figure(image, pred, gt, title, names), path, dpi=90)
+
+
+def overlay_figure(image: Volume, pred: np.ndarray, gt: np.ndarray | None = None, title: str = "",
+                   names: Sequence[str] | None = None):
+    """The matplotlib figure of :func:`save_overlay`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,12 +221,17 @@ def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarr
                       alpha=0.5, origin="lower", interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
+    from matplotlib.patches import Patch
+
+    shown = [c for c in range(1, n_classes) if (pred == c).any() or (gt is not None and (gt == c).any())]
+    label = (lambda c: names[c] if names is not None and c < len(names) else f"class {c}")
+    if shown:
+        fig.legend(handles=[Patch(color=cmap(c), alpha=0.7, label=label(c)) for c in shown],
+                   loc="lower center", ncol=min(len(shown), 5), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    from inrseg.figures import save_png
-
-    return save_png(fig, path, dpi=90)
+    fig.tight_layout(rect=(0, 0.08 if shown else 0, 1, 1))
+    return fig
 
 
 def save_plane_png(view: PlaneView, path: str | Path, alpha: float = 0.45,
