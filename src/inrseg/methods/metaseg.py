@@ -76,7 +76,7 @@ from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.data.grids import coordinate_grid, resampled_affine, resampled_shape
 from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.layouts import Case
-from inrseg.data.preprocess import normalize
+from inrseg.data.preprocess import check_input, normalize
 from inrseg.errors import InputError
 from inrseg.metrics import case_metrics
 from inrseg.nn.siren import Params, full_forward, head_forward, init_params, siren_features, siren_forward
@@ -391,11 +391,7 @@ class MetaSeg:
     # ------------------------------------------------------------------ data
     def _prepare(self, image: Volume, labels: Volume | None = None) -> _Image:
         """``image`` ``(C, *S)`` (and its label map ``(*S)``) as flattened tensors on the device."""
-        if image.data.shape[0] != self.in_channels:
-            raise InputError(image.path, f"has {image.data.shape[0]} channels, the model expects "
-                                         f"{self.in_channels}")
-        if image.spatial_ndim != self.spatial_ndim:
-            raise InputError(image.path, f"is {image.spatial_ndim}D, the model is {self.spatial_ndim}D")
+        check_input(image, self.in_channels, self.spatial_ndim)
         cfg = self.config
         x = torch.from_numpy(normalize(image.data, cfg.normalization)).to(self.device)   # (C, *S)
         pixels = x.reshape(x.shape[0], -1).T.contiguous()                                # (N, C)
