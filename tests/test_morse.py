@@ -13,7 +13,7 @@ from conftest import write_blobs
 from inrseg.data.io import Volume
 from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.errors import InputError
-from inrseg.methods.morse import VARIANTS, MORSE, MorseConfig, morse_config, rend_weight
+from inrseg.methods.morse import VARIANTS, MORSE, MorseConfig, dropout_ramp, morse_config, rend_weight
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import build_backbone
 from inrseg.nn.fourier import GaussianFourierFeatures
@@ -148,6 +148,47 @@ def test_gate_weights_sum_to_one_and_dropout_only_in_training():
     count = StochasticMoE(2, (16, 8, 4), dim=8, gate_dim=8, expert_dropout="count").train()
     m = count.expert_mask(2000)
     assert (m.sum(1) >= 1).all() and set(m.sum(1).long().tolist()) == {1, 2, 3}
+
+
+def test_dropout_warmup_scales_the_drop_rate():
+    """The warm-up ramp, and what a scale does to each dropout rule (counted over many draws)."""
+    assert [dropout_ramp(s, 100, 0.5) for s in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
+    assert dropout_ramp(0, 100, 0.0) == 1.0                 # paper: full rate from step 0
+    bern = StochasticMoE(2, (4, 4, 4), dim=4, gate_dim=4, expert_dropout="bernoulli", alpha=0.7).train()
+    gen = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+    bern.dropout_scale = 0.0
+    assert (bern.expert_mask(500) == 1).all()               # nothing dropped at the ramp's start
+    bern.dropout_scale = 0.5                                # drop rate 0.35: kept share ~0.65
+    assert 0.6 < float(bern.expert_mask(3000).mean()) < 0.7
+    bern.dropout_scale = 1.0
+    full = bern.expert_mask(1, generators=gen())
+    count = StochasticMoE(2, (4, 4, 4), dim=4, gate_dim=4, expert_dropout="count").train()
+    count.dropout_scale = 0.0
+    assert (count.expert_mask(500) == 1).all()
+    count.dropout_scale = 0.5                               # half the images keep every expert
+    share = float((count.expert_mask(4000).sum(1) == 3).float().mean())
+    assert 0.5 + 0.5 / 3 - 0.04 < share < 0.5 + 0.5 / 3 + 0.04, share
+    assert full.shape == (1, 3)
+    assert morse_config(preset="paper").dropout_warmup == 0.0
+    assert morse_config(preset="cpu").dropout_warmup == 0.5
+    with pytest.raises(ValueError, match="dropout_warmup"):
+        morse_config(dropout_warmup=1.5)
+
+
+def test_fit_applies_the_warmup_at_every_step(blobs2d, monkeypatch):
+    """``fit`` sets the SMoE's drop-rate scale from the ramp before each step's forward pass."""
+    import inrseg.methods.morse as morse_mod
+
+    seen: list[tuple[int, int, float]] = []
+    real = morse_mod.dropout_ramp
+    monkeypatch.setattr(morse_mod, "dropout_ramp", lambda i, t, w: seen.append((i, t, w)) or real(i, t, w))
+    cfg = _tiny_cfg("unet", "smoe", steps=4, val_every=4, batch_size=2, dropout_warmup=0.5)
+    model = MORSE(blobs2d.label_names, 2, 1, cfg)
+    scales = []
+    model.net.smoe.register_forward_pre_hook(lambda m, a: scales.append(m.dropout_scale) if m.training else None)
+    model.fit(blobs2d.train[:2])
+    assert seen == [(i, 4, 0.5) for i in range(4)]
+    assert scales == [0.0, 0.5, 1.0, 1.0]
 
 
 def test_per_image_generators_make_draws_independent_of_the_batch():

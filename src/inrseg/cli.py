@@ -666,8 +666,12 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
                 batch_size: Optional[int] = typer.Option(None, min=1, help="Slices / crops per step."),
                 lr: Optional[float] = typer.Option(None, callback=_positive, help="Initial learning rate (AdamW, default 5e-4)."),
                 expert_dropout: Optional[str] = typer.Option(None, help="bernoulli (paper, alpha 0.7), count "
-                                                                        "(official code) or none; slows short "
-                                                                        "CPU runs down a lot."),
+                                                                        "(official code) or none."),
+                dropout_warmup: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                                               help="Expert-dropout warm-up: the drop rate rises "
+                                                                    "from 0 to full over this fraction of the "
+                                                                    "steps (cpu preset 0.5; paper preset 0: "
+                                                                    "full from step 0)."),
                 patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                 budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                 splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
@@ -682,7 +686,8 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
     _check_train_out(out, resume, force)
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr,
-                                       expert_dropout=expert_dropout, patch_size=_patch(patch),
+                                       expert_dropout=expert_dropout, dropout_warmup=dropout_warmup,
+                                       patch_size=_patch(patch),
                                        foreground_fraction=foreground_fraction).items() if v is not None}
     try:
         cfg = morse_config(backbone.value, variant.value, ds.spatial_ndim, preset, seed=seed,

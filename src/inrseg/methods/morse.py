@@ -110,6 +110,10 @@ class MorseConfig:
     gate_dim: int = 256                     # gate hidden width
     expert_dropout: str = "bernoulli"       # bernoulli (paper) | count (official code) | none
     alpha: float = 0.7                      # drop probability per expert (bernoulli)
+    # expert-dropout warm-up: the drop rate rises linearly from 0 to its full value (alpha, or
+    # the "count" rule's) over this fraction of T; 0 = full dropout from step 0 (paper). The
+    # paper's dropout from step 0 costs 0.2-0.45 Dice in CPU-length runs (docs/findings/morse.md).
+    dropout_warmup: float = 0.5
     renormalize: bool = True                # survivors' gate weights re-sum to 1
     # --- IAR / point head
     point_width: int = 512
@@ -147,6 +151,8 @@ class MorseConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r} (adamw, sgd)")
         if self.expert_dropout not in EXPERT_DROPOUT:
             raise ValueError(f"unknown expert_dropout {self.expert_dropout!r} ({', '.join(EXPERT_DROPOUT)})")
+        if not 0.0 <= self.dropout_warmup <= 1.0:
+            raise ValueError(f"dropout_warmup {self.dropout_warmup} is not a fraction of the steps in [0, 1]")
         if self.patch_size is not None:
             self.patch_size = tuple(int(n) for n in self.patch_size)
         self.backbone_overrides = {k: tuple(v) if isinstance(v, list) else v
@@ -168,9 +174,17 @@ class MorseConfig:
 #: Head widths: "paper" as published; "cpu" small enough for minutes-long CPU training (the
 #: SMoE gate is a 3x3 convolution on N * D channels at full resolution: the dominant cost).
 HEAD_PRESETS: dict[str, dict] = {
-    "paper": dict(moe_dim=256, gate_dim=256, point_width=512),
-    "cpu": dict(moe_dim=32, gate_dim=32, point_width=256),
+    "paper": dict(moe_dim=256, gate_dim=256, point_width=512, dropout_warmup=0.0),
+    "cpu": dict(moe_dim=32, gate_dim=32, point_width=256, dropout_warmup=0.5),
 }
+
+
+def dropout_ramp(step: int, steps: int, warmup: float) -> float:
+    """Share of the full expert-dropout rate used at 0-based ``step`` of ``steps``: rises
+    linearly from 0 at step 0 to 1 at ``warmup * steps``, then stays 1 (``warmup`` 0: always 1)."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, step / (warmup * steps))
 
 
 def morse_config(backbone: str = "unet", variant: str = "morse", spatial_ndim: int = 2,
@@ -329,6 +343,8 @@ class MORSE:
         val_data: list[tuple[Volume, Volume]] = []
 
         def step(i: int):
+            if self.net.smoe is not None:  # the expert-dropout warm-up (1 = full rate)
+                self.net.smoe.dropout_scale = dropout_ramp(i, cfg.steps, cfg.dropout_warmup)
             x, y = sampler.batch(i, mine, self.device)
             # per item, a stream of (seed, step, item) apart from the sampler's: dropout, points
             gens = [torch_generator(int(step_rng(cfg.seed, i, j, 1).integers(2 ** 63)), self.device)

@@ -51,6 +51,10 @@ class StochasticMoE(nn.Module):
             ``"count"`` (drop a uniformly random number ``0..N-1`` of random experts) or ``"none"``.
         renormalize: renormalise the surviving experts' weights to sum to 1 (else their
             softmax weights are only zeroed for the dropped experts).
+
+    ``dropout_scale`` (attribute, default 1) scales the drop rate during a warm-up: Bernoulli
+    drops each expert with probability ``alpha * dropout_scale``; "count" applies its rule to an
+    image with probability ``dropout_scale`` and keeps every expert otherwise.
     """
 
     def __init__(self, spatial_dims: int, in_channels: Sequence[int], dim: int = 256,
@@ -60,6 +64,7 @@ class StochasticMoE(nn.Module):
         conv, n = _conv(spatial_dims), len(in_channels)
         self.num_experts, self.expert_dropout, self.alpha = n, expert_dropout, alpha
         self.renormalize = renormalize
+        self.dropout_scale = 1.0
         self.experts = nn.ModuleList([nn.Sequential(conv(c, dim, 1), nn.ReLU(inplace=True),
                                                     conv(dim, dim, 1)) for c in in_channels])
         bn = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
@@ -86,11 +91,12 @@ class StochasticMoE(nn.Module):
         """``(N,)`` 0/1 mask of one image's active experts (at least one)."""
         n = self.num_experts
         if self.expert_dropout == "bernoulli":
-            mask = (torch.rand(n, device=device, generator=generator) >= self.alpha).float()
+            mask = (torch.rand(n, device=device, generator=generator) >= self.alpha * self.dropout_scale).float()
         else:  # "count": drop a random number (0..N-1) of random experts
             k = torch.randint(0, n, (), device=device, generator=generator)
             rank = torch.rand(n, device=device, generator=generator).argsort().argsort()
-            mask = (rank >= k).float()
+            apply = torch.rand((), device=device, generator=generator) < self.dropout_scale
+            mask = torch.where(apply, (rank >= k).float(), torch.ones(n, device=device))
         # keep one random expert where all were dropped (drawn always: no host synchronisation)
         keep = torch.randint(0, n, (), device=device, generator=generator)
         return torch.where(mask.sum() == 0, F.one_hot(keep, n).to(mask.dtype), mask)
