@@ -112,7 +112,7 @@ def main() -> None:
         for name, (desc, over) in EXPERIMENTS.items():
             print(f"{name:16s} {desc}\n{'':16s} {over}")
         return
-    from inrseg.cli import metaseg_config
+    from inrseg.methods.metaseg import metaseg_config
     from inrseg.data.layouts import open_dataset, split_by_subject
     from inrseg.figures import DIAGNOSTIC_STEPS, metaseg_diagnostic, plot_diagnostic
     from inrseg.methods.metaseg import MetaSeg

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
 import shutil
 import sys
 from enum import Enum
@@ -173,7 +174,12 @@ def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label m
              distances: bool = typer.Option(True, help="Compute HD95 / ASD (slower in 3D)."),
              force: bool = typer.Option(False, "--force", help="Replace a non-empty report folder."),
              regions: Optional[str] = typer.Option(None, help="Also score unions of labels as regions: 'brats' "
-                                                              "(whole tumour 1-4, tumour core 1,3,4, enhancing 4).")
+                                                              "(whole tumour 1-4, tumour core 1,3,4, enhancing 4)."),
+             html: bool = typer.Option(False, "--html", help="Also write OUT/report.html: a self-contained page "
+                                                              "with the table, per-class bars and the best, "
+                                                              "median and worst case as overlays."),
+             images: Optional[Path] = typer.Option(None, help="Images for the --html overlays (default: imagesTs "
+                                                             "beside a labelsTs --gt, or UK Biobank sa.nii.gz).")
              ) -> None:
     """Score predictions against ground truth: Dice, Jaccard, generalized Dice, HD95 and ASD (mm).
     Ground-truth voxels with the dataset's ignore value are skipped; a 3D+t case (one subject) is
@@ -191,8 +197,31 @@ def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label m
                                              regions=REGION_SETS[regions] if regions else None)
     with atomic_dir(out, force) as tmp:  # the report folder appears whole, or not at all
         files = write_report(tmp, per_case, summary, names)
+        if html:
+            files += (_evaluation_html(tmp / "report.html", pred, gt, images, labels, per_case, summary, names),)
     print(format_table(summary))
     status(f"wrote {' and '.join(str(out / f.name) for f in files)}")
+
+
+def _evaluation_html(path: Path, pred: Path, gt: Path, images: Optional[Path], labels: Optional[Path],
+                     per_case, summary: dict, names: list[str]) -> Path:
+    """Write ``report.html`` of ``inrseg evaluate --html``."""
+    import datetime as _dt
+
+    from inrseg.bench import library_versions
+    from inrseg.html_report import evaluation_report
+    from inrseg.report import find_images, find_label_info, label_files
+
+    ids = [cid for cid, _ in per_case]
+    _, ignore = find_label_info(gt, labels)
+    prov = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "predictions": str(pred.resolve()), "ground truth": str(gt.resolve()),
+            "command": _state.get("command") or shlex.join(["inrseg", *sys.argv[1:]]),
+            "libraries": library_versions()}
+    page = evaluation_report(per_case, summary, names, label_files(pred, "prediction"),
+                             label_files(gt, "ground-truth"), find_images(gt, ids, images), prov, ignore)
+    path.write_text(page)
+    return path
 
 
 # ----------------------------------------------------------------------------------- segment
@@ -451,9 +480,7 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
                       splits: Optional[Path], seed: int, resume: bool, patch: Optional[str] = None,
                       foreground_fraction: Optional[float] = None, device: str = "cpu",
                       precision: str = "auto", force: bool = False) -> None:
-    from dataclasses import replace
-
-    from inrseg.methods.supervised import PRESETS, SupervisedConfig
+    from inrseg.methods.supervised import PRESETS, supervised_config
     from inrseg.segmenter import segmenter_class
     from inrseg.training import Budget
 
@@ -464,16 +491,9 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed)
-    cfg = SupervisedConfig(**PRESETS[preset], seed=seed)
-    if ds.spatial_ndim == 3:
-        cfg = replace(cfg, batch_size=2)
-    if steps is not None:
-        cfg = replace(cfg, steps=steps, val_every=max(1, min(cfg.val_every, steps)))
-    if batch_size is not None:
-        cfg = replace(cfg, batch_size=batch_size)
-    cfg = replace(cfg, budget_minutes=budget_minutes, patch_size=_patch(patch) or cfg.patch_size)
-    if foreground_fraction is not None:
-        cfg = replace(cfg, foreground_fraction=foreground_fraction)
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, patch_size=_patch(patch),
+                                       foreground_fraction=foreground_fraction).items() if v is not None}
+    cfg = supervised_config(preset, ds.spatial_ndim, seed=seed, budget_minutes=budget_minutes, **overrides)
     cls = segmenter_class(method)
     with _run_on(device) as dev:
         model = cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
@@ -538,26 +558,6 @@ def train_segresnet(data: Path = _DATA, out: Path = _OUT,
                       val_fraction, splits, seed, resume, patch, foreground_fraction, device, precision, force)
 
 
-def metaseg_config(preset: str, paper: bool = False, **overrides):
-    """MetaSegConfig of a preset; ``paper=True`` selects the published (GPU-sized) settings:
-    every pixel in every inner/outer/test step, Adam lr 1e-4 throughout and constant, the joint
-    inner loss (labels in the inner loop), 5,000 outer steps. The CPU defaults keep the recipe
-    but use random 2,048-pixel subsets inside meta-training, 4,096-pixel test-time steps and a
-    warmed-up cosine outer lr (docs/findings/metaseg.md)."""
-    from dataclasses import replace
-
-    from inrseg.methods.metaseg import PRESETS, MetaSegConfig
-
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
-    cfg = MetaSegConfig(**PRESETS[preset])
-    if paper:
-        cfg = replace(cfg, points_per_task=None, fit_points=None, inner_lr=1e-4, outer_lr=1e-4,
-                      inner_loss="joint", steps=5000, phase2_lr=1e-4, outer_schedule="constant",
-                      outer_warmup=0, val_every=50)
-    return replace(cfg, **overrides)
-
-
 @train_app.command("metaseg")
 def train_metaseg(data: Path = _DATA, out: Path = _OUT,
                   preset: str = typer.Option("2d-seg4", help="2d-seg4 (6 x 128), 2d-seg24 (5 x 512) or "
@@ -586,7 +586,7 @@ def train_metaseg(data: Path = _DATA, out: Path = _OUT,
 def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minutes: Optional[float],
                    val_fraction: float, splits: Optional[Path], seed: int, resume: bool,
                    device: str = "cpu", precision: str = "auto", force: bool = False, **overrides) -> None:
-    from inrseg.methods.metaseg import MetaSeg
+    from inrseg.methods.metaseg import MetaSeg, metaseg_config
     from inrseg.training import Budget
 
     budget = Budget(budget_minutes)
@@ -701,6 +701,40 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
     status(f"saved {out} (best validation step {model.best_step})")
 
 
+# ----------------------------------------------------------------------------------- bench
+@app.command()
+def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neurite-OASIS or UK Biobank layout)."),
+          methods: str = typer.Option(..., help="Comma-separated: unet[:unet-paper], segresnet, metaseg[:PRESET], "
+                                               "nisf[:PRESET], morse[:VARIANT[:BACKBONE]]. The first is the "
+                                               "reference of the paired tests."),
+          budget_minutes: Optional[float] = typer.Option(None, callback=_positive,
+                                                         help="Wall time of each method's whole fit, per seed "
+                                                              "(training, phase 2, step selection)."),
+          seeds: int = typer.Option(3, min=1, help="Seeds 0..N-1 for every method."),
+          out: Path = typer.Option(Path("bench-runs"), help="Parent folder; each run writes a new "
+                                                            "<date-time>-<dataset> folder in it."),
+          device: str = _DEVICE,
+          threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's)."),
+          val_fraction: float = _VAL,
+          split_seed: int = typer.Option(0, help="Seed of the validation split (the same for every method and seed)."),
+          regions: Optional[str] = typer.Option(None, help="Also score label unions: 'brats'."),
+          allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Run from a checkout with uncommitted "
+                                                                         "changes (recorded as dirty)."),
+          html: bool = typer.Option(True, help="Write report.html.")) -> None:
+    """Benchmark methods side by side: one split by subject, the same budget per method, N seeds;
+    mean +- sd, paired Wilcoxon tests, results.json / .csv / .md and report.html in a new folder."""
+    from inrseg.bench import run_bench
+
+    _check_device(device)
+    command = _state.get("command") or shlex.join(["inrseg", *sys.argv[1:]])
+    try:
+        run_bench(data, methods, budget_minutes, list(range(seeds)), out, device=device, allow_dirty=allow_dirty,
+                  val_fraction=val_fraction, split_seed=split_seed, threads=threads, regions=regions,
+                  command=command, html=html)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 # ----------------------------------------------------------------------------------- demo
 @app.command()
 def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
@@ -810,6 +844,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     130 interrupted). Errors are one line on stderr; ``--debug`` shows the traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in args
+    _state["command"] = shlex.join(["inrseg", *args])  # recorded as provenance by bench / evaluate --html
     try:
         with Heartbeat():
             code = app(args=args, prog_name="inrseg", standalone_mode=False)

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from inrseg.data.io import Volume, atomic_path, load_labels, strip_nifti_suffix, is_nifti
-from inrseg.data.layouts import (UKBB_LABELS, _find, _read_json, _ukbb_subject_dirs, ignore_label_from_json,
+from inrseg.data.layouts import (UKBB_IMAGE, UKBB_LABELS, _find, _read_json, _ukbb_subject_dirs, ignore_label_from_json,
                                  label_names_from_json)
 from inrseg.data.planes import PlaneView
 from inrseg.errors import InputError
@@ -20,7 +20,7 @@ from inrseg.metrics import CaseMetrics, region_metrics, score_case, summarize, s
 from inrseg.progress import progress
 
 
-def _label_files(folder: Path, what: str) -> dict[str, Path]:
+def label_files(folder: Path, what: str) -> dict[str, Path]:
     """``{case id: file}`` of the NIfTI files in ``folder``; for a ground-truth folder of UK
     Biobank subjects (``<subject>/seg_sa.nii.gz``, no NIfTI files of its own) ``{subject: its
     seg_sa}``."""
@@ -35,6 +35,29 @@ def _label_files(folder: Path, what: str) -> dict[str, Path]:
     if not files:
         raise InputError(folder, f"empty: no .nii or .nii.gz {what} files")
     return files
+
+
+def find_images(gt_dir: Path, case_ids: Sequence[str], images_dir: Path | None = None) -> dict[str, list[Path] | None]:
+    """The image files (one per channel) of each case, for overlays: ``images_dir`` (or, for an
+    nnU-Net ``labelsTs`` / ``labelsTr`` folder, its sibling ``imagesTs`` / ``imagesTr``) holding
+    ``CASE_0000.nii.gz`` ... or ``CASE.nii.gz``; a UK Biobank subject's ``sa.nii.gz`` beside its
+    ``seg_sa``. ``None`` for a case whose image is not found."""
+    folder = images_dir
+    if folder is None and gt_dir.name.startswith("labels"):
+        folder = gt_dir.parent / ("images" + gt_dir.name[len("labels"):])
+    if images_dir is not None and not images_dir.is_dir():
+        raise InputError(images_dir, "images directory does not exist")
+    out: dict[str, list[Path] | None] = {}
+    for cid in case_ids:
+        found = None
+        if folder is not None and folder.is_dir():
+            channels = [_find(folder, f"{cid}_{k:04d}") for k in range(16)]
+            channels = channels[:channels.index(None)] if None in channels else channels
+            found = channels or ([_find(folder, cid)] if _find(folder, cid) else None)
+        if found is None and (gt_dir / cid).is_dir() and _find(gt_dir / cid, UKBB_IMAGE):
+            found = [_find(gt_dir / cid, UKBB_IMAGE)]
+        out[cid] = found
+    return out
 
 
 def find_label_info(gt_dir: Path, labels_json: Path | None) -> tuple[list[str] | None, int | None]:
@@ -80,8 +103,8 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | P
         ``(per_case, summary, label_names)`` with ``per_case = [(case_id, CaseMetrics)]``.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    gts = _label_files(gt_dir, "ground-truth")
-    preds = _label_files(pred_dir, "prediction")
+    gts = label_files(gt_dir, "ground-truth")
+    preds = label_files(pred_dir, "prediction")
     missing = sorted(set(gts) - set(preds))
     if missing:
         raise InputError(pred_dir / f"{missing[0]}.nii.gz",
@@ -194,8 +217,9 @@ def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarr
 
 
 def overlay_figure(image: Volume, pred: np.ndarray, gt: np.ndarray | None = None, title: str = "",
-                   names: Sequence[str] | None = None):
-    """The matplotlib figure of :func:`save_overlay`."""
+                   names: Sequence[str] | None = None, index: int | None = None):
+    """The matplotlib figure of :func:`save_overlay`; ``index``: the slice along the last
+    spatial axis of a 3D (or 3D + t, frame 0) case (default: the middle one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,12 +228,13 @@ def overlay_figure(image: Volume, pred: np.ndarray, gt: np.ndarray | None = None
 
     def mid(a: np.ndarray) -> np.ndarray:
         while a.ndim > 2:
-            a = a[..., a.shape[-1] // 2] if a.ndim == 3 else a[..., 0]
+            a = a[..., a.shape[-1] // 2 if index is None else index] if a.ndim == 3 else a[..., 0]
         return a
 
     img = mid(image.data[0])
     panels = [("image", None), ("prediction", mid(pred))] + ([("ground truth", mid(gt))] if gt is not None else [])
-    n_classes = int(max(pred.max(), gt.max() if gt is not None else 0)) + 1
+    # with names, the palette is fixed by the class list (the same colours on every slice)
+    n_classes = len(names) if names is not None else int(max(pred.max(), gt.max() if gt is not None else 0)) + 1
     base = plt.get_cmap("tab10" if n_classes <= 11 else "tab20")
     # label c gets the palette's colour c - 1 (background is masked out), same in every panel
     cmap = ListedColormap([base((c - 1) % base.N) for c in range(max(n_classes, 2))])

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Sequence
 
@@ -905,3 +905,19 @@ class MetaSeg:
         obj.best_step, obj.history = meta.get("best_step"), meta.get("history", [])
         obj.tf_curve, obj.timings = meta.get("tf_curve", []), meta.get("timings", {})
         return obj
+
+
+def metaseg_config(preset: str, paper: bool = False, **overrides):
+    """MetaSegConfig of a preset; ``paper=True`` selects the published (GPU-sized) settings:
+    every pixel in every inner/outer/test step, Adam lr 1e-4 throughout and constant, the joint
+    inner loss (labels in the inner loop), 5,000 outer steps. The CPU defaults keep the recipe
+    but use random 2,048-pixel subsets inside meta-training, 4,096-pixel test-time steps and a
+    warmed-up cosine outer lr (docs/findings/metaseg.md)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
+    cfg = MetaSegConfig(**PRESETS[preset])
+    if paper:
+        cfg = replace(cfg, points_per_task=None, fit_points=None, inner_lr=1e-4, outer_lr=1e-4,
+                      inner_loss="joint", steps=5000, phase2_lr=1e-4, outer_schedule="constant",
+                      outer_warmup=0, val_every=50)
+    return replace(cfg, **overrides)

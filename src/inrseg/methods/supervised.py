@@ -74,6 +74,18 @@ class SupervisedConfig:
         return 2 ** (len(self.channels) - 1) if self.arch == "unet" else 8
 
 
+def supervised_config(preset: str = "unet-small", spatial_ndim: int = 2, **overrides) -> SupervisedConfig:
+    """The :class:`SupervisedConfig` of ``inrseg train unet|segresnet``: a :data:`PRESETS` entry,
+    3D data gets batches of 2 crops, ``steps`` caps ``val_every``; ``overrides`` replace fields."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
+    base = dict(PRESETS[preset], batch_size=2) if spatial_ndim == 3 else dict(PRESETS[preset])
+    cfg = SupervisedConfig(**{**base, **overrides})
+    if "steps" in overrides and "val_every" not in overrides:
+        cfg.val_every = max(1, min(cfg.val_every, cfg.steps))
+    return cfg
+
+
 def build_network(cfg: SupervisedConfig, spatial_ndim: int, in_channels: int,
                   num_classes: int) -> torch.nn.Module:
     """MONAI U-Net or SegResNet, ``(B, C_in, *S) -> (B, num_classes, *S)`` logits."""
