@@ -1,62 +1,37 @@
-"""Supervised baselines on the shared benchmark data: U-Net (2D/3D) and SegResNet (3D).
+"""Supervised baselines on a shared dataset: a thin caller of ``inrseg bench``.
 
-    python benchmarks/baselines.py --dataset brain2d-seg4 --minutes 5 [--preset unet-small]
+    python benchmarks/baselines.py --dataset brain2d-seg4 --minutes 5 --seeds 3 [--threads 1]
 
-Prints the table and writes it to benchmarks/results/. The factories here are reused by the
-method benchmarks so that every comparison trains its baseline the same way, in the same run.
+2D: the U-Net (``unet-small``) and the 6.5M ``unet-paper``; 3D: the U-Net and SegResNet. One
+split, ``--seeds`` seeds, ``--minutes`` per model and seed; the run folder (results.json / .csv
+/ .md, report.html) is written under ``benchmarks/results/bench/``.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import shlex
+import sys
 
-import torch
-
-from harness import SHARED_DATA, markdown_table, run_method, write_results
-from inrseg.data.layouts import open_dataset, split_by_subject
-from inrseg.methods.supervised import PRESETS, SegResNetSegmenter, SupervisedConfig, SupervisedSegmenter
-
-
-def supervised_factory(preset: str, minutes: float, steps: int = 100_000, seed: int = 0):
-    """A factory ``ds -> segmenter`` for a preset, trained for ``minutes`` (or ``steps``)."""
-
-    def make(ds):
-        cfg = SupervisedConfig(**PRESETS[preset], steps=steps, budget_minutes=minutes, seed=seed,
-                               val_every=50 if ds.spatial_ndim == 2 else 25)
-        if ds.spatial_ndim == 3:
-            cfg = replace(cfg, batch_size=2, patch_size=(64, 64, 64))
-        cls = SegResNetSegmenter if cfg.arch == "segresnet" else SupervisedSegmenter
-        return cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
-
-    return make
+from harness import RESULTS, SHARED_DATA
+from inrseg.bench import run_bench
+from inrseg.data.layouts import open_dataset
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="brain2d-seg4")
-    ap.add_argument("--minutes", type=float, default=5.0, help="training budget per model")
-    ap.add_argument("--presets", default=None, help="comma list (default: unet-small for 2D, "
-                                                   "unet-small,segresnet for 3D)")
+    ap.add_argument("--minutes", type=float, default=5.0, help="training budget per model and seed")
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ap.add_argument("--allow-dirty", action="store_true")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ds = open_dataset(SHARED_DATA / args.dataset)
-    train, val = split_by_subject(ds.train, 0.2, seed=0)
-    presets = (args.presets or ("unet-small" if ds.spatial_ndim == 2 else "unet-small,segresnet")).split(",")
-    rows = []
-    for p in presets:
-        _, res = run_method(p, supervised_factory(p, args.minutes), ds, train, val, device=args.device)
-        rows.append(res.row())
-        print(markdown_table(rows[-1:]), flush=True)
-    table = markdown_table(rows)
-    print(table)
-    path = write_results(f"baselines-{args.dataset}", {args.dataset: table},
-                         f"Training budget {args.minutes} min per model; validation split: 20 % of the "
-                         f"training subjects; scored on the {len(ds.test)} test cases.")
-    print(f"wrote {path}")
+    data = SHARED_DATA / args.dataset
+    methods = "unet,segresnet" if open_dataset(data).spatial_ndim == 3 else "unet,unet:unet-paper"
+    run_bench(data, methods, args.minutes, list(range(args.seeds)), RESULTS / "bench", device=args.device,
+              allow_dirty=args.allow_dirty, threads=args.threads,
+              command=shlex.join(["python", "benchmarks/baselines.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

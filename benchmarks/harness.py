@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +31,7 @@ from inrseg.data.grids import resampled_affine
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case, Dataset
 from inrseg.metrics import CaseMetrics, score_case, summarize
+from inrseg.methods.supervised import PRESETS, SegResNetSegmenter, SupervisedConfig, SupervisedSegmenter
 
 # INRSEG_RESULTS: write elsewhere (smoke tests), default benchmarks/results/
 RESULTS = Path(os.environ.get("INRSEG_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -156,6 +157,20 @@ def run_method(name: str, make_model: Callable[[Dataset], object], ds: Dataset, 
     return model, MethodResult(name, ds.name, summary, num_params(model), train_s, statistics.median(secs))
 
 
+def supervised_factory(preset: str, minutes: float, steps: int = 100_000, seed: int = 0):
+    """A factory ``ds -> segmenter`` for a preset, trained for ``minutes`` (or ``steps``)."""
+
+    def make(ds):
+        cfg = SupervisedConfig(**PRESETS[preset], steps=steps, budget_minutes=minutes, seed=seed,
+                               val_every=50 if ds.spatial_ndim == 2 else 25)
+        if ds.spatial_ndim == 3:
+            cfg = replace(cfg, batch_size=2, patch_size=(64, 64, 64))
+        cls = SegResNetSegmenter if cfg.arch == "segresnet" else SupervisedSegmenter
+        return cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg)
+
+    return make
+
+
 def machine() -> str:
     """A one-line description of the machine the figures were measured on."""
     cpu = platform.processor() or platform.machine()
@@ -209,6 +224,10 @@ def write_results(name: str, sections: dict[str, str], notes: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     path = RESULTS / f"{now:%Y-%m-%d}-{name}.md"
+    k = 1
+    while path.exists():  # a second run the same day never overwrites the first
+        k += 1
+        path = RESULTS / f"{now:%Y-%m-%d}-{name}-{k}.md"
     body = [f"# {name}", "", f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {START_COMMIT}",
             f"- machine: {machine()}", f"- command: `{' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", ""]
     if notes:

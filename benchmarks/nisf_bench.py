@@ -41,8 +41,9 @@ by subject, seed 0; never the test set):
   nearest-neighbour up-sampled.
 * ``--compare`` (brain2d-seg4 / brain3d-seg4): MetaSeg (preset 3d-seg4 / 2d-seg4) and the
   supervised baseline(s) (``--baselines``; default SegResNet in 3D, the 6.5M U-Net in 2D) via
-  the factories of ``baselines.py`` / ``metaseg_bench.py``, same split, same run; their 2x
-  super-resolution Dice with ``harness.lowres_dice``.
+  ``harness.supervised_factory``, same split, same run, one seed; their 2x super-resolution
+  Dice with ``harness.lowres_dice``. This script measures what only NISF offers (held-out
+  slices, super-resolution); multi-seed method comparisons are ``inrseg bench``.
 
 Cardiac: no cardiac data is shared, so a UK-Biobank-layout phantom set is generated into a
 temporary directory (``write_phantom_dataset``; default 16 training + 4 test subjects of
@@ -263,7 +264,7 @@ def main() -> None:
 
     extra_rows = {}
     if args.compare:
-        from baselines import supervised_factory
+        from harness import supervised_factory
         from inrseg.methods.metaseg import PRESETS as META_PRESETS
         from inrseg.methods.metaseg import MetaSeg, MetaSegConfig
 

@@ -229,7 +229,7 @@ def train_2d(kind: str, args, ds2, train2, val2, device):
     """The U-Net (``unet-small``) or MetaSeg (``--metaseg-preset``) on the 2D slices."""
     t0 = time.perf_counter()
     if kind == "unet":
-        from baselines import supervised_factory
+        from harness import supervised_factory
 
         model = supervised_factory(args.unet_preset, args.baseline_minutes)(ds2).to(device)
         model.fit(train2, val2)
