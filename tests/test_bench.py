@@ -212,9 +212,16 @@ def test_3d_case_panel_is_a_slider_over_the_labelled_slices():
     panel = case_panel(image, gt, gt, ["background", "organ"], "case")
     frames = json.loads(panel.split('<script type="application/json">')[1].split("</script>")[0])
     assert len(frames) == MAX_SLIDER_SLICES
-    idx = [int(f["label"].split()[1]) for f in frames]
+    idx = [int(f["label"].split()[1]) for f in frames]   # "slice K (0-29)"
     assert idx[0] == 5 and idx[-1] == 24 and idx == sorted(idx)   # only slices holding labels
     assert 'type="range"' in panel and f'max="{MAX_SLIDER_SLICES - 1}"' in panel
+    # 3D + t: the first frame holding labels is shown (frame 0 is unannotated here)
+    cine = np.full((8, 8, 30, 3), 255, np.uint8)
+    cine[..., 1] = gt
+    image4 = Volume(np.zeros((1, 8, 8, 30, 3), np.float32), np.eye(4), 4)
+    panel4 = case_panel(image4, np.zeros_like(cine), cine, ["background", "organ"], "cine", ignore_label=255)
+    frames4 = json.loads(panel4.split('<script type="application/json">')[1].split("</script>")[0])
+    assert len(frames4) == MAX_SLIDER_SLICES and frames4[0]["label"].startswith("frame 1, slice 5 ")
 
 
 def test_evaluate_html_report(phantom, tmp_path):

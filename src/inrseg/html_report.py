@@ -34,7 +34,7 @@ color:#222;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}
+td:first-child,th:first-child{text-align:left}.prov td{text-align:left;word-break:break-word}
 img{max-width:100%}.cases{display:flex;flex-direction:column;gap:.8em}
 .case{border:1px solid #e2e2e2;padding:.4em;border-radius:4px}.case p{margin:.2em 0;font-size:.9em}
 .slider input{width:60%}.muted{color:#666;font-size:.9em}code{background:#f5f5f5;padding:0 .2em}
@@ -167,9 +167,14 @@ def case_panel(image: Volume, pred: np.ndarray, gt: np.ndarray, names: Sequence[
     gt = np.where(gt >= len(names), 0, gt)
     if image.spatial_ndim == 2:
         return f'<div class="case"><p>{html.escape(title)}</p>{_img(png_uri(overlay_figure(image, pred, gt, "", names), 70), title)}</div>'
-    vol_gt = gt if gt.ndim == 3 else gt[..., 0]
+    where = ""
+    if image.spatial_ndim == 4:  # 3D + t: the first frame with labels (an annotated one), as 3D
+        f = next((t for t in range(gt.shape[-1]) if (gt[..., t] > 0).any()), 0)
+        image = Volume(np.ascontiguousarray(image.data[..., f]), image.affine, 3)
+        pred, gt, where = np.asarray(pred)[..., f], gt[..., f], f"frame {f}, "
+    n = gt.shape[-1]
     frames = [{"src": png_uri(overlay_figure(image, pred, gt, "", names, index=k), 60),
-               "label": f"slice {k} of {vol_gt.shape[-1]}"} for k in _slices_with_labels(vol_gt)]
+               "label": f"{where}slice {k} (0-{n - 1})"} for k in _slices_with_labels(gt)]
     mid = len(frames) // 2
     data = json.dumps(frames).replace("</", "<\\/")
     return (f'<div class="case slider"><p>{html.escape(title)}</p>{_img(frames[mid]["src"], title)}<br>'
@@ -204,7 +209,7 @@ def page(title: str, sections: Sequence[tuple[str, str]], subtitle: str = "") ->
 
 def provenance_table(p: dict) -> str:
     rows = [(k, v if not isinstance(v, (dict, list)) else json.dumps(v)) for k, v in p.items()]
-    return _table(["", ""], rows)
+    return _table(["", ""], rows).replace("<table>", '<table class="prov">', 1)
 
 
 # ----------------------------------------------------------------------------- bench
