@@ -182,6 +182,12 @@ def test_a_second_run_never_overwrites_the_first(tmp_path, monkeypatch):
     assert partial2.is_dir() and partial3.is_dir()
 
 
+def test_bench_refuses_torchrun(phantom, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["-q", "bench", "--data", str(phantom), "--methods", "unet", "--out", str(tmp_path / "r")]) == 2
+    assert "without torchrun" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_parse_methods_refuses_unknown_names():
     specs = bench.parse_methods("unet, morse:pointrend:unetr ,metaseg:2d-seg24")
     assert [(s.method, s.variant, s.backbone) for s in specs] == [

@@ -408,6 +408,9 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     from inrseg.training import resolve_device
 
     specs = parse_methods(methods)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("bench runs its methods one after another in one process: start it without "
+                         "torchrun (--device cuda uses one GPU)")
     if regions is not None and regions not in REGION_SETS:
         raise ValueError(f"--regions: unknown region set {regions!r} ({', '.join(REGION_SETS)})")
     if not seeds:
