@@ -728,11 +728,13 @@ def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neuri
     _check_device(device)
     command = _state.get("command") or shlex.join(["inrseg", *sys.argv[1:]])
     try:
-        run_bench(data, methods, budget_minutes, list(range(seeds)), out, device=device, allow_dirty=allow_dirty,
-                  val_fraction=val_fraction, split_seed=split_seed, threads=threads, regions=regions,
-                  command=command, html=html)
+        run = run_bench(data, methods, budget_minutes, list(range(seeds)), out, device=device,
+                        allow_dirty=allow_dirty, val_fraction=val_fraction, split_seed=split_seed,
+                        threads=threads, regions=regions, command=command, html=html)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    md = (run / "results.md").read_text()
+    print(md.split("## Per seed")[0].strip())  # the headline and per-class tables
 
 
 # ----------------------------------------------------------------------------------- demo
