@@ -91,7 +91,8 @@ def class_bars(per_method: dict[str, dict[str, tuple[float, float]]], names: Seq
     methods = list(per_method)
     x = np.arange(len(names))
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * max(1, len(methods)) ** 0.5 + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(min(13.0, max(6.0, 0.45 * len(names) * max(1, len(methods)) ** 0.5 + 2)),
+                                    3.4 if len(names) <= 5 else 4.2))
     for i, m in enumerate(methods):
         means = [per_method[m][n][0] for n in names]
         sds = [per_method[m][n][1] if math.isfinite(per_method[m][n][1]) else 0.0 for n in names]
