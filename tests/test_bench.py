@@ -188,6 +188,27 @@ def test_bench_refuses_torchrun(phantom, tmp_path, monkeypatch, capsys):
     assert "without torchrun" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
+def test_methods_refuse_data_they_cannot_segment_before_training(tmp_path, capsys):
+    """A 3D+t cine: the U-Net is refused up front (bench and train), naming the data; NISF is not."""
+    from inrseg.segmenter import REGISTRY, check_spatial_ndim, segmenter_class
+
+    assert {m: segmenter_class(m).spatial_ndims for m in REGISTRY} == {
+        "unet": (2, 3), "segresnet": (2, 3), "morse": (2, 3), "nisf": (2, 3, 4), "metaseg": (2, 3)}
+    cine = tmp_path / "cine"
+    assert main(["-q", "data", "phantom", "--kind", "cardiac", "--n", "2", "--n-test", "1", "--shape", "16,16,4",
+                 "--frames", "2", "--layout", "ukbb", "--out", str(cine)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "runs"
+    assert main(["-q", "bench", "--data", str(cine), "--methods", "nisf,unet", "--out", str(out),
+                 "--allow-dirty"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {cine}: 3D+t data: unet segments 2D or 3D images "
+                                               "(nisf segments 3D+t cines)")
+    assert not out.exists()
+    assert main(["-q", "train", "morse", "--data", str(cine), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "3D+t data: morse segments 2D or 3D images" in capsys.readouterr().err
+    check_spatial_ndim(segmenter_class("nisf"), 4)
+
+
 def test_parse_methods_refuses_unknown_names():
     specs = bench.parse_methods("unet, morse:pointrend:unetr ,metaseg:2d-seg24")
     assert [(s.method, s.variant, s.backbone) for s in specs] == [

@@ -425,6 +425,10 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     if threads is not None:
         torch.set_num_threads(threads)
     ds = open_dataset(data)
+    from inrseg.segmenter import check_spatial_ndim, segmenter_class
+
+    for spec in specs:  # before any training: a method that cannot segment this data
+        check_spatial_ndim(segmenter_class(spec.method), ds.spatial_ndim, data)
     train, val = split_by_subject(ds.train, val_fraction, split_seed)
     test = list(ds.test)
     if not test or any(c.label_path is None for c in test):

@@ -367,10 +367,14 @@ def info(model: Path = typer.Argument(..., help="Checkpoint file.")) -> None:
 
 
 # ----------------------------------------------------------------------------------- train
-def _open_train_data(data: Path, splits: Optional[Path], val_fraction: float, seed: int):
+def _open_train_data(data: Path, splits: Optional[Path], val_fraction: float, seed: int,
+                     method: Optional[str] = None):
     from inrseg.data.layouts import open_dataset, split_by_subject
+    from inrseg.segmenter import check_spatial_ndim, segmenter_class
 
     ds = open_dataset(data, splits_file=splits)
+    if method is not None:
+        check_spatial_ndim(segmenter_class(method), ds.spatial_ndim, data)
     train, val = split_by_subject(ds.train, val_fraction, seed, splits)
     status(f"{ds.name}: {len(train)} training cases, {len(val)} validation cases "
            f"({len({c.subject_id for c in val})} subjects), {len(ds.test)} test cases untouched")
@@ -490,7 +494,7 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
     _check_train_out(out, resume, force)
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
-    ds, train, val = _open_train_data(data, splits, val_fraction, seed)
+    ds, train, val = _open_train_data(data, splits, val_fraction, seed, method)
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, patch_size=_patch(patch),
                                        foreground_fraction=foreground_fraction).items() if v is not None}
     cfg = supervised_config(preset, ds.spatial_ndim, seed=seed, budget_minutes=budget_minutes, **overrides)
@@ -593,7 +597,7 @@ def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minut
     set_budget(budget)
     _check_device(device)
     _check_train_out(out, resume, force)
-    ds, train, val = _open_train_data(data, splits, val_fraction, seed)
+    ds, train, val = _open_train_data(data, splits, val_fraction, seed, "metaseg")
     try:
         cfg = metaseg_config(preset, paper=paper, seed=seed, budget_minutes=budget_minutes, **overrides)
     except (ValueError, TypeError) as exc:
@@ -628,7 +632,7 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
     _check_train_out(out, resume, force)
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
-    ds, train, val = _open_train_data(data, splits, val_fraction, seed)
+    ds, train, val = _open_train_data(data, splits, val_fraction, seed, "nisf")
     overrides = {k: v for k, v in dict(steps=steps, activation=activation,
                                        infer_max_steps=infer_max_steps).items() if v is not None}
     cfg = config_from_preset(preset, seed=seed, budget_minutes=budget_minutes, **overrides)
@@ -684,7 +688,7 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
     set_budget(budget)
     _check_device(device)
     _check_train_out(out, resume, force)
-    ds, train, val = _open_train_data(data, splits, val_fraction, seed)
+    ds, train, val = _open_train_data(data, splits, val_fraction, seed, "morse")
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr,
                                        expert_dropout=expert_dropout, dropout_warmup=dropout_warmup,
                                        patch_size=_patch(patch),

@@ -32,6 +32,8 @@ class Segmenter(Protocol):
     """
 
     method: ClassVar[str]
+    #: the grid dimensionalities it segments (2, 3, 4 = 3D + t)
+    spatial_ndims: ClassVar[tuple[int, ...]]
     label_names: list[str]
     spatial_ndim: int
 
@@ -70,6 +72,17 @@ class Segmenter(Protocol):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Segmenter":
         """Read a checkpoint written by :meth:`save` of this method onto ``device``."""
+
+
+_KIND = {2: "2D", 3: "3D", 4: "3D+t"}
+
+
+def check_spatial_ndim(cls, spatial_ndim: int, path: Path | None = None) -> None:
+    """Refuse, in one line, data whose grid dimensionality the method ``cls`` does not segment."""
+    if spatial_ndim not in cls.spatial_ndims:
+        what = " or ".join(_KIND[n] for n in cls.spatial_ndims)
+        raise InputError(path, f"{_KIND.get(spatial_ndim, f'{spatial_ndim}D')} data: {cls.method} segments "
+                               f"{what} images" + ("" if spatial_ndim != 4 else " (nisf segments 3D+t cines)"))
 
 
 #: method name -> "module:Class". Imported lazily so that `inrseg --help` stays fast.

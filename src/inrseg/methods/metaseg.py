@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from monai.losses.focal_loss import softmax_focal_loss
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.segmenter import check_spatial_ndim
 from inrseg.data.grids import coordinate_grid, resampled_affine, resampled_shape
 from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.layouts import Case
@@ -345,11 +346,14 @@ class MetaSeg:
     """
 
     method: ClassVar[str] = "metaseg"
+    #: grid dimensionalities it segments
+    spatial_ndims: ClassVar[tuple[int, ...]] = (2, 3)
     #: sines at w0 = 30 lose their phase in bf16: fp32 unless ``precision="bf16"`` is asked for
     bf16_safe: ClassVar[bool] = False
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int = 1,
                  config: MetaSegConfig | None = None, device: str | torch.device = "cpu") -> None:
+        check_spatial_ndim(type(self), spatial_ndim)
         self.config = config or MetaSegConfig()
         self.label_names = list(label_names)
         self.spatial_ndim = spatial_ndim

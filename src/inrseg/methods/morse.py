@@ -62,6 +62,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.segmenter import check_spatial_ndim
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
@@ -229,14 +230,15 @@ class MORSE:
     """
 
     method: ClassVar[str] = "morse"
+    #: grid dimensionalities it segments
+    spatial_ndims: ClassVar[tuple[int, ...]] = (2, 3)
     #: bf16 autocast is safe for the CNN backbones and heads (``--precision auto`` uses it on CUDA)
     bf16_safe: ClassVar[bool] = True
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int,
                  config: MorseConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.config = config or MorseConfig()
-        if spatial_ndim not in (2, 3):
-            raise InputError(None, f"MORSE segments 2D or 3D images, not {spatial_ndim}D")
+        check_spatial_ndim(type(self), spatial_ndim)
         self.label_names = list(label_names)
         self.spatial_ndim, self.in_channels = spatial_ndim, in_channels
         self.device = resolve_device(device)

@@ -96,6 +96,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.segmenter import check_spatial_ndim
 from inrseg.data.grids import (coordinate_grid, resampled_affine, resampled_shape,
                                world_to_coords)
 from inrseg.data.io import IGNORE, Volume, label_array
@@ -341,13 +342,14 @@ class NISF:
     """
 
     method: ClassVar[str] = "nisf"
+    #: grid dimensionalities it segments
+    spatial_ndims: ClassVar[tuple[int, ...]] = (2, 3, 4)
     #: bf16 autocast is not safe: Gabor / sine activations lose their phase in bf16
     bf16_safe: ClassVar[bool] = False
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int = 1,
                  config: NISFConfig | None = None, device: str | torch.device = "cpu") -> None:
-        if spatial_ndim not in (2, 3, 4):
-            raise ValueError(f"spatial_ndim must be 2, 3 or 4, got {spatial_ndim}")
+        check_spatial_ndim(type(self), spatial_ndim)
         self.config = config or NISFConfig()
         self.label_names = list(label_names)
         self.spatial_ndim = int(spatial_ndim)

@@ -26,6 +26,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import SegResNet, UNet
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.segmenter import check_spatial_ndim
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
@@ -110,11 +111,14 @@ class SupervisedSegmenter:
     """
 
     method: ClassVar[str] = "unet"
+    #: grid dimensionalities it segments
+    spatial_ndims: ClassVar[tuple[int, ...]] = (2, 3)
     #: bf16 autocast is safe for CNNs (``--precision auto`` uses it on CUDA)
     bf16_safe: ClassVar[bool] = True
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int,
                  config: SupervisedConfig | None = None, device: str | torch.device = "cpu") -> None:
+        check_spatial_ndim(type(self), spatial_ndim)
         self.config = config or SupervisedConfig()
         self.label_names = list(label_names)
         self.spatial_ndim = spatial_ndim
