@@ -103,7 +103,7 @@ def class_bars(per_method: dict[str, dict[str, tuple[float, float]]], names: Seq
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(len(methods), 4), loc="lower right")
+    ax.legend(fontsize=8, ncol=min(len(methods), 4), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     return png_uri(fig)
 
