@@ -267,3 +267,29 @@ def test_evaluate_html_report(phantom, tmp_path):
     assert "no image found" not in text                        # imagesTs beside labelsTs was used
     summary = json.loads((out / "summary.json").read_text())
     assert f"{summary['mean_foreground_dice']:.3f}" in text
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian package chromium) not installed")
+def test_slider_moves_in_headless_chromium(tmp_path):
+    """The 3D slider's script runs in a real browser: moving the range input swaps the image."""
+    from inrseg.html_report import case_panel, page
+
+    gt = np.zeros((8, 8, 20), np.uint8)
+    gt[2:6, 2:6, 3:17] = 1
+    image = Volume(np.random.default_rng(0).random((1, 8, 8, 20), dtype=np.float32), np.eye(4), 3)
+    (tmp_path / "report.html").write_text(page("t", [("case", case_panel(image, gt, gt, ["bg", "organ"], "c"))]))
+    (tmp_path / "harness.html").write_text("""<!DOCTYPE html><html><body><div id="out">pending</div>
+<iframe id="f" src="report.html"></iframe><script>
+document.getElementById('f').addEventListener('load', function(){
+  var box = this.contentDocument.querySelector('.slider'), input = box.querySelector('input');
+  var before = box.querySelector('img').src;
+  input.value = 0; input.dispatchEvent(new Event('input'));
+  document.getElementById('out').textContent = (box.querySelector('img').src !== before) + '|' +
+      box.querySelector('output').textContent;
+});</script></body></html>""")
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files",
+                          "--virtual-time-budget=5000", "--dump-dom", str(tmp_path / "harness.html")],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'id="out">true|slice 3 (0-19)<' in dom, dom[-500:]
