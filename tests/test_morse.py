@@ -191,6 +191,35 @@ def test_fit_applies_the_warmup_at_every_step(blobs2d, monkeypatch):
     assert scales == [0.0, 0.5, 1.0, 1.0]
 
 
+def test_schedule_fits_the_budget(blobs2d, tmp_path):
+    """A budget that ends training long before T: the lr decay and the L_rend / dropout schedules
+    run over the T that fits it (recorded in the checkpoint); without a budget T stays."""
+    import json
+
+    from inrseg.training import Budget
+
+    train, val = blobs2d.train[:6], blobs2d.train[6:]
+    cfg = _tiny_cfg("unet", "morse", steps=100_000, val_every=20, batch_size=2)
+    model = MORSE(blobs2d.label_names, 2, 1, cfg)
+    log = tmp_path / "log.jsonl"
+    model.fit(train, val, budget=Budget(0.15), log_path=log)
+    T = model.schedule_steps
+    assert 1 < T < 100_000
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    for e in entries:  # the lr after step s follows lr0 (1 - s / T) ** 0.9 with the fitted T
+        assert e["lr"] == pytest.approx(cfg.lr * max(0.0, 1 - min(e["step"], T) / T) ** cfg.poly_power, rel=1e-6)
+    assert entries[-1]["step"] <= T
+    model.save(tmp_path / "m.safetensors")
+    assert load_segmenter(tmp_path / "m.safetensors").schedule_steps == T
+    unfitted = MORSE(blobs2d.label_names, 2, 1, _tiny_cfg("unet", "morse", steps=7, val_every=7, batch_size=2))
+    unfitted.fit(train[:2])
+    assert unfitted.schedule_steps == 7
+    off = MORSE(blobs2d.label_names, 2, 1, _tiny_cfg("unet", "baseline", steps=100_000, batch_size=2,
+                                                      fit_schedule_to_budget=False))
+    off.fit(train[:2], budget=Budget(0.02))
+    assert off.schedule_steps == 100_000
+
+
 def test_per_image_generators_make_draws_independent_of_the_batch():
     """Expert dropout and training points of an image depend on its generator only, not on the
     batch it is in (what makes 2 ranks x 1 image equal 1 process x 2 images)."""

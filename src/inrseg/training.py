@@ -225,6 +225,19 @@ def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gene
 # budgets
 # ============================================================================================
 
+def seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
+    """Mean wall time of ``fn()`` over ``calls`` calls on ``device``, after one untimed warm-up
+    call (allocations, kernel choice); waits for queued CUDA work before reading the clock."""
+    fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
 class Budget:
     """A wall-time deadline shared by every phase of one command.
 

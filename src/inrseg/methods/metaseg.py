@@ -65,7 +65,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ from inrseg.errors import InputError
 from inrseg.metrics import case_metrics
 from inrseg.nn.siren import Params, full_forward, head_forward, init_params, siren_features, siren_forward
 from inrseg.progress import progress, status
-from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, broadcast_object, resolve_device,
+from inrseg.training import (Budget, seconds_per_call, LoopSettings, TrainTask, as_budget, broadcast_object, resolve_device,
                              run_training, step_rng, torch_generator, use_bf16, world)
 
 PRESETS: dict[str, dict] = {
@@ -303,18 +303,6 @@ PHASE2_OVERHEAD = 1.25
 #: offset of phase 2's random draws from meta-training's (both are functions of the seed)
 PHASE2_SEED = 17
 
-
-def _seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
-    """Mean wall time of ``fn()`` over ``calls`` calls on ``device``, after one untimed warm-up
-    call (allocations, kernel choice); waits for queued CUDA work before reading the clock."""
-    fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / calls
 
 
 @dataclass
@@ -614,7 +602,7 @@ class MetaSeg:
         cfg = self.config
         fb = cfg.fit_batch
         fitting = self.fit_theta([im for im in train_s if im.shape == train_s[0].shape][:fb], 4, range(1, 5))
-        per_fit_step = _seconds_per_call(lambda: next(fitting), self.device)
+        per_fit_step = seconds_per_call(lambda: next(fitting), self.device)
         n_train = 0 if cfg.phase2_steps <= 0 else (
             len(train_s) if cfg.phase2_max_cases is None else min(len(train_s), cfg.phase2_max_cases))
         cands = self._tf_candidates(bool(val_s))
@@ -624,7 +612,7 @@ class MetaSeg:
             head = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items() if k.startswith("g.")}
             rows = torch.zeros(min(cfg.phase2_batch, n_train * cfg.phase2_points), cfg.hidden, device=self.device)
             labels = torch.zeros(rows.shape[0], dtype=torch.int64, device=self.device)
-            head_s = cfg.phase2_steps * len(cands) * _seconds_per_call(lambda: torch.autograd.grad(
+            head_s = cfg.phase2_steps * len(cands) * seconds_per_call(lambda: torch.autograd.grad(
                 focal_loss(head_forward(head, rows), labels, cfg.focal_gamma), list(head.values())), self.device)
         last_val_s = math.ceil(min(len(val_s), cfg.val_max_cases) / fb) * cfg.val_fit_steps * per_fit_step
         estimate = PHASE2_OVERHEAD * (fit_steps * per_fit_step + head_s) + last_val_s

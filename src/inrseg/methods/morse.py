@@ -75,6 +75,7 @@ from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import BACKBONES, build_backbone
 from inrseg.nn.morse import MorseNet, MorseOutput, PointHead, StochasticMoE, _upsample
 from inrseg.nn.point_sampling import point_sample
+from inrseg.progress import status
 from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, resolve_device, run_training,
                              step_rng, torch_generator, use_bf16, world, wrap_ddp)
 
@@ -136,6 +137,9 @@ class MorseConfig:
     lr: float = 5e-4
     weight_decay: float = 1e-4
     poly_power: float = 0.9                 # lr = lr0 * (1 - t/T) ** poly_power
+    # with a time budget that ends training before T steps, run the schedules (lr decay, L_rend
+    # from T/2, dropout warm-up) over the steps that fit the budget (timed on a throwaway copy)
+    fit_schedule_to_budget: bool = True
     val_every: int = 100
     budget_minutes: float | None = None
     augment: bool = True
@@ -216,6 +220,11 @@ def rend_weight(t: int, total: int, lambda_rend: float = 0.1) -> float:
 
 #: key of the rend_steps counter in the weights the engine keeps (best state, resume state)
 _REND_STEPS = "__rend_steps__"
+#: key of the schedule length T in the same dicts (a resumed run keeps its schedule)
+_SCHEDULE_STEPS = "__schedule_steps__"
+#: share of the budget left that the fitted schedule plans to use (the last validation, the
+#: choice of the best state and timing noise take the rest)
+_SCHEDULE_MARGIN = 0.9
 
 
 class MORSE:
@@ -255,6 +264,7 @@ class MORSE:
             self.net = MorseNet(backbone, len(self.label_names), cfg)
         self.history: list[dict] = []
         self.best_step: int | None = None
+        self.schedule_steps = self.config.steps  # T of the last fit (fitted to its budget)
         self.rend_steps = 0  # optimiser steps with L_rend active: refinement is used only after
 
     def to(self, device: str | torch.device) -> "MORSE":
@@ -337,33 +347,43 @@ class MORSE:
                                   weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        mine = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+
+        def gens_of(i: int) -> list[torch.Generator]:
+            # per item, a stream of (seed, step, item) apart from the sampler's: dropout, points
+            return [torch_generator(int(step_rng(cfg.seed, i, j, 1).integers(2 ** 63)), self.device) for j in mine]
+
+        resuming = state_path is not None and Path(state_path).exists()
+        total = cfg.steps
+        if cfg.fit_schedule_to_budget and budget.limited and not resuming:
+            total = self.steps_within(budget, sampler, mine, loss_fn, gens_of, val)
+        T = [total]  # the schedule length; a resumed run's comes back with its weights
+        self.schedule_steps = total
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: max(0.0, 1 - min(s, cfg.steps) / cfg.steps) ** cfg.poly_power)
+            opt, lambda s: max(0.0, 1 - min(s, T[0]) / T[0]) ** cfg.poly_power)
         # the point head is unused in the first half of training (and by the baseline / smoe)
         train_net = wrap_ddp(self.net, self.device, find_unused_parameters=True)
-        mine = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
         val_data: list[tuple[Volume, Volume]] = []
 
         def step(i: int):
             if self.net.smoe is not None:  # the expert-dropout warm-up (1 = full rate)
-                self.net.smoe.dropout_scale = dropout_ramp(i, cfg.steps, cfg.dropout_warmup)
+                self.net.smoe.dropout_scale = dropout_ramp(i, T[0], cfg.dropout_warmup)
             x, y = sampler.batch(i, mine, self.device)
-            # per item, a stream of (seed, step, item) apart from the sampler's: dropout, points
-            gens = [torch_generator(int(step_rng(cfg.seed, i, j, 1).integers(2 ** 63)), self.device)
-                    for j in mine]
-            loss, parts = self._losses(train_net, x, y, rend_weight(i + 1, cfg.steps, cfg.lambda_rend),
-                                       loss_fn, gens)
+            loss, parts = self._losses(train_net, x, y, rend_weight(i + 1, T[0], cfg.lambda_rend), loss_fn,
+                                       gens_of(i))
             self.rend_steps += int("loss_rend" in parts)
             return loss, parts
 
         def weights() -> dict[str, torch.Tensor]:
-            # the rend_steps count travels with the weights it belongs to (best and resume state)
+            # the rend_steps count and the schedule travel with the weights (best and resume state)
             return {**self.net.state_dict(),
-                    _REND_STEPS: torch.tensor(self.rend_steps, dtype=torch.int64, device=self.device)}
+                    _REND_STEPS: torch.tensor(self.rend_steps, dtype=torch.int64, device=self.device),
+                    _SCHEDULE_STEPS: torch.tensor(T[0], dtype=torch.int64, device=self.device)}
 
         def load_weights(state: dict[str, torch.Tensor]) -> None:
             state = dict(state)
             self.rend_steps = int(state.pop(_REND_STEPS))
+            T[0] = self.schedule_steps = int(state.pop(_SCHEDULE_STEPS, T[0]))
             self.net.load_state_dict(state)
 
         def validate() -> dict[str, float]:
@@ -377,9 +397,53 @@ class MORSE:
                       load_weights=load_weights, validate=validate if val else None,
                       modules=[self.net], grad_sync="ddp",
                       bf16=use_bf16(self.device, precision, self.bf16_safe)),
-            LoopSettings(steps=cfg.steps, val_every=cfg.val_every, budget=budget, seed=cfg.seed,
+            LoopSettings(steps=total, val_every=cfg.val_every, budget=budget, seed=cfg.seed,
                          state_path=state_path, log_path=log_path, device=self.device))
         self.history, self.best_step = res.history, res.best_step
+
+    def steps_within(self, budget: Budget, sampler: PatchSampler, mine: Sequence[int], loss_fn: torch.nn.Module,
+                     gens_of, val: Sequence[Case] | None) -> int:
+        """The schedule length T that fits the time left in ``budget``: ``config.steps``, or fewer
+        where the budget would stop training sooner. Timed on a throwaway copy of the network
+        (2 timed steps with the point head on, the dearest kind, after an untimed warm-up one)
+        plus one validation prediction (after a warm-up one) x the validation cases every
+        ``val_every`` steps;
+        ``_SCHEDULE_MARGIN`` of the time left is planned. Rank 0 times, every rank gets its T."""
+        import copy
+
+        from inrseg.training import broadcast_object, seconds_per_call
+
+        cfg = self.config
+        total = cfg.steps
+        if world()[0] == 0:
+            net = copy.deepcopy(self.net).train()
+            opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+            weight = cfg.lambda_rend if self.net.point_head is not None else 0.0
+            calls = iter(range(10))
+
+            def one_step() -> None:
+                i = next(calls)
+                x, y = sampler.batch(i, mine, self.device)
+                loss, _ = self._losses(net, x, y, weight, loss_fn, gens_of(i))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            per_step = seconds_per_call(one_step, self.device, calls=2)
+            del net, opt
+            if val:
+                image = val[0].load_image()
+                per_step += seconds_per_call(lambda: self.predict(image), self.device, calls=1) * len(val) / max(
+                    1, cfg.val_every)
+            fit = int(_SCHEDULE_MARGIN * budget.remaining_s() / per_step)
+            total = max(1, min(cfg.steps, fit))
+            if total < cfg.steps:
+                status(f"{self.method}/{cfg.variant}: about {per_step:.2f} s per step: the schedules (lr decay, "
+                       f"L_rend from T/2, expert-dropout warm-up) run over T = {total} steps, which fit the "
+                       f"{budget.remaining_s() / 60:.1f} minutes left, not {cfg.steps}")
+        if world()[1] > 1:
+            total = broadcast_object(total)
+        return total
 
     @torch.no_grad()
     def _validate(self, val_data: list[tuple[Volume, Volume]]) -> dict[str, float]:
@@ -483,7 +547,8 @@ class MORSE:
         save_checkpoint(path, self.method, self.net.state_dict(), {
             "config": cfg, "label_names": self.label_names, "spatial_ndim": self.spatial_ndim,
             "in_channels": self.in_channels, "best_step": self.best_step, "history": self.history,
-            "num_params": self.num_params, "rend_steps": self.rend_steps})
+            "num_params": self.num_params, "rend_steps": self.rend_steps,
+            "schedule_steps": self.schedule_steps})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "MORSE":
@@ -496,4 +561,5 @@ class MORSE:
         obj.net.load_state_dict(tensors)
         obj.best_step, obj.history = meta.get("best_step"), meta.get("history", [])
         obj.rend_steps = int(meta.get("rend_steps", 0))
+        obj.schedule_steps = int(meta.get("schedule_steps", obj.config.steps))
         return obj
