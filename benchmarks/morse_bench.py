@@ -5,7 +5,7 @@ caller of ``inrseg bench``.
 
 The variants (``--variants``; baseline = the plain backbone, + PointRend, + SMoE, + IAR, MORSE)
 train on one split with the same wall time each (``--minutes`` per variant and seed), the
-``cpu`` widths and the CLI defaults (expert dropout warmed up over the first half of T). The
+``cpu`` widths and the CLI defaults (expert dropout warmed up over 5,000 steps). The
 paper compares at equal iterations on a GPU (``inrseg train morse --preset paper --steps
 30000``); at equal wall time on a CPU the SMoE variants run fewer steps than the baseline. BraTS
 data get the region scores (whole tumour, tumour core, enhancing tumour).

@@ -152,8 +152,8 @@ def test_gate_weights_sum_to_one_and_dropout_only_in_training():
 
 def test_dropout_warmup_scales_the_drop_rate():
     """The warm-up ramp, and what a scale does to each dropout rule (counted over many draws)."""
-    assert [dropout_ramp(s, 100, 0.5) for s in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
-    assert dropout_ramp(0, 100, 0.0) == 1.0                 # paper: full rate from step 0
+    assert [dropout_ramp(s, 50) for s in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
+    assert dropout_ramp(0, 0) == 1.0                        # paper: full rate from step 0
     bern = StochasticMoE(2, (4, 4, 4), dim=4, gate_dim=4, expert_dropout="bernoulli", alpha=0.7).train()
     gen = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
     bern.dropout_scale = 0.0
@@ -169,25 +169,25 @@ def test_dropout_warmup_scales_the_drop_rate():
     share = float((count.expert_mask(4000).sum(1) == 3).float().mean())
     assert 0.5 + 0.5 / 3 - 0.04 < share < 0.5 + 0.5 / 3 + 0.04, share
     assert full.shape == (1, 3)
-    assert morse_config(preset="paper").dropout_warmup == 0.0
-    assert morse_config(preset="cpu").dropout_warmup == 0.5
-    with pytest.raises(ValueError, match="dropout_warmup"):
-        morse_config(dropout_warmup=1.5)
+    assert morse_config(preset="paper").dropout_warmup_steps == 0
+    assert morse_config(preset="cpu").dropout_warmup_steps == 5000
+    with pytest.raises(ValueError, match="dropout_warmup_steps"):
+        morse_config(dropout_warmup_steps=-1)
 
 
 def test_fit_applies_the_warmup_at_every_step(blobs2d, monkeypatch):
     """``fit`` sets the SMoE's drop-rate scale from the ramp before each step's forward pass."""
     import inrseg.methods.morse as morse_mod
 
-    seen: list[tuple[int, int, float]] = []
+    seen: list[tuple[int, int]] = []
     real = morse_mod.dropout_ramp
-    monkeypatch.setattr(morse_mod, "dropout_ramp", lambda i, t, w: seen.append((i, t, w)) or real(i, t, w))
-    cfg = _tiny_cfg("unet", "smoe", steps=4, val_every=4, batch_size=2, dropout_warmup=0.5)
+    monkeypatch.setattr(morse_mod, "dropout_ramp", lambda i, w: seen.append((i, w)) or real(i, w))
+    cfg = _tiny_cfg("unet", "smoe", steps=4, val_every=4, batch_size=2, dropout_warmup_steps=2)
     model = MORSE(blobs2d.label_names, 2, 1, cfg)
     scales = []
     model.net.smoe.register_forward_pre_hook(lambda m, a: scales.append(m.dropout_scale) if m.training else None)
     model.fit(blobs2d.train[:2])
-    assert seen == [(i, 4, 0.5) for i in range(4)]
+    assert seen == [(i, 2) for i in range(4)]
     assert scales == [0.0, 0.5, 1.0, 1.0]
 
 
@@ -316,7 +316,7 @@ def test_tiny_training_refined_not_worse_than_coarse_and_save_load(blobs2d, tmp_
     train, val = split_by_subject(blobs2d.train, 0.25)
     cfg = morse_config("unet", "morse", 2, steps=150, val_every=50, lr=3e-3, batch_size=4,
                        backbone_overrides=TINY_UNET, moe_dim=16, gate_dim=16, point_width=64,
-                       train_points=256, test_points=128)
+                       train_points=256, test_points=128, dropout_warmup_steps=75)
     model = MORSE(blobs2d.label_names, 2, 1, cfg)
     assert isinstance(model, Segmenter)
     model.fit(train, val)

@@ -671,11 +671,11 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
                 lr: Optional[float] = typer.Option(None, callback=_positive, help="Initial learning rate (AdamW, default 5e-4)."),
                 expert_dropout: Optional[str] = typer.Option(None, help="bernoulli (paper, alpha 0.7), count "
                                                                         "(official code) or none."),
-                dropout_warmup: Optional[float] = typer.Option(None, min=0.0, max=1.0,
-                                                               help="Expert-dropout warm-up: the drop rate rises "
-                                                                    "from 0 to full over this fraction of the "
-                                                                    "steps (cpu preset 0.5; paper preset 0: "
-                                                                    "full from step 0)."),
+                dropout_warmup_steps: Optional[int] = typer.Option(None, min=0,
+                                                                   help="Expert-dropout warm-up: the drop rate "
+                                                                        "rises from 0 to full over this many steps "
+                                                                        "(cpu preset 5000; paper preset 0: full "
+                                                                        "from step 0)."),
                 patch: Optional[str] = _PATCH, foreground_fraction: Optional[float] = _FG,
                 budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                 splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
@@ -690,7 +690,7 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
     _check_train_out(out, resume, force)
     ds, train, val = _open_train_data(data, splits, val_fraction, seed, "morse")
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr,
-                                       expert_dropout=expert_dropout, dropout_warmup=dropout_warmup,
+                                       expert_dropout=expert_dropout, dropout_warmup_steps=dropout_warmup_steps,
                                        patch_size=_patch(patch),
                                        foreground_fraction=foreground_fraction).items() if v is not None}
     try:

@@ -113,9 +113,10 @@ class MorseConfig:
     expert_dropout: str = "bernoulli"       # bernoulli (paper) | count (official code) | none
     alpha: float = 0.7                      # drop probability per expert (bernoulli)
     # expert-dropout warm-up: the drop rate rises linearly from 0 to its full value (alpha, or
-    # the "count" rule's) over this fraction of T; 0 = full dropout from step 0 (paper). The
-    # paper's dropout from step 0 costs 0.2-0.45 Dice in CPU-length runs (docs/findings/morse.md).
-    dropout_warmup: float = 0.5
+    # the "count" rule's) over this many steps; 0 = full dropout from step 0 (paper). Counted in
+    # steps, not as a share of T: a short run never reaches the full rate, which costs 0.2-0.5
+    # Dice in CPU-length runs, a long one reaches it early (docs/findings/morse.md).
+    dropout_warmup_steps: int = 5000
     renormalize: bool = True                # survivors' gate weights re-sum to 1
     # --- IAR / point head
     point_width: int = 512
@@ -138,7 +139,7 @@ class MorseConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9                 # lr = lr0 * (1 - t/T) ** poly_power
     # with a time budget that ends training before T steps, run the schedules (lr decay, L_rend
-    # from T/2, dropout warm-up) over the steps that fit the budget (timed on a throwaway copy)
+    # from T/2) over the steps that fit the budget (timed on a throwaway copy)
     fit_schedule_to_budget: bool = True
     val_every: int = 100
     budget_minutes: float | None = None
@@ -156,8 +157,8 @@ class MorseConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r} (adamw, sgd)")
         if self.expert_dropout not in EXPERT_DROPOUT:
             raise ValueError(f"unknown expert_dropout {self.expert_dropout!r} ({', '.join(EXPERT_DROPOUT)})")
-        if not 0.0 <= self.dropout_warmup <= 1.0:
-            raise ValueError(f"dropout_warmup {self.dropout_warmup} is not a fraction of the steps in [0, 1]")
+        if self.dropout_warmup_steps < 0:
+            raise ValueError(f"dropout_warmup_steps {self.dropout_warmup_steps} is negative")
         if self.patch_size is not None:
             self.patch_size = tuple(int(n) for n in self.patch_size)
         self.backbone_overrides = {k: tuple(v) if isinstance(v, list) else v
@@ -179,17 +180,19 @@ class MorseConfig:
 #: Head widths: "paper" as published; "cpu" small enough for minutes-long CPU training (the
 #: SMoE gate is a 3x3 convolution on N * D channels at full resolution: the dominant cost).
 HEAD_PRESETS: dict[str, dict] = {
-    "paper": dict(moe_dim=256, gate_dim=256, point_width=512, dropout_warmup=0.0),
-    "cpu": dict(moe_dim=32, gate_dim=32, point_width=256, dropout_warmup=0.5),
+    "paper": dict(moe_dim=256, gate_dim=256, point_width=512, dropout_warmup_steps=0),
+    # the gate (a 3x3 convolution on N x D channels at full resolution) dominates a CPU step:
+    # D = 16 is 4x cheaper than 32 (docs/findings/morse.md)
+    "cpu": dict(moe_dim=16, gate_dim=16, point_width=256, dropout_warmup_steps=5000),
 }
 
 
-def dropout_ramp(step: int, steps: int, warmup: float) -> float:
-    """Share of the full expert-dropout rate used at 0-based ``step`` of ``steps``: rises
-    linearly from 0 at step 0 to 1 at ``warmup * steps``, then stays 1 (``warmup`` 0: always 1)."""
-    if warmup <= 0:
+def dropout_ramp(step: int, warmup_steps: int) -> float:
+    """Share of the full expert-dropout rate used at 0-based ``step``: rises linearly from 0 at
+    step 0 to 1 at ``warmup_steps``, then stays 1 (``warmup_steps`` 0: always 1)."""
+    if warmup_steps <= 0:
         return 1.0
-    return min(1.0, step / (warmup * steps))
+    return min(1.0, step / warmup_steps)
 
 
 def morse_config(backbone: str = "unet", variant: str = "morse", spatial_ndim: int = 2,
@@ -367,7 +370,7 @@ class MORSE:
 
         def step(i: int):
             if self.net.smoe is not None:  # the expert-dropout warm-up (1 = full rate)
-                self.net.smoe.dropout_scale = dropout_ramp(i, T[0], cfg.dropout_warmup)
+                self.net.smoe.dropout_scale = dropout_ramp(i, cfg.dropout_warmup_steps)
             x, y = sampler.batch(i, mine, self.device)
             loss, parts = self._losses(train_net, x, y, rend_weight(i + 1, T[0], cfg.lambda_rend), loss_fn,
                                        gens_of(i))
@@ -408,7 +411,8 @@ class MORSE:
         (2 timed steps with the point head on, the dearest kind, after an untimed warm-up one)
         plus one validation prediction (after a warm-up one) x the validation cases every
         ``val_every`` steps;
-        ``_SCHEDULE_MARGIN`` of the time left is planned. Rank 0 times, every rank gets its T."""
+        ``_SCHEDULE_MARGIN`` of the time left is planned. (The dropout warm-up counts steps and
+        does not follow T.) Rank 0 times, every rank gets its T."""
         import copy
 
         from inrseg.training import broadcast_object, seconds_per_call
@@ -439,7 +443,7 @@ class MORSE:
             total = max(1, min(cfg.steps, fit))
             if total < cfg.steps:
                 status(f"{self.method}/{cfg.variant}: about {per_step:.2f} s per step: the schedules (lr decay, "
-                       f"L_rend from T/2, expert-dropout warm-up) run over T = {total} steps, which fit the "
+                       f"L_rend from T/2) run over T = {total} steps, which fit the "
                        f"{budget.remaining_s() / 60:.1f} minutes left, not {cfg.steps}")
         if world()[1] > 1:
             total = broadcast_object(total)
