@@ -51,7 +51,7 @@ from inrseg.progress import status
 
 #: method name -> what ``name:VARIANT`` selects, and its default
 VARIANT_OF = {"unet": "preset (unet-small, unet-paper)", "segresnet": "none",
-              "metaseg": "preset (2d-seg4, 2d-seg24, 3d-seg4; default from the data)",
+              "metaseg": "preset (2d-seg4, 2d-seg24, 3d-seg4; default 2d-seg4 / 3d-seg4 by the data)",
               "nisf": "preset (nisf-cpu, nisf-cpu-small, nisf-paper)",
               "morse": "variant (morse, baseline, pointrend, smoe, iar), then optionally :backbone"}
 
@@ -117,7 +117,9 @@ def build_segmenter(spec: MethodSpec, ds: Dataset, seed: int, budget_minutes: fl
     if spec.method == "metaseg":
         from inrseg.methods.metaseg import MetaSeg, metaseg_config
 
-        preset = spec.variant or ("3d-seg4" if nd >= 3 else "2d-seg24" if len(classes) > 10 else "2d-seg4")
+        # the presets of `inrseg train metaseg`: 2d-seg4 in 2D whatever the class count (at CPU
+        # budgets it beats 2d-seg24 on 24 classes: benchmarks/results/bench/20261122-111507-brain2d-seg24)
+        preset = spec.variant or ("3d-seg4" if nd >= 3 else "2d-seg4")
         return MetaSeg(classes, nd, channels, metaseg_config(preset, **common), device=device)
     if spec.method == "nisf":
         from inrseg.methods.nisf import NISF, config_from_preset
