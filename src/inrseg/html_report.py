@@ -35,7 +35,7 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.8em;borde
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}.prov td{text-align:left;word-break:break-word}
-img{max-width:100%}.cases{display:flex;flex-direction:column;gap:.8em}
+img{max-width:100%}section{overflow-x:auto}.cases{display:flex;flex-direction:column;gap:.8em}
 .case{border:1px solid #e2e2e2;padding:.4em;border-radius:4px}.case p{margin:.2em 0;font-size:.9em}
 .slider input{width:60%}.muted{color:#666;font-size:.9em}code{background:#f5f5f5;padding:0 .2em}
 """
@@ -228,12 +228,14 @@ def bench_report(result: dict, runs, examples: dict[str, dict[str, np.ndarray]],
     table = _table(["method", "mean fg Dice", "HD95 mm", "ASD mm", "params", "train s", "infer s/case",
                     f"Wilcoxon p vs {next(iter(agg), '')}"], rows)
     per_class = {m: {n: tuple(a["summary"]["per_class_dice"][n]) for n in names[1:]} for m, a in agg.items()}
-    pc_rows = [[m] + [_fmt(*per_class[m][n]) for n in names[1:]] for m in agg]
+    if len(names) - 1 <= 6:
+        pc_table = _table(["method"] + list(names[1:]), [[m] + [_fmt(*per_class[m][n]) for n in names[1:]] for m in agg])
+    else:  # many classes: one row per class, one column per method (fits the page's width)
+        pc_table = _table(["class"] + list(agg), [[n] + [_fmt(*per_class[m][n]) for m in agg] for n in names[1:]])
     sections = [("Results", f'<p class="muted">Mean ± sd over seeds {result["provenance"]["seeds"]} of the '
                             f'mean over {result["split"]["test"]} test cases; {result["budget_minutes"]} min '
                             f'per method and seed. Wilcoxon: paired, per test case, two-sided.</p>{table}'),
-                ("Per-class Dice", _img(class_bars(per_class, names[1:]), "per-class Dice") +
-                 _table(["method"] + list(names[1:]), pc_rows))]
+                ("Per-class Dice", _img(class_bars(per_class, names[1:]), "per-class Dice") + pc_table)]
     first = next(iter(agg.values()), None)
     if first and first["summary"].get("regions_dice"):
         regs = list(first["summary"]["regions_dice"])
