@@ -464,8 +464,9 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
                     examples[spec.label] = preds
                 with open(partial / "runs.jsonl", "a") as f:  # what a crashed run still has
                     f.write(json.dumps(_json_safe(_run_dict(res, ds.label_names))) + "\n")
+                # the table's definition: the mean over classes of each class's mean over cases
                 status(f"bench: {spec.label}, seed {seed}: mean foreground Dice "
-                       f"{statistics.fmean(m.mean_foreground_dice for _, m in res.cases):.4f}")
+                       f"{summarize([m for _, m in res.cases], ds.label_names)['mean_foreground_dice']:.4f}")
         agg = aggregate(runs, ds.label_names, [s.label for s in specs])
         result = {"dataset": ds.name, "data": str(Path(data).resolve()), "label_names": ds.label_names,
                   "spatial_ndim": ds.spatial_ndim, "budget_minutes": budget_minutes,
