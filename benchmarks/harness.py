@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -173,14 +172,9 @@ def supervised_factory(preset: str, minutes: float, steps: int = 100_000, seed: 
 
 def machine() -> str:
     """A one-line description of the machine the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from inrseg.bench import cpu_model
+
+    cpu = cpu_model()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, {dev}")

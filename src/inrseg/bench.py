@@ -48,6 +48,7 @@ from inrseg.data.layouts import Case, Dataset
 from inrseg.errors import InputError
 from inrseg.metrics import CaseMetrics, region_metrics, score_case, summarize, summarize_regions
 from inrseg.progress import status
+from inrseg.report import json_safe
 
 #: method name -> what ``name:VARIANT`` selects, and its default
 VARIANT_OF = {"unet": "preset (unet-small, unet-paper)", "segresnet": "none",
@@ -167,16 +168,21 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def machine_line(device: torch.device) -> str:
-    """``"2 CPU cores (model), no GPU"`` or with the CUDA device's name."""
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
+    return cpu
+
+
+def machine_line(device: torch.device) -> str:
+    """``"2 CPU cores (model), no GPU used"`` or with the CUDA device's name."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}"
+    return f"{os.cpu_count()} CPU cores ({cpu_model()}), {gpu}"
 
 
 # ----------------------------------------------------------------------------- one run
@@ -463,7 +469,7 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
                 if preds:
                     examples[spec.label] = preds
                 with open(partial / "runs.jsonl", "a") as f:  # what a crashed run still has
-                    f.write(json.dumps(_json_safe(_run_dict(res, ds.label_names))) + "\n")
+                    f.write(json.dumps(json_safe(_run_dict(res, ds.label_names))) + "\n")
                 # the table's definition: the mean over classes of each class's mean over cases
                 status(f"bench: {spec.label}, seed {seed}: mean foreground Dice "
                        f"{summarize([m for _, m in res.cases], ds.label_names)['mean_foreground_dice']:.4f}")
@@ -475,7 +481,7 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
                             "test_cases": [c.case_id for c in test]},
                   "provenance": provenance, "methods": agg, "runs": [_run_dict(r, ds.label_names) for r in runs],
                   "wall_s": time.perf_counter() - t_start}
-        (partial / "results.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+        (partial / "results.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
         write_results_csv(partial / "results.csv", runs, ds.label_names)
         (partial / "results.md").write_text(results_markdown(result))
         if html:
@@ -498,16 +504,3 @@ def _run_dict(r: RunResult, names: Sequence[str]) -> dict:
             "cases": [{"case": cid, **m.to_row(names)} for cid, m in r.cases],
             "regions": [{"case": cid, **{reg: {"dice": float(rm.dice[1]), "hd95_mm": float(rm.hd95_mm[1])}
                                          for reg, rm in v.items()}} for cid, v in r.regions]}
-
-
-def _json_safe(x):
-    """NaN / inf -> None, numpy / tuples -> JSON types."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x

@@ -144,12 +144,12 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | P
     return per_case, summary, names
 
 
-def _clean(x):
-    """JSON-safe: NaN -> null, numpy scalars -> Python."""
+def json_safe(x):
+    """JSON-safe: NaN / inf -> null, numpy scalars -> Python, tuples -> lists, keys -> str."""
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (float, np.floating)):
         return None if not math.isfinite(float(x)) else float(x)
     if isinstance(x, np.integer):
@@ -160,7 +160,7 @@ def _clean(x):
 def write_json(obj: dict, path: str | Path) -> Path:
     """Atomically write ``obj`` as indented JSON (NaN written as null)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+        tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
     return Path(path)
 
 
