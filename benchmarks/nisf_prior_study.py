@@ -1,0 +1,167 @@
+"""NISF prior study (issue 11, item 4): test Dice against prior-training time, from one run.
+
+    python benchmarks/nisf_prior_study.py --preset nisf-cpu-small --minutes 6,20,60 --threads 1
+    python benchmarks/nisf_prior_study.py --preset nisf-cpu-small --minutes 6,20 --augment 3 --tag aug3
+    python benchmarks/nisf_prior_study.py --preset nisf-cpu-small --minutes 6,20 --set s0=1 --tag s0-1
+
+NISF's prior training has no learning-rate schedule (constant Adam lr), so training for 6 minutes,
+stopping, and continuing from the saved training state to 20 and then 60 minutes is the same
+training as three separate runs of 6, 20 and 60 minutes (the resume restores the network, the
+latents, both Adam states and the step counter; the per-step random draws are indexed by step).
+At each checkpoint, with the network frozen:
+
+* the validation steps curve (Dice against latent-fitting steps on the validation subjects) is
+  run and its best step chosen, as ``NISF.fit`` does; its step-0 point is the **step-0 Dice**:
+  the prior's labels under the inference initialisation ``h ~ N(0, 1e-4)``, before any fitting;
+* the test subjects are scored with the chosen steps (**fitted Dice**) and with 0 steps.
+
+The minutes are prior-training wall time only; the curve and the test scoring at each
+checkpoint are timed apart and not counted. ``--augment K`` adds K augmented copies of every
+training volume (MONAI: small random affine - rotation up to ``--aug-rotate`` rad, scaling up to
+``--aug-scale``, labels nearest - plus random intensity scaling and gamma), each with its own
+latent; they are made once before training, and their making is timed apart too.
+
+One split (validation: 20 % of the training subjects, by subject, seed 0), one seed. Results:
+``benchmarks/results/<date>-nisf-prior-<dataset>-<preset>[-tag].md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness import SHARED_DATA, evaluate_cases, markdown_table, parse_overrides, write_results
+from inrseg.data.io import Volume
+from inrseg.data.layouts import open_dataset, split_by_subject
+from inrseg.methods.nisf import NISF, NISFConfig, config_from_preset
+from inrseg.training import Budget
+
+
+def augmented_copies(pairs: list[tuple[Volume, Volume]], k: int, seed: int, rotate: float,
+                     scale: float) -> list[tuple[Volume, Volume]]:
+    """``k`` augmented copies of every ``(image (C, *S), labels (*S,))`` pair, same grid and
+    affine: a random affine about the centre (rotation up to ``rotate`` rad per axis, scaling
+    up to ``1 +- scale``; image bilinear, labels nearest, border padding), then random intensity
+    scaling (x 1 +- 0.1) and gamma (0.8-1.25) of the image. Seeded by ``seed``."""
+    from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScaleIntensityd
+
+    nd = pairs[0][0].spatial_ndim
+    tf = Compose([
+        RandAffined(keys=["image", "label"], prob=1.0, rotate_range=(rotate,) * (1 if nd == 2 else 3),
+                    scale_range=(scale,) * nd, mode=("bilinear", "nearest"), padding_mode="border"),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+        RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=1.0),
+    ])
+    tf.set_random_state(seed)
+    out = []
+    for img, lab in pairs:
+        for _ in range(k):
+            d = tf({"image": img.data.astype(np.float32), "label": lab.data[None].astype(np.float32)})
+            im = np.asarray(d["image"], dtype=np.float32)
+            lb = np.rint(np.asarray(d["label"])[0]).astype(lab.data.dtype)
+            out.append((dataclasses.replace(img, data=im, meta=dict(img.meta)),
+                        dataclasses.replace(lab, data=lb, meta=dict(lab.meta))))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="brain3d-seg4")
+    ap.add_argument("--preset", default="nisf-cpu-small")
+    ap.add_argument("--minutes", default="6,20,60", help="cumulative prior-training minutes")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an NISFConfig field (repeatable)")
+    ap.add_argument("--augment", type=int, default=0, help="augmented copies per training volume")
+    ap.add_argument("--aug-rotate", type=float, default=0.1, help="max rotation per axis (rad)")
+    ap.add_argument("--aug-scale", type=float, default=0.1, help="max relative scaling")
+    ap.add_argument("--tag", default="", help="suffix of the result file")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    marks = [float(m) for m in args.minutes.split(",")]
+    if any(b <= a for a, b in zip(marks, marks[1:])) or marks[0] <= 0:
+        raise SystemExit("--minutes must be increasing positive numbers")
+    t_start = time.perf_counter()
+
+    ds = open_dataset(SHARED_DATA / args.dataset)
+    train, val = split_by_subject(ds.train, 0.2, seed=0)
+    test = ds.test
+    over = parse_overrides(NISFConfig, args.set)
+    cfg = config_from_preset(args.preset, steps=10**7, save_every=200, **over)
+    device = torch.device(args.device)
+    model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg).to(device)
+    val_pairs = [c.load() for c in val]
+
+    train_items: list = list(train)
+    aug_s = 0.0
+    if args.augment:
+        t0 = time.perf_counter()
+        train_items += augmented_copies([c.load() for c in train], args.augment, cfg.seed + 12345,
+                                        args.aug_rotate, args.aug_scale)
+        aug_s = time.perf_counter() - t0
+    print(f"{ds.name}: {len(train)} train ({len(train_items)} volumes with augmentation) / "
+          f"{len(val)} val / {len(test)} test; NISF {args.preset} {over}", flush=True)
+
+    rows, curves = [], {}
+    with tempfile.TemporaryDirectory(prefix="nisf-prior-") as tmp:
+        state = Path(tmp) / "state.safetensors"
+        done_min = 0.0
+        for m in marks:
+            t0 = time.perf_counter()
+            model.fit(train_items, None, state_path=state, budget=Budget(m - done_min))
+            prior_s = time.perf_counter() - t0
+            done_min = m
+            steps = model.history[-1]["step"] if model.history else 0
+            t0 = time.perf_counter()
+            model.infer_steps, model.val_curve = model.select_infer_steps(val_pairs)
+            curve_s = time.perf_counter() - t0
+            curves[m] = model.val_curve
+            fitted, secs = evaluate_cases(model, test, ds.num_classes)
+            chosen = model.infer_steps
+            model.infer_steps = 0
+            step0, _ = evaluate_cases(model, test, ds.num_classes, distances=False)
+            model.infer_steps = chosen
+            row = {"prior min": m, "prior steps": steps, "this leg s": round(prior_s),
+                   "val Dice step 0": model.val_curve[0]["dice"],
+                   "val Dice best": max(c["dice"] for c in model.val_curve),
+                   "infer steps": chosen,
+                   "test Dice step 0": step0["mean_foreground_dice"],
+                   "test Dice fitted": fitted["mean_foreground_dice"],
+                   "test HD95 mm": fitted["hd95_mm"],
+                   **{f"{ds.label_names[int(k[1:])]}": v["dice"] for k, v in fitted["per_class"].items()
+                      if int(k[1:]) > 0},
+                   "curve s": round(curve_s), "infer s/case": float(np.median(secs))}
+            rows.append(row)
+            print(markdown_table([row]), flush=True)
+
+    curve_rows = []
+    for m, curve in curves.items():
+        curve_rows.append({"prior min": m, **{f"step {c['step']}": c["dice"] for c in curve}})
+    tag = f"-{args.tag}" if args.tag else ""
+    notes = (f"Data: {SHARED_DATA / args.dataset}; {len(train)} train / {len(val)} val / {len(test)} test "
+             f"subjects (validation: 20 % of the training subjects, by subject, seed 0). NISF preset "
+             f"`{args.preset}`, overrides `{json.dumps(over)}`, augmentation: {args.augment} copies per "
+             f"training volume (rotate {args.aug_rotate} rad, scale {args.aug_scale}; made in {aug_s:.0f} s, "
+             f"not counted). Prior training is resumed from its saved state at each mark, so a row is "
+             f"the prior after that many minutes of training (constant lr: the same as a run of that "
+             f"length). `prior min` counts prior training only; the validation steps curve (`curve s`) and "
+             f"test scoring are apart. Device {device}, {torch.get_num_threads()} torch threads. Config "
+             f"`{json.dumps(dataclasses.asdict(cfg))}`. Total wall time {time.perf_counter() - t_start:.0f} s.")
+    sections = {"Test Dice against prior-training minutes": markdown_table(rows),
+                "Validation Dice against inference steps, at each mark": markdown_table(curve_rows)}
+    path = write_results(f"nisf-prior-{args.dataset}-{args.preset}{tag}", sections, notes)
+    print(markdown_table(rows))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
