@@ -264,6 +264,25 @@ def test_resume_continues_from_saved_step(tmp_path, brain_data):
     torch.testing.assert_close(resumed.train_latents, full.train_latents, atol=1e-6, rtol=1e-5)
 
 
+def test_cosine_lr_schedule(tmp_path, brain_data):
+    """``lr_schedule="cosine"``: the logged lr after step s is lr * (1 + cos(pi s / steps)) / 2,
+    reaching 0 at the last step; the constant schedule keeps lr."""
+    import json
+    import math
+
+    for schedule in ("cosine", "constant"):
+        log = tmp_path / f"{schedule}.jsonl"
+        model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2, steps=8, lr=2e-3, infer_steps=1,
+                                                   lr_schedule=schedule))
+        model.fit(brain_data[0][:2], log_path=log)
+        lrs = [json.loads(line)["lr"] for line in log.read_text().splitlines()]
+        want = [2e-3 * (0.5 * (1 + math.cos(math.pi * s / 8)) if schedule == "cosine" else 1.0)
+                for s in range(1, 9)]
+        assert lrs == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        NISFConfig(lr_schedule="linear")
+
+
 def test_time_budget_stops_training(tmp_path, brain_data):
     model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2, steps=1000))
     model.fit(brain_data[0][:2], state_path=tmp_path / "s", budget=Budget(1e-6))

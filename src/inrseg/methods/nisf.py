@@ -32,7 +32,8 @@ Prior training loss (per image of the batch, averaged over the batch)
     The soft Dice is MONAI's
     :class:`~monai.losses.DiceLoss` (smooth 1 in numerator and denominator, see
     :func:`soft_dice_loss`). Intensities: :func:`inrseg.data.preprocess.normalize` ``"minmax"``.
-    Adam (one for the network, one for the latents), no schedule. One latent per training
+    Adam (one for the network, one for the latents), constant lr (``lr_schedule="cosine"``:
+    both decay to 0 over ``steps`` steps, a half cosine). One latent per training
     *case* (for 3D+t one case is one subject across all its frames). A step draws
     ``subjects_per_step`` cases, for 3D+t one random frame of each, and either all its voxels
     (the paper) or ``points_per_step`` random ones (CPU presets); Gaussian jitter of std
@@ -145,6 +146,7 @@ class NISFConfig:
     latent_lr: float | None = None      # Adam, training latents; None: = lr
     alpha: float = 10.0                 # weight of the reconstruction BCE
     latent_reg: float = 1e-4            # x mean(h^2)
+    lr_schedule: str = "constant"       # "constant" | "cosine" (to 0 over `steps`, both Adams)
     weight_reg: float = 1e-4            # x sum(p^2) over the backbone
     coord_jitter: float = 1e-4          # std of Gaussian noise on training coordinates
     annotated_frame_fraction: float = 0.5  # 3D+t with ignored voxels: share of frame draws among
@@ -169,6 +171,8 @@ class NISFConfig:
             raise ValueError(f"unknown activation {self.activation!r} ({', '.join(ACTIVATIONS)})")
         if self.depth < 1 or self.width < 1:
             raise ValueError("depth and width must be positive")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not 0.0 <= self.annotated_frame_fraction <= 1.0:
             raise ValueError(f"annotated_frame_fraction must lie in [0, 1], got "
                              f"{self.annotated_frame_fraction}")
@@ -553,6 +557,12 @@ class NISF:
         latents = nn.Parameter(self.initial_train_latents(n).to(self.device))       # (n, L)
         opt_net = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         opt_lat = torch.optim.Adam([latents], lr=cfg.latent_lr if cfg.latent_lr is not None else cfg.lr)
+        schedulers = []
+        if cfg.lr_schedule == "cosine":
+            total = max(1, cfg.steps)
+            schedulers = [torch.optim.lr_scheduler.LambdaLR(
+                o, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+                for o in (opt_net, opt_lat)]
         train_net = wrap_ddp(self.net, self.device)
 
         def step(i: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -596,6 +606,7 @@ class NISF:
 
         res = run_training(
             TrainTask(name="nisf prior", method=self.method, step=step, optimizers=[opt_net, opt_lat],
+                      schedulers=schedulers,
                       params=[*self.net.parameters(), latents], weights=weights,
                       load_weights=load_weights, modules=[self.net], grad_sync="ddp",
                       extra_state=extra_state, load_extra_state=load_extra_state,
