@@ -3,6 +3,8 @@
     python benchmarks/nisf_prior_study.py --preset nisf-cpu-small --minutes 6,20,60 --threads 1
     python benchmarks/nisf_prior_study.py --preset nisf-cpu-small --minutes 6,20 --augment 3 --tag aug3
     python benchmarks/nisf_prior_study.py --preset nisf-cpu-small --minutes 6,20 --set s0=1 --tag s0-1
+    python benchmarks/nisf_prior_study.py --preset nisf-cpu-small --minutes 21 --set lr_schedule=cosine \
+        --set steps=N --tag cosine     # N: the steps the constant-lr run made in 20 minutes
 
 NISF's prior training has no learning-rate schedule (constant Adam lr), so training for 6 minutes,
 stopping, and continuing from the saved training state to 20 and then 60 minutes is the same
@@ -16,7 +18,9 @@ At each checkpoint, with the network frozen:
 * the test subjects are scored with the chosen steps (**fitted Dice**) and with 0 steps.
 
 The minutes are prior-training wall time only; the curve and the test scoring at each
-checkpoint are timed apart and not counted. ``--augment K`` adds K augmented copies of every
+checkpoint are timed apart and not counted. With ``--set steps=N`` a mark may end sooner, at
+step N (``this leg s`` says when); with ``lr_schedule=cosine`` the lr reaches 0 at step N, so
+use one mark. ``--augment K`` adds K augmented copies of every
 training volume (MONAI: small random affine - rotation up to ``--aug-rotate`` rad, scaling up to
 ``--aug-scale``, labels nearest - plus random intensity scaling and gamma), each with its own
 latent; they are made once before training, and their making is timed apart too.
@@ -96,7 +100,7 @@ def main() -> None:
     train, val = split_by_subject(ds.train, 0.2, seed=0)
     test = ds.test
     over = parse_overrides(NISFConfig, args.set)
-    cfg = config_from_preset(args.preset, steps=10**7, save_every=200, **over)
+    cfg = config_from_preset(args.preset, **{"steps": 10**7, "save_every": 200, **over})
     device = torch.device(args.device)
     model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg).to(device)
     val_pairs = [c.load() for c in val]
