@@ -134,7 +134,7 @@ def main() -> None:
             model.infer_steps = 0
             step0, _ = evaluate_cases(model, test, ds.num_classes, distances=False)
             model.infer_steps = chosen
-            row = {"prior min": m, "prior steps": steps, "this leg s": round(prior_s),
+            row = {"prior min": m, "prior steps": str(steps), "this leg s": round(prior_s),
                    "val Dice step 0": model.val_curve[0]["dice"],
                    "val Dice best": max(c["dice"] for c in model.val_curve),
                    "infer steps": chosen,
