@@ -20,10 +20,11 @@ At each checkpoint, with the network frozen:
 The minutes are prior-training wall time only; the curve and the test scoring at each
 checkpoint are timed apart and not counted. With ``--set steps=N`` a mark may end sooner, at
 step N (``this leg s`` says when); with ``lr_schedule=cosine`` the lr reaches 0 at step N, so
-use one mark. ``--augment K`` adds K augmented copies of every
-training volume (MONAI: small random affine - rotation up to ``--aug-rotate`` rad, scaling up to
-``--aug-scale``, labels nearest - plus random intensity scaling and gamma), each with its own
-latent; they are made once before training, and their making is timed apart too.
+use one mark. ``--augment K`` sets ``NISFConfig.augment``: K augmented copies of every
+training volume (``inrseg.data.augment``: small random affine - rotation up to ``--aug-rotate``
+rad, scaling up to ``--aug-scale``, labels nearest - plus random intensity scaling and gamma),
+each with its own latent. ``NISF.fit`` makes them inside its budget, so each leg's minutes
+include making them.
 
 One split (validation: 20 % of the training subjects, by subject, seed 0), one seed. Results:
 ``benchmarks/results/<date>-nisf-prior-<dataset>-<preset>[-tag].md``.
@@ -42,37 +43,9 @@ import numpy as np
 import torch
 
 from harness import SHARED_DATA, evaluate_cases, markdown_table, parse_overrides, write_results
-from inrseg.data.io import Volume
 from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.methods.nisf import NISF, NISFConfig, config_from_preset
 from inrseg.training import Budget
-
-
-def augmented_copies(pairs: list[tuple[Volume, Volume]], k: int, seed: int, rotate: float,
-                     scale: float) -> list[tuple[Volume, Volume]]:
-    """``k`` augmented copies of every ``(image (C, *S), labels (*S,))`` pair, same grid and
-    affine: a random affine about the centre (rotation up to ``rotate`` rad per axis, scaling
-    up to ``1 +- scale``; image bilinear, labels nearest, border padding), then random intensity
-    scaling (x 1 +- 0.1) and gamma (0.8-1.25) of the image. Seeded by ``seed``."""
-    from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScaleIntensityd
-
-    nd = pairs[0][0].spatial_ndim
-    tf = Compose([
-        RandAffined(keys=["image", "label"], prob=1.0, rotate_range=(rotate,) * (1 if nd == 2 else 3),
-                    scale_range=(scale,) * nd, mode=("bilinear", "nearest"), padding_mode="border"),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
-        RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=1.0),
-    ])
-    tf.set_random_state(seed)
-    out = []
-    for img, lab in pairs:
-        for _ in range(k):
-            d = tf({"image": img.data.astype(np.float32), "label": lab.data[None].astype(np.float32)})
-            im = np.asarray(d["image"], dtype=np.float32)
-            lb = np.rint(np.asarray(d["label"])[0]).astype(lab.data.dtype)
-            out.append((dataclasses.replace(img, data=im, meta=dict(img.meta)),
-                        dataclasses.replace(lab, data=lb, meta=dict(lab.meta))))
-    return out
 
 
 def main() -> None:
@@ -100,19 +73,15 @@ def main() -> None:
     train, val = split_by_subject(ds.train, 0.2, seed=0)
     test = ds.test
     over = parse_overrides(NISFConfig, args.set)
+    if args.augment:
+        over.update(augment=args.augment, augment_rotate=args.aug_rotate, augment_scale=args.aug_scale)
     cfg = config_from_preset(args.preset, **{"steps": 10**7, "save_every": 200, **over})
     device = torch.device(args.device)
     model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg).to(device)
     val_pairs = [c.load() for c in val]
 
     train_items: list = list(train)
-    aug_s = 0.0
-    if args.augment:
-        t0 = time.perf_counter()
-        train_items += augmented_copies([c.load() for c in train], args.augment, cfg.seed + 12345,
-                                        args.aug_rotate, args.aug_scale)
-        aug_s = time.perf_counter() - t0
-    print(f"{ds.name}: {len(train)} train ({len(train_items)} volumes with augmentation) / "
+    print(f"{ds.name}: {len(train)} train ({len(train) * (1 + cfg.augment)} volumes with augmentation) / "
           f"{len(val)} val / {len(test)} test; NISF {args.preset} {over}", flush=True)
 
     rows, curves = [], {}
@@ -154,8 +123,8 @@ def main() -> None:
     notes = (f"Data: {SHARED_DATA / args.dataset}; {len(train)} train / {len(val)} val / {len(test)} test "
              f"subjects (validation: 20 % of the training subjects, by subject, seed 0). NISF preset "
              f"`{args.preset}`, overrides `{json.dumps(over)}`, augmentation: {args.augment} copies per "
-             f"training volume (rotate {args.aug_rotate} rad, scale {args.aug_scale}; made in {aug_s:.0f} s, "
-             f"not counted). Prior training is resumed from its saved state at each mark, so a row is "
+             f"training volume (rotate {cfg.augment_rotate} rad, scale {cfg.augment_scale}; made inside "
+             f"each leg's minutes). Prior training is resumed from its saved state at each mark, so a row is "
              f"the prior after that many minutes of training (constant lr: the same as a run of that "
              f"length). `prior min` counts prior training only; the validation steps curve (`curve s`) and "
              f"test scoring are apart. Device {device}, {torch.get_num_threads()} torch threads. Config "

@@ -471,6 +471,17 @@ def test_bad_inputs(trained2d, cardiac_data):
     assert config_from_preset("nisf-cpu", steps=3).points_per_step == 8192
 
 
+def test_a_budget_without_a_step_count_trains_until_the_budget_ends():
+    from inrseg.methods.nisf import BUDGET_STEPS
+
+    for preset in ("nisf-cpu", "nisf-cpu-small"):
+        assert config_from_preset(preset).steps == 3000
+        assert config_from_preset(preset, budget_minutes=5).steps == BUDGET_STEPS
+        assert config_from_preset(preset, budget_minutes=5, steps=10).steps == 10
+        assert config_from_preset(preset, budget_minutes=5, lr_schedule="cosine").steps == 3000
+    assert config_from_preset("nisf-paper", budget_minutes=5).steps == NISFConfig().steps
+
+
 # ------------------------------------------------------------------------------ ignore label
 
 

@@ -430,17 +430,17 @@ def _check_device(device: str) -> None:
 def _run_on(device: str):
     """Resolve ``--device`` and, under torchrun, join the process group for the command
     (NCCL on GPUs, gloo on CPUs); leaves it at the end. Yields the :class:`torch.device`."""
-    import torch.distributed as dist
-
-    from inrseg.training import init_distributed, resolve_device
+    from inrseg.training import init_distributed, leave_distributed, resolve_device
 
     dev = resolve_device(device)
     joined = init_distributed(dev)
+    clean = False
     try:
         yield dev
+        clean = True
     finally:
-        if joined and dist.is_initialized():
-            dist.destroy_process_group()
+        if joined:
+            leave_distributed(clean)
 
 
 def _fit_and_save(model, train, val, out: Path, resume: bool, budget, precision: str,
@@ -613,10 +613,13 @@ def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minut
 def train_nisf(data: Path = _DATA, out: Path = _OUT,
                preset: str = typer.Option("nisf-cpu", help="nisf-paper (8 x 128, GPU-sized), nisf-cpu, "
                                                            "or nisf-cpu-small (4 x 64)."),
-               steps: Optional[int] = typer.Option(None, min=1, help="Prior-training steps."),
+               steps: Optional[int] = typer.Option(None, min=1, help="Prior-training steps (CPU presets: 3,000, "
+                                                   "or with --budget-minutes until the budget ends)."),
                activation: Optional[str] = typer.Option(None, help="gabor (default), sine or relu (ablation)."),
                infer_max_steps: Optional[int] = typer.Option(None, min=1, help="Longest latent fit tried on the "
                                                                        "validation cases when choosing the step count."),
+               augment: Optional[int] = typer.Option(None, min=0, help="Augmented copies of every training case "
+                                                     "(small affine + intensity), each with its own latent."),
                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                device: str = _DEVICE, precision: str = _PRECISION) -> None:
@@ -634,7 +637,8 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed, "nisf")
     overrides = {k: v for k, v in dict(steps=steps, activation=activation,
-                                       infer_max_steps=infer_max_steps).items() if v is not None}
+                                       infer_max_steps=infer_max_steps, augment=augment).items()
+                 if v is not None}
     cfg = config_from_preset(preset, seed=seed, budget_minutes=budget_minutes, **overrides)
     with _run_on(device) as dev:
         model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)

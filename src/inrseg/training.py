@@ -156,6 +156,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_distributed(clean: bool = True) -> None:
+    """Leave the process group, if this process is in one.
+
+    ``clean`` (the command ended normally): wait for every rank first and let garbage (DDP
+    reducers, finished gloo work holding tensors) go before the group does. Without the
+    barrier, a rank that leaves while another still writes its files tore gloo down under
+    live work now and then (``terminate called without an active exception``, SIGABRT on a
+    2-core CI machine). After an error there is no barrier: the other ranks may never come.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+        import gc
+
+        gc.collect()
+    dist.destroy_process_group()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (picklable Python objects: metrics, flags)."""
     if world()[1] == 1:

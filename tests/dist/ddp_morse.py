@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from inrseg.data.layouts import open_dataset
 from inrseg.methods.morse import MORSE, morse_config
-from inrseg.training import init_distributed, world
+from inrseg.training import init_distributed, leave_distributed, world
 
 torch.set_num_threads(1)
 data, out, steps, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -28,4 +27,4 @@ model = MORSE(ds.label_names, 2, 1, cfg, device="cpu")
 model.fit(ds.train, None, log_path=out / "metrics.jsonl")
 save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 (out / f"rank{rank}.json").write_text(json.dumps({"rend_steps": model.rend_steps}))
-dist.destroy_process_group()
+leave_distributed()

@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from inrseg.data.layouts import open_dataset
 from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
-from inrseg.training import init_distributed, world
+from inrseg.training import init_distributed, leave_distributed, world
 
 torch.set_num_threads(1)
 data, out, steps, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -24,4 +23,4 @@ cfg = SupervisedConfig(channels=(4, 8, 16), num_res_units=1, batch_size=batch, s
 model = SupervisedSegmenter(ds.label_names, 2, 1, cfg, device="cpu")
 model.fit(ds.train, None, log_path=out / "metrics.jsonl")
 save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
-dist.destroy_process_group()
+leave_distributed()

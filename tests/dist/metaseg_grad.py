@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from inrseg.data.layouts import open_dataset
 from inrseg.methods.metaseg import MetaSeg, MetaSegConfig
-from inrseg.training import LoopSettings, init_distributed, run_training, world
+from inrseg.training import LoopSettings, init_distributed, leave_distributed, run_training, world
 
 
 def meta_gradients(data: Path, meta_batch: int) -> dict[str, torch.Tensor]:
@@ -54,4 +53,4 @@ if __name__ == "__main__":
     model.fit(ds.train[:3], ds.train[3:])
     model.save(out / f"model{rank}.safetensors")
     (out / f"model{rank}.json").write_text(json.dumps({"t_f": model.t_f, "tf_curve": model.tf_curve}))
-    dist.destroy_process_group()
+    leave_distributed()

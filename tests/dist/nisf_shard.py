@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 import inrseg.methods.nisf as nisf
 from inrseg.data.layouts import open_dataset
-from inrseg.training import init_distributed, world
+from inrseg.training import init_distributed, leave_distributed, world
 
 torch.set_num_threads(1)
 data, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -53,4 +52,4 @@ resumed.fit(ds.train, None, out / "state")
 if rank == 0:
     full.save(out / "full.safetensors")
     resumed.save(out / "resumed.safetensors")
-dist.destroy_process_group()
+leave_distributed()

@@ -109,6 +109,7 @@ from inrseg.nn.gabor import ACTIVATIONS
 from inrseg.nn.nisf import NISFNet
 from inrseg.progress import progress, status
 from inrseg.report import save_plane_png
+from inrseg.data.augment import augmented_pair, copy_seed
 from inrseg.training import (Budget, LoopSettings, TrainTask, all_reduce_sum_, as_budget,
                              broadcast_object, resolve_device, run_training, shard, step_rng,
                              use_bf16, world, wrap_ddp)
@@ -152,6 +153,10 @@ class NISFConfig:
     annotated_frame_fraction: float = 0.5  # 3D+t with ignored voxels: share of frame draws among
                                         # the annotated frames (the rest: uniform over all frames)
     latent_init_std: float = 1e-2       # h ~ N(0, std^2) (variance 1e-4), training and inference
+    augment: int = 0                    # augmented copies per training case, each with its own
+                                        # latent (inrseg.data.augment: affine + intensity)
+    augment_rotate: float = 0.1         # max rotation of a copy (rad)
+    augment_scale: float = 0.1          # max relative scaling of a copy
     save_every: int = 100               # training-state interval (steps)
     budget_minutes: float | None = None  # wall time of the whole fit (prior + steps curve)
     # inference
@@ -173,6 +178,8 @@ class NISFConfig:
             raise ValueError("depth and width must be positive")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.augment < 0 or self.augment_rotate < 0 or not 0 <= self.augment_scale < 1:
+            raise ValueError("augment must be >= 0, augment_rotate >= 0 and augment_scale in [0, 1)")
         if not 0.0 <= self.annotated_frame_fraction <= 1.0:
             raise ValueError(f"annotated_frame_fraction must lie in [0, 1], got "
                              f"{self.annotated_frame_fraction}")
@@ -539,11 +546,19 @@ class NISF:
                                    f"case per rank")
         mine = shard(range(n))
         subjects: dict[int, _Subject] = {}
+        k_aug = cfg.augment
         for i in progress(mine, desc="loading training cases"):
             img, lab = self._load_pair(train[i])
             if lab is None:
                 raise InputError(img.path, "NISF prior training needs labelled cases")
             subjects[i] = self._prepare(img, lab)
+            for c in range(1, k_aug + 1):  # copy c of case i has latent row c * n + i
+                subjects[c * n + i] = self._prepare(*augmented_pair(
+                    img, lab, copy_seed(cfg.seed, i, c), cfg.augment_rotate, cfg.augment_scale))
+        # the latent table: the n cases, then k_aug blocks of n copies; a rank owns its cases and
+        # their copies
+        mine = sorted(subjects)
+        n = n * (1 + k_aug)
         # with unlabelled (ignored) points the segmentation terms are means over the labelled ones
         sparse = any(bool((s.labels == IGNORE).any()) for s in subjects.values())
         frames_of = {i: self._annotated_frames(s) for i, s in subjects.items()}
@@ -1000,8 +1015,22 @@ class NISF:
         return obj
 
 
+#: prior steps of a CPU preset given a time budget and no step count: the budget decides
+BUDGET_STEPS = 10**9
+
+
 def config_from_preset(preset: str = "nisf-cpu", **overrides: Any) -> NISFConfig:
-    """A :class:`NISFConfig` from a :data:`PRESETS` name, with keyword overrides."""
+    """A :class:`NISFConfig` from a :data:`PRESETS` name, with keyword overrides.
+
+    The CPU presets' ``steps`` (3,000) is the length of a run without a time limit. With a
+    ``budget_minutes`` and no ``steps`` override, a constant-lr prior trains until the budget
+    ends instead (``steps`` = :data:`BUDGET_STEPS`): a 5-minute budget used to stop after
+    ~2 minutes of 3,000 steps. A cosine schedule needs its length and keeps the preset's.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown NISF preset {preset!r} ({', '.join(PRESETS)})")
-    return replace(NISFConfig(**PRESETS[preset]), **overrides)
+    cfg = replace(NISFConfig(**PRESETS[preset]), **overrides)
+    if ("steps" in PRESETS[preset] and "steps" not in overrides and cfg.budget_minutes is not None
+            and cfg.lr_schedule == "constant"):
+        cfg = replace(cfg, steps=BUDGET_STEPS)
+    return cfg

@@ -1,0 +1,94 @@
+"""Augmented copies of labelled training volumes (small affine + intensity changes).
+
+Used where a method learns one code per training case and so cannot draw a fresh augmentation
+each step: NISF's auto-decoder gives every copy its own latent (``NISFConfig.augment``), so the
+prior sees more anatomies than there are subjects. The transforms are MONAI's; this module only
+decides which axes may rotate, keeps the grid and affine, and handles 3D + t.
+
+* **Geometry**: a random affine about the grid centre, the same for every channel and every
+  frame of a cine: rotation up to ``rotate`` rad, scaling by up to ``1 +- scale`` per axis;
+  the image is interpolated bilinearly, the labels by nearest neighbour (so an ignore value
+  stays an ignore value), borders replicate the edge. In a volume whose coarsest axis is more
+  than twice its finest (short-axis cine stacks: 1-2 mm in plane, 8-10 mm between slices)
+  only the in-plane rotation is drawn: a tilt would interpolate across thick slices.
+* **Intensity**: random scaling by ``1 +- 0.1`` and a gamma in ``[0.8, 1.25]``.
+
+A copy is a pure function of ``seed``: the same seed gives the same copy on every rank, in a
+resumed run and on another machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from inrseg.data.io import Volume
+
+__all__ = ["augmented_pair", "copy_seed"]
+
+_ANISOTROPY = 2.0   # coarsest / finest spacing above which a 3D grid rotates in plane only
+
+
+def copy_seed(seed: int, case: int, copy: int) -> int:
+    """The seed of augmented copy ``copy`` (1, 2, ...) of training case ``case``."""
+    return int(np.random.SeedSequence([int(seed), int(case), int(copy)]).generate_state(1)[0])
+
+
+def _rotate_range(spacing: tuple[float, ...], rotate: float) -> tuple[float, ...]:
+    """MONAI's ``rotate_range`` for a grid: one angle in 2D; in 3D the angles about axes 0, 1, 2,
+    all of them for a near-isotropic grid, else only the one about the coarsest axis."""
+    if len(spacing) == 2:
+        return (rotate,)
+    sp = np.asarray(spacing, float)
+    if sp.max() > _ANISOTROPY * sp.min():
+        rng = [0.0, 0.0, 0.0]
+        rng[int(np.argmax(sp))] = rotate
+        return tuple(rng)
+    return (rotate,) * 3
+
+
+def augmented_pair(image: Volume, labels: Volume, seed: int, rotate: float = 0.1,
+                   scale: float = 0.1) -> tuple[Volume, Volume]:
+    """One augmented copy of ``image (C, *S)`` and ``labels (*S,)`` on the same grid and affine.
+
+    ``S`` is 2D, 3D or 3D + t (the last axis: frames, all moved alike). ``rotate``: radians,
+    ``scale``: relative. Returns new Volumes (float32 image, labels in their own dtype) whose
+    ``meta`` is a copy of the inputs' (the ignore value included).
+    """
+    from monai.transforms import RandAdjustContrast, RandAffine, RandScaleIntensity
+
+    if labels.shape != image.shape:
+        raise ValueError(f"label shape {labels.shape} != image shape {image.shape}")
+    nd = image.spatial_ndim
+    C = image.data.shape[0]
+    img = image.data.astype(np.float32)
+    lab = labels.data.astype(np.float32)[None]                               # (1, *S)
+    if nd == 4:  # frames as channels: one spatial transform for the whole cine
+        T = image.shape[-1]
+        img = np.moveaxis(img, -1, 1).reshape(C * T, *image.shape[:3])       # (C*T, X, Y, Z)
+        lab = np.moveaxis(lab[0], -1, 0)                                     # (T, X, Y, Z)
+    spacing = image.spacing[:3] if nd == 4 else image.spacing
+    geo = RandAffine(prob=1.0, rotate_range=_rotate_range(tuple(spacing), rotate),
+                     scale_range=(scale,) * len(spacing), padding_mode="border",
+                     device=torch.device("cpu"))
+    geo.set_random_state(seed=seed)
+    geo.randomize()
+    img_t = geo(img, mode="bilinear", randomize=False)
+    lab_t = geo(lab, mode="nearest", randomize=False)
+    inten_seed = (seed + 1) % (2 ** 32)
+    gain = RandScaleIntensity(factors=0.1, prob=1.0)
+    gain.set_random_state(seed=inten_seed)
+    gamma = RandAdjustContrast(gamma=(0.8, 1.25), prob=1.0)
+    gamma.set_random_state(seed=(inten_seed + 1) % (2 ** 32))
+    img_t = np.asarray(gamma(gain(img_t)), dtype=np.float32)
+    lab_t = np.rint(np.asarray(lab_t, dtype=np.float32))
+    if nd == 4:
+        img_t = np.moveaxis(img_t.reshape(C, T, *image.shape[:3]), 1, -1)  # (C, X, Y, Z, T)
+        lab_t = np.moveaxis(lab_t, 0, -1)                                   # (X, Y, Z, T)
+    else:
+        lab_t = lab_t[0]
+    return (dataclasses.replace(image, data=np.ascontiguousarray(img_t), meta=dict(image.meta)),
+            dataclasses.replace(labels, data=np.ascontiguousarray(lab_t).astype(labels.data.dtype),
+                                meta=dict(labels.meta)))
