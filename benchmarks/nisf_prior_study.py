@@ -15,7 +15,10 @@ At each checkpoint, with the network frozen:
 * the validation steps curve (Dice against latent-fitting steps on the validation subjects) is
   run and its best step chosen, as ``NISF.fit`` does; its step-0 point is the **step-0 Dice**:
   the prior's labels under the inference initialisation ``h ~ N(0, 1e-4)``, before any fitting;
-* the test subjects are scored with the chosen steps (**fitted Dice**) and with 0 steps.
+* the test subjects are scored with the chosen steps (**fitted Dice**) and with 0 steps;
+* 3 training subjects are scored under their trained latents (**own latent**: what the prior
+  holds) and under latents fitted afresh to their images (**refitted**: what inference recovers
+  of a subject the prior has seen).
 
 The minutes are prior-training wall time only; the curve and the test scoring at each
 checkpoint are timed apart and not counted. With ``--set steps=N`` a mark may end sooner, at
@@ -46,6 +49,21 @@ from harness import SHARED_DATA, evaluate_cases, markdown_table, parse_overrides
 from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.methods.nisf import NISF, NISFConfig, config_from_preset
 from inrseg.training import Budget
+
+
+def train_diagnostic(model: NISF, pairs: list, k: int = 3) -> tuple[float, float]:
+    """Mean foreground Dice on the first ``k`` training subjects ``(image, labels)``: under the
+    latent the prior trained for each (what the prior holds: capacity), and under a latent
+    fitted afresh to the image alone, as at test time, for the chosen steps (what inference
+    recovers of a subject the prior knows). Test << refitted points at generalisation; refitted
+    << own latent at the fit (reconstruction does not pin the labels)."""
+    pairs = pairs[:k]
+    subs = [model._prepare(img, lab) for img, lab in pairs]
+    gts = [s.labels.numpy().reshape(s.shape) for s in subs]
+    own = model._curve_scores(subs, gts, model.train_latents[: len(pairs)])
+    fits = model.fit_latents([img for img, _ in pairs])
+    refit = model._curve_scores(subs, gts, torch.stack([f.latent for f in fits]))
+    return float(np.mean(own)), float(np.mean(refit))
 
 
 def main() -> None:
@@ -79,6 +97,7 @@ def main() -> None:
     device = torch.device(args.device)
     model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg).to(device)
     val_pairs = [c.load() for c in val]
+    train_pairs = [c.load() for c in train[:3]]
 
     train_items: list = list(train)
     print(f"{ds.name}: {len(train)} train ({len(train) * (1 + cfg.augment)} volumes with augmentation) / "
@@ -103,10 +122,12 @@ def main() -> None:
             model.infer_steps = 0
             step0, _ = evaluate_cases(model, test, ds.num_classes, distances=False)
             model.infer_steps = chosen
+            train_own, train_refit = train_diagnostic(model, train_pairs)
             row = {"prior min": m, "prior steps": str(steps), "this leg s": round(prior_s),
                    "val Dice step 0": model.val_curve[0]["dice"],
                    "val Dice best": max(c["dice"] for c in model.val_curve),
                    "infer steps": chosen,
+                   "train Dice own latent": train_own, "train Dice refitted": train_refit,
                    "test Dice step 0": step0["mean_foreground_dice"],
                    "test Dice fitted": fitted["mean_foreground_dice"],
                    "test HD95 mm": fitted["hd95_mm"],
