@@ -128,10 +128,13 @@ def test_nisf_cli_train_heldout_and_plane(cli, tmp_path):
                "24,24,4", "--frames", "2", "--out", data).code == 0
     ckpt = tmp_path / "nisf.safetensors"
     res = cli("--quiet", "train", "nisf", "--data", data, "--out", ckpt, "--preset", "nisf-cpu-small",
-              "--steps", "20", "--infer-max-steps", "20", "--val-fraction", "0.34")
+              "--steps", "20", "--infer-max-steps", "20", "--val-fraction", "0.34", "--augment", "1")
     assert res.code == 0, res.err
     meta = json.loads(cli("info", ckpt).out)
     assert meta["method"] == "nisf" and 0 <= meta["infer_steps"] <= 20
+    from safetensors.torch import load_file
+
+    assert load_file(str(ckpt))["train_latents"].shape[0] == 2   # 1 training cine (2 validate) + its copy
     sa = data / "heart000" / "sa.nii.gz"
     out = tmp_path / "pred"
     res = cli("--quiet", "segment", "--model", ckpt, "--input", sa, "--output", out, "--heldout", "2:1",
