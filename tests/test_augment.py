@@ -95,3 +95,19 @@ def test_nisf_gives_every_copy_its_own_latent():
     assert not torch.allclose(aug.train_latents[:3], plain.train_latents, atol=1e-6)
     with pytest.raises(ValueError, match="augment"):
         NISFConfig(augment=-1)
+
+
+def test_translate_moves_the_anatomy_in_plane_and_keeps_its_size():
+    img, lab = _pair2d(2)
+    fg = lab.data > 0
+    centre = np.argwhere(fg).mean(0)
+    shifts = []
+    for seed in range(4):
+        _, lb = augmented_pair(img, lab, seed, rotate=0.0, scale=0.0, translate=0.2)
+        moved = lb.data > 0
+        assert abs(int(moved.sum()) - int(fg.sum())) <= 0.1 * fg.sum()     # a shift, not a resize
+        shifts.append(np.abs(np.argwhere(moved).mean(0) - centre).max())
+    assert max(shifts) >= 1.5                                             # up to 0.2 x 32 voxels
+    assert max(shifts) <= 0.2 * 32 + 1
+    _, same = augmented_pair(img, lab, 0, rotate=0.0, scale=0.0, translate=0.0)
+    assert np.array_equal(same.data, lab.data)

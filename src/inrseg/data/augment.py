@@ -10,7 +10,9 @@ decides which axes may rotate, keeps the grid and affine, and handles 3D + t.
   the image is interpolated bilinearly, the labels by nearest neighbour (so an ignore value
   stays an ignore value), borders replicate the edge. In a volume whose coarsest axis is more
   than twice its finest (short-axis cine stacks: 1-2 mm in plane, 8-10 mm between slices)
-  only the in-plane rotation is drawn: a tilt would interpolate across thick slices.
+  only the in-plane rotation is drawn: a tilt would interpolate across thick slices. An
+  optional shift (``translate``, a fraction of the grid's extent; none across thick slices)
+  moves the anatomy in the field of view.
 * **Intensity**: random scaling by ``1 +- 0.1`` and a gamma in ``[0.8, 1.25]``.
 
 A copy is a pure function of ``seed``: the same seed gives the same copy on every rank, in a
@@ -49,13 +51,24 @@ def _rotate_range(spacing: tuple[float, ...], rotate: float) -> tuple[float, ...
     return (rotate,) * 3
 
 
+def _translate_range(shape: tuple[int, ...], spacing: tuple[float, ...], translate: float) -> tuple[float, ...]:
+    """MONAI's ``translate_range`` (voxels): ``translate`` x the grid's extent along each axis,
+    except along the coarsest axis of an anisotropic 3D grid (no shift across thick slices)."""
+    out = [translate * n for n in shape]
+    sp = np.asarray(spacing, float)
+    if len(shape) == 3 and sp.max() > _ANISOTROPY * sp.min():
+        out[int(np.argmax(sp))] = 0.0
+    return tuple(out)
+
+
 def augmented_pair(image: Volume, labels: Volume, seed: int, rotate: float = 0.1,
-                   scale: float = 0.1) -> tuple[Volume, Volume]:
+                   scale: float = 0.1, translate: float = 0.0) -> tuple[Volume, Volume]:
     """One augmented copy of ``image (C, *S)`` and ``labels (*S,)`` on the same grid and affine.
 
     ``S`` is 2D, 3D or 3D + t (the last axis: frames, all moved alike). ``rotate``: radians,
-    ``scale``: relative. Returns new Volumes (float32 image, labels in their own dtype) whose
-    ``meta`` is a copy of the inputs' (the ignore value included).
+    ``scale``: relative, ``translate``: shift up to this fraction of the grid's extent per axis
+    (none across thick slices). Returns new Volumes (float32 image, labels in their own dtype)
+    whose ``meta`` is a copy of the inputs' (the ignore value included).
     """
     from monai.transforms import RandAdjustContrast, RandAffine, RandScaleIntensity
 
@@ -70,8 +83,11 @@ def augmented_pair(image: Volume, labels: Volume, seed: int, rotate: float = 0.1
         img = np.moveaxis(img, -1, 1).reshape(C * T, *image.shape[:3])       # (C*T, X, Y, Z)
         lab = np.moveaxis(lab[0], -1, 0)                                     # (T, X, Y, Z)
     spacing = image.spacing[:3] if nd == 4 else image.spacing
+    grid = image.shape[:3] if nd == 4 else image.shape
     geo = RandAffine(prob=1.0, rotate_range=_rotate_range(tuple(spacing), rotate),
-                     scale_range=(scale,) * len(spacing), padding_mode="border",
+                     scale_range=(scale,) * len(spacing),
+                     translate_range=_translate_range(tuple(grid), tuple(spacing), translate),
+                     padding_mode="border",
                      device=torch.device("cpu"))
     geo.set_random_state(seed=seed)
     geo.randomize()
