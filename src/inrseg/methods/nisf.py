@@ -534,8 +534,12 @@ class NISF:
         from now; see the module doc for the split). ``log_path``: per-step metrics (JSON
         lines). ``precision``: ``auto`` (fp32: :attr:`bf16_safe` is off), ``fp32`` or ``bf16``.
 
+        With ``config.augment = K``, every training case also gets K augmented copies
+        (:func:`inrseg.data.augment.augmented_pair`, seeded by ``(seed, case, copy)``), each with
+        its own latent: ``train_latents`` holds ``n * (1 + K)`` rows, the cases first.
+
         Under torchrun every rank calls it: rank ``r`` loads and trains the cases
-        ``r::world`` (their latents), DDP averages the network's gradients, rank 0 alone
+        ``r::world`` (their latents, their copies'), DDP averages the network's gradients, rank 0 alone
         loads ``val`` and runs the steps curve, and every rank ends with the same model.
         """
         cfg = self.config
