@@ -128,10 +128,12 @@ def test_nisf_cli_train_heldout_and_plane(cli, tmp_path):
                "24,24,4", "--frames", "2", "--out", data).code == 0
     ckpt = tmp_path / "nisf.safetensors"
     res = cli("--quiet", "train", "nisf", "--data", data, "--out", ckpt, "--preset", "nisf-cpu-small",
-              "--steps", "20", "--infer-max-steps", "20", "--val-fraction", "0.34", "--augment", "1")
+              "--steps", "20", "--infer-max-steps", "20", "--val-fraction", "0.34", "--augment", "1",
+              "--augment-translate", "0.1")
     assert res.code == 0, res.err
     meta = json.loads(cli("info", ckpt).out)
     assert meta["method"] == "nisf" and 0 <= meta["infer_steps"] <= 20
+    assert meta["config"]["augment"] == 1 and meta["config"]["augment_translate"] == 0.1
     from safetensors.torch import load_file
 
     assert load_file(str(ckpt))["train_latents"].shape[0] == 2   # 1 training cine (2 validate) + its copy

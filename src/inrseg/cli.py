@@ -620,6 +620,8 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
                                                                        "validation cases when choosing the step count."),
                augment: Optional[int] = typer.Option(None, min=0, help="Augmented copies of every training case "
                                                      "(small affine + intensity), each with its own latent."),
+               augment_translate: Optional[float] = typer.Option(None, min=0.0, max=0.99, help="With --augment: "
+                                                                 "shift copies by up to this fraction of the grid."),
                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                device: str = _DEVICE, precision: str = _PRECISION) -> None:
@@ -637,7 +639,8 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
         raise typer.BadParameter(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     ds, train, val = _open_train_data(data, splits, val_fraction, seed, "nisf")
     overrides = {k: v for k, v in dict(steps=steps, activation=activation,
-                                       infer_max_steps=infer_max_steps, augment=augment).items()
+                                       infer_max_steps=infer_max_steps, augment=augment,
+                                       augment_translate=augment_translate).items()
                  if v is not None}
     cfg = config_from_preset(preset, seed=seed, budget_minutes=budget_minutes, **overrides)
     with _run_on(device) as dev:
