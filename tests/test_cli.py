@@ -218,9 +218,11 @@ def test_ukbb_folder_segments_and_evaluates(cli, tmp_path):
     assert cli("--quiet", "data", "phantom", "--kind", "cardiac", "--n", "2", "--n-test", "2", "--layout", "ukbb",
                "--shape", "16,16,4", "--frames", "2", "--out", data).code == 0
     ckpt = tmp_path / "nisf.safetensors"
-    res = cli("--quiet", "train", "nisf", "--data", data / "train", "--out", ckpt, "--preset", "nisf-cpu-small",
+    res = cli("--quiet", "train", "nisf", "--data", data / "train", "--out", ckpt,
               "--steps", "2", "--infer-max-steps", "2", "--val-fraction", "0.5")
     assert res.code == 0, res.err
+    cfg = json.loads(cli("info", ckpt).out)["config"]
+    assert (cfg["width"], cfg["depth"]) == (64, 4)      # the CPU default preset: nisf-cpu-small
     test = data / "test"
     subjects = sorted(d.name for d in test.iterdir())
     assert len(subjects) == 2

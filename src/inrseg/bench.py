@@ -53,7 +53,7 @@ from inrseg.report import json_safe
 #: method name -> what ``name:VARIANT`` selects, and its default
 VARIANT_OF = {"unet": "preset (unet-small, unet-paper)", "segresnet": "none",
               "metaseg": "preset (2d-seg4, 2d-seg24, 3d-seg4; default 2d-seg4 / 3d-seg4 by the data)",
-              "nisf": "preset (nisf-cpu, nisf-cpu-small, nisf-paper)",
+              "nisf": "preset (nisf-cpu-small, nisf-cpu, nisf-paper)",
               "morse": "variant (morse, baseline, pointrend, smoe, iar), then optionally :backbone"}
 
 
@@ -123,9 +123,10 @@ def build_segmenter(spec: MethodSpec, ds: Dataset, seed: int, budget_minutes: fl
         preset = spec.variant or ("3d-seg4" if nd >= 3 else "2d-seg4")
         return MetaSeg(classes, nd, channels, metaseg_config(preset, **common), device=device)
     if spec.method == "nisf":
-        from inrseg.methods.nisf import NISF, config_from_preset
+        from inrseg.methods.nisf import DEFAULT_PRESET, NISF, config_from_preset
 
-        return NISF(classes, nd, channels, config_from_preset(spec.variant or "nisf-cpu", **common), device=device)
+        return NISF(classes, nd, channels, config_from_preset(spec.variant or DEFAULT_PRESET, **common),
+                    device=device)
     from inrseg.methods.morse import MORSE, morse_config
 
     backbone = spec.backbone or ("unet3d" if nd == 3 else "unet")

@@ -611,8 +611,9 @@ def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minut
 
 @train_app.command("nisf")
 def train_nisf(data: Path = _DATA, out: Path = _OUT,
-               preset: str = typer.Option("nisf-cpu", help="nisf-paper (8 x 128, GPU-sized), nisf-cpu, "
-                                                           "or nisf-cpu-small (4 x 64)."),
+               preset: str = typer.Option("nisf-cpu-small", help="nisf-cpu-small (4 x 64, the CPU default), "
+                                                                 "nisf-cpu (8 x 128) or nisf-paper (8 x 128, "
+                                                                 "GPU-sized)."),
                steps: Optional[int] = typer.Option(None, min=1, help="Prior-training steps (CPU presets: 3,000, "
                                                    "or with --budget-minutes until the budget ends)."),
                activation: Optional[str] = typer.Option(None, help="gabor (default), sine or relu (ablation)."),

@@ -116,7 +116,7 @@ from inrseg.training import (Budget, LoopSettings, TrainTask, all_reduce_sum_, a
 
 # NISFNet, PlaneView, heldout_mask, plane_points and save_plane_png live in inrseg.nn.nisf,
 # inrseg.data.planes and inrseg.report; re-exported here for existing imports.
-__all__ = ["NISF", "NISFConfig", "NISFNet", "PRESETS", "LatentFit", "HeldOutResult", "PlaneView",
+__all__ = ["DEFAULT_PRESET", "NISF", "NISFConfig", "NISFNet", "PRESETS", "LatentFit", "HeldOutResult", "PlaneView",
            "build_network", "config_from_preset", "heldout_mask", "plane_points", "save_plane_png",
            "soft_dice_loss"]
 
@@ -1027,7 +1027,13 @@ class NISF:
 BUDGET_STEPS = 10**9
 
 
-def config_from_preset(preset: str = "nisf-cpu", **overrides: Any) -> NISFConfig:
+#: the CPU default of ``inrseg train nisf`` and ``bench``: on brain3d-seg4 the 4 x 64 prior
+#: after 6 minutes scores what the 8 x 128 one scores after 60 (0.680 / 0.674 test Dice, 3
+#: augmented copies each) and fits a test volume 8x faster (docs/findings/nisf.md)
+DEFAULT_PRESET = "nisf-cpu-small"
+
+
+def config_from_preset(preset: str = DEFAULT_PRESET, **overrides: Any) -> NISFConfig:
     """A :class:`NISFConfig` from a :data:`PRESETS` name, with keyword overrides.
 
     The CPU presets' ``steps`` (3,000) is the length of a run without a time limit. With a
