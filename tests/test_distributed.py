@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -176,32 +177,35 @@ def test_metaseg_all_reduced_meta_gradient_equals_one_process_on_the_same_tasks(
     assert info[0] == info[1] and [e["t_f"] for e in info[0]["tf_curve"]] == [0, 3]
 
 
-def test_nisf_prior_with_latents_sharded_over_two_ranks(tmp_path):
-    """Rank r loads and trains the cases r::2 and their latents; the saved table has each
-    case's latent once, in case order, from the rank that trained it; a resumed run (latent
-    Adam moments gathered into the state) matches an uninterrupted one."""
+@pytest.mark.parametrize("augment", [0, 1])
+def test_nisf_prior_with_latents_sharded_over_two_ranks(tmp_path, augment):
+    """Rank r loads and trains the cases r::2 and their latents (with ``augment``, also its
+    cases' copies: row c * n + i belongs to case i's rank); the saved table has each row once,
+    in order, from the rank that trained it; a resumed run (latent Adam moments gathered into
+    the state) matches an uninterrupted one."""
     from inrseg.methods.nisf import NISF, NISFConfig
 
     n, steps = 5, 30
+    rows = n * (1 + augment)
     data = write_blobs(tmp_path / "ds", n=n, shape=(16, 16))
     out = tmp_path / "nisf"
     out.mkdir()
-    torchrun(DIST / "nisf_shard.py", data, out, steps)
+    torchrun(DIST / "nisf_shard.py", data, out, steps, augment)
     ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
     for k in ranks[0]:
         if k.startswith("net."):
             assert torch.equal(ranks[0][k], ranks[1][k]), f"ranks disagree on {k}"
     saved = load_file(str(out / "full.safetensors"))["train_latents"]
-    assert saved.shape == (n, 32)
-    init = NISF(["a"], 2, 1, NISFConfig(width=32, depth=3)).initial_train_latents(n)
+    assert saved.shape == (rows, 32)
+    init = NISF(["a"], 2, 1, NISFConfig(width=32, depth=3)).initial_train_latents(rows)
     for r, held in enumerate(ranks):
-        assert held["own"].tolist() == [int(i % 2 == r) for i in range(n)]
-    for i in range(n):
-        owner, other = ranks[i % 2]["latents"], ranks[1 - i % 2]["latents"]
+        assert held["own"].tolist() == [int(i % n % 2 == r) for i in range(rows)]
+    for i in range(rows):
+        owner, other = ranks[i % n % 2]["latents"], ranks[1 - i % n % 2]["latents"]
         assert torch.equal(saved[i], owner[i])          # the row its owner trained, once
         assert torch.equal(other[i], init[i])           # zero gradient, zero moments: never moved
         assert float((saved[i] - init[i]).abs().max()) > 1e-3
-    assert float(torch.cdist(saved, saved).add(torch.eye(n)).min()) > 1e-3   # rows all differ
+    assert float(torch.cdist(saved, saved).add(torch.eye(rows)).min()) > 1e-3   # rows all differ
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, steps + 1))
     losses = [e["loss"] for e in log]

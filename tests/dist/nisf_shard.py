@@ -3,7 +3,9 @@ ranks. Trains STEPS steps in one go, then STEPS / 2 steps into a training state 
 it to STEPS. Each rank saves its latent table as it holds it (spied on the gather) and its
 network; rank 0 saves both models.
 
-    torchrun --standalone --nproc-per-node 2 nisf_shard.py DATA OUT_DIR STEPS
+    torchrun --standalone --nproc-per-node 2 nisf_shard.py DATA OUT_DIR STEPS [AUGMENT]
+
+AUGMENT (default 0): augmented copies per training case (NISFConfig.augment).
 """
 
 import sys
@@ -18,6 +20,7 @@ from inrseg.training import init_distributed, leave_distributed, world
 
 torch.set_num_threads(1)
 data, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+augment = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 init_distributed(torch.device("cpu"))
 rank, size = world()
 ds = open_dataset(data)
@@ -36,7 +39,7 @@ nisf._gather_rows = spy
 
 def model(n_steps: int) -> nisf.NISF:
     cfg = nisf.NISFConfig(width=32, depth=3, steps=n_steps, lr=3e-3, subjects_per_step=2,
-                          points_per_step=256, save_every=steps // 2, infer_steps=5)
+                          points_per_step=256, save_every=steps // 2, infer_steps=5, augment=augment)
     return nisf.NISF(ds.label_names, 2, 1, cfg, device="cpu")
 
 
