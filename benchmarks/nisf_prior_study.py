@@ -48,7 +48,7 @@ import torch
 from harness import SHARED_DATA, evaluate_cases, markdown_table, parse_overrides, write_results
 from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.methods.nisf import NISF, NISFConfig, config_from_preset
-from inrseg.training import Budget
+from inrseg.training import OPEN_ENDED_STEPS, Budget
 
 
 def train_diagnostic(model: NISF, pairs: list, k: int = 3) -> tuple[float, float]:
@@ -93,7 +93,7 @@ def main() -> None:
     over = parse_overrides(NISFConfig, args.set)
     if args.augment:
         over.update(augment=args.augment, augment_rotate=args.aug_rotate, augment_scale=args.aug_scale)
-    cfg = config_from_preset(args.preset, **{"steps": 10**7, "save_every": 200, **over})
+    cfg = config_from_preset(args.preset, **{"steps": OPEN_ENDED_STEPS, "save_every": 200, **over})
     device = torch.device(args.device)
     model = NISF(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg).to(device)
     val_pairs = [c.load() for c in val]

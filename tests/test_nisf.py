@@ -472,11 +472,11 @@ def test_bad_inputs(trained2d, cardiac_data):
 
 
 def test_a_budget_without_a_step_count_trains_until_the_budget_ends():
-    from inrseg.methods.nisf import BUDGET_STEPS
+    from inrseg.training import OPEN_ENDED_STEPS
 
     for preset in ("nisf-cpu", "nisf-cpu-small"):
         assert config_from_preset(preset).steps == 3000
-        assert config_from_preset(preset, budget_minutes=5).steps == BUDGET_STEPS
+        assert config_from_preset(preset, budget_minutes=5).steps == OPEN_ENDED_STEPS
         assert config_from_preset(preset, budget_minutes=5, steps=10).steps == 10
         assert config_from_preset(preset, budget_minutes=5, lr_schedule="cosine").steps == 3000
     assert config_from_preset("nisf-paper", budget_minutes=5).steps == NISFConfig().steps

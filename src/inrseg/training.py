@@ -151,8 +151,9 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
-#: a step count at or above this, under a time budget, means "train until the budget ends"
-_OPEN_ENDED_STEPS = 10**7
+#: the step count of a run that trains until its time budget ends (a trainer given a budget
+#: and no step count sets it; the loop shows such a run's progress as a count, not a fraction)
+OPEN_ENDED_STEPS = 10**9
 
 
 def barrier() -> None:
@@ -517,9 +518,8 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
             status(f"{task.name}: resuming from step {start} ({loop.state_path})")
     log = MetricsLog(loop.log_path)
     t0 = time.perf_counter()
-    # a step count that only stands for "until the budget ends" (NISF's BUDGET_STEPS): a bar
-    # that counts steps, with no total and no ETA of years
-    open_ended = loop.budget is not None and loop.budget.limited and loop.steps >= _OPEN_ENDED_STEPS
+    # "until the budget ends": a bar that counts steps, with no total and no ETA of years
+    open_ended = loop.budget is not None and loop.budget.limited and loop.steps >= OPEN_ENDED_STEPS
     bar = progress(total=None if open_ended else loop.steps, desc=f"training {task.name}",
                    initial=start) if is_main() else None
     done, stopped = start, False

@@ -98,6 +98,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.segmenter import check_spatial_ndim
+from inrseg.data.augment import augmented_pair, copy_seed
 from inrseg.data.grids import (coordinate_grid, resampled_affine, resampled_shape,
                                world_to_coords)
 from inrseg.data.io import IGNORE, Volume, label_array
@@ -109,10 +110,9 @@ from inrseg.nn.gabor import ACTIVATIONS
 from inrseg.nn.nisf import NISFNet
 from inrseg.progress import progress, status
 from inrseg.report import save_plane_png
-from inrseg.data.augment import augmented_pair, copy_seed
-from inrseg.training import (Budget, LoopSettings, TrainTask, all_reduce_sum_, as_budget,
-                             broadcast_object, resolve_device, run_training, shard, step_rng,
-                             use_bf16, world, wrap_ddp)
+from inrseg.training import (OPEN_ENDED_STEPS, Budget, LoopSettings, TrainTask, all_reduce_sum_,
+                             as_budget, broadcast_object, resolve_device, run_training, shard,
+                             step_rng, use_bf16, world, wrap_ddp)
 
 # NISFNet, PlaneView, heldout_mask, plane_points and save_plane_png live in inrseg.nn.nisf,
 # inrseg.data.planes and inrseg.report; re-exported here for existing imports.
@@ -1023,10 +1023,6 @@ class NISF:
         return obj
 
 
-#: prior steps of a CPU preset given a time budget and no step count: the budget decides
-BUDGET_STEPS = 10**9
-
-
 #: the CPU default of ``inrseg train nisf`` and ``bench``: on brain3d-seg4 the 4 x 64 prior
 #: after 6 minutes scores what the 8 x 128 one scores after 60 (0.680 / 0.674 test Dice, 3
 #: augmented copies each) and fits a test volume 8x faster (docs/findings/nisf.md)
@@ -1038,7 +1034,7 @@ def config_from_preset(preset: str = DEFAULT_PRESET, **overrides: Any) -> NISFCo
 
     The CPU presets' ``steps`` (3,000) is the length of a run without a time limit. With a
     ``budget_minutes`` and no ``steps`` override, a constant-lr prior trains until the budget
-    ends instead (``steps`` = :data:`BUDGET_STEPS`): a 5-minute budget used to stop after
+    ends instead (``steps`` = :data:`inrseg.training.OPEN_ENDED_STEPS`): a 5-minute budget used to stop after
     ~2 minutes of 3,000 steps. A cosine schedule needs its length and keeps the preset's.
     """
     if preset not in PRESETS:
@@ -1046,5 +1042,5 @@ def config_from_preset(preset: str = DEFAULT_PRESET, **overrides: Any) -> NISFCo
     cfg = replace(NISFConfig(**PRESETS[preset]), **overrides)
     if ("steps" in PRESETS[preset] and "steps" not in overrides and cfg.budget_minutes is not None
             and cfg.lr_schedule == "constant"):
-        cfg = replace(cfg, steps=BUDGET_STEPS)
+        cfg = replace(cfg, steps=OPEN_ENDED_STEPS)
     return cfg
