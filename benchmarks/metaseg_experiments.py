@@ -107,6 +107,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ap.add_argument("--max-test", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a MetaSegConfig field (repeatable; values parsed as JSON, "
+                         "else kept as strings; lists become tuples)")
+    ap.add_argument("--tag", default=None, help="suffix of the result file's name")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="also save the trained model (a checkpoint that inrseg segment reads)")
     args = ap.parse_args()
     if args.list:
         for name, (desc, over) in EXPERIMENTS.items():
@@ -124,8 +130,13 @@ def main() -> None:
     paper = over.pop("paper")
     if args.steps is not None:
         over["steps"] = args.steps
-    if over.get("outer_warmup") == -1:
-        over["outer_warmup"] = -1  # resolved below, from the config's step count
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        over[key] = tuple(parsed) if isinstance(parsed, list) else parsed
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data if args.downsample == 1 else downsample_dataset(args.data, Path(tmp) / "ds", args.downsample)
         ds = open_dataset(data)
@@ -143,6 +154,8 @@ def main() -> None:
         t0 = time.perf_counter()
         model.fit(train, val, budget=Budget(args.budget_minutes))
         train_s = time.perf_counter() - t0
+        if args.save is not None:
+            model.save(args.save)
         val_pairs = [c.load() for c in val]
         t1 = time.perf_counter()
         diag = metaseg_diagnostic(model, val_pairs, DIAGNOSTIC_STEPS)
@@ -188,9 +201,9 @@ def main() -> None:
              f"{len(test)} test slices, split by subject, validation seed 0); device {dev}; "
              f"{args.threads} torch threads; seed {args.seed}. Training (meta-training + phase 2 + T_f) "
              f"{train_s:.0f} s, {steps_run} outer steps; diagnostic {diag_s:.0f} s. Everything chosen on "
-             f"validation. Config: `{json.dumps({k: v for k, v in vars(cfg).items()}, default=str)}`")
+             f"validation. Overrides: `{' '.join('--set ' + x for x in args.set) or 'none'}`. Config: `{json.dumps({k: v for k, v in vars(cfg).items()}, default=str)}`")
     tag = args.experiment + ("" if args.data.name == "brain2d-seg4" else f"-{args.data.name}") + \
-        ("" if args.downsample == 2 else f"-x{args.downsample}")
+        ("" if args.downsample == 2 else f"-x{args.downsample}") + (f"-{args.tag}" if args.tag else "")
     path = write_results(f"metaseg-exp-{tag}", sections, notes)
     png = plot_diagnostic(diag, RESULTS / f"{path.stem}-diagnostic.png",
                           title=f"MetaSeg {args.experiment} ({shape[0]}x{shape[1]})", t_f=model.t_f)

@@ -57,13 +57,14 @@ def test_without_geometry_the_labels_stay_and_intensities_keep_their_order():
     assert np.all(np.diff(y[order]) >= -1e-5)           # gain and gamma are monotone
 
 
+@pytest.mark.parametrize("elastic", [0.0, 2.0])
 @pytest.mark.parametrize("frames", [None, 3])
-def test_thick_slices_rotate_in_plane_only(frames):
+def test_thick_slices_rotate_in_plane_only(frames, elastic):
     """Slices 8 mm apart, pixels 1 mm: a copy of identical slices has identical slices (no tilt
-    across slices), and in a cine every frame moves alike. The same grid at 1 mm isotropic does
-    tilt (so the check can fail)."""
+    or deformation across slices), and in a cine every frame moves alike. The same grid at 1 mm
+    isotropic does tilt (so the check can fail)."""
     img, lab = _stack((1.0, 1.0, 8.0), frames)
-    copies = [augmented_pair(img, lab, seed, rotate=0.5, scale=0.0) for seed in range(4)]
+    copies = [augmented_pair(img, lab, seed, rotate=0.5, scale=0.0, elastic=elastic) for seed in range(4)]
     assert any(not np.array_equal(lb.data, lab.data) for _, lb in copies)
     for im, lb in copies:
         for z in range(1, 6):
@@ -74,7 +75,7 @@ def test_thick_slices_rotate_in_plane_only(frames):
                 assert np.array_equal(lb.data[..., t], lb.data[..., 0])
                 np.testing.assert_allclose(im.data[..., t], im.data[..., 0], atol=1e-5)
     img, lab = _stack((1.0, 1.0, 1.0), frames)
-    tilted = [augmented_pair(img, lab, seed, rotate=0.5, scale=0.0)[1].data for seed in range(4)]
+    tilted = [augmented_pair(img, lab, seed, rotate=0.5, scale=0.0, elastic=elastic)[1].data for seed in range(4)]
     assert any(not np.array_equal(lb[:, :, z], lb[:, :, 0]) for lb in tilted for z in range(1, 6))
 
 
@@ -111,3 +112,61 @@ def test_translate_moves_the_anatomy_in_plane_and_keeps_its_size():
     assert max(shifts) <= 0.2 * 32 + 1
     _, same = augmented_pair(img, lab, 0, rotate=0.0, scale=0.0, translate=0.0)
     assert np.array_equal(same.data, lab.data)
+
+
+def _displacement(shape: tuple[int, ...], spacing: tuple[float, ...], elastic: float, seed: int) -> np.ndarray:
+    """The displacement field ``(d, *S)`` (voxels) of a copy without rotation or scaling, read
+    off label maps that hold each voxel's index along one axis (nearest neighbour: exact to the
+    voxel)."""
+    nd = len(shape)
+    aff = np.diag([*spacing, 1.0])
+    out = []
+    for ax in range(nd):
+        index = np.arange(shape[ax]).reshape([-1 if i == ax else 1 for i in range(nd)])
+        lab = np.broadcast_to(index, shape).astype(np.int16).copy()
+        img = Volume(np.zeros((1, *shape), np.float32), aff, nd)
+        _, moved = augmented_pair(img, Volume(lab, aff, nd), seed, rotate=0.0, scale=0.0, elastic=elastic)
+        out.append(moved.data.astype(np.float64) - lab)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 32, 28)])
+def test_elastic_copies_are_smooth_fields_of_the_requested_size(shape):
+    """``elastic = e``: away from the borders the displacement along each axis has an RMS of
+    about e voxels (2D: MONAI's control-point offsets; 3D: the Gaussian-smoothed field,
+    calibrated), and it is smooth: neighbours move alike (white noise of that size would not)."""
+    e = 3.0
+    inner = (slice(None),) + tuple(slice(n // 8, n - n // 8) for n in shape)
+    rms = []
+    for seed in range(3):
+        d = _displacement(shape, (1.0,) * len(shape), e, seed)[inner]
+        rms.append(float(np.sqrt((d ** 2).mean())))
+        steps = [np.abs(np.diff(d, axis=1 + a)).mean() for a in range(len(shape))]
+        assert max(steps) < 0.25 * e, steps                 # white noise: ~1.6 e
+    assert 0.6 * e < np.mean(rms) < 1.6 * e, rms
+    assert not np.any(_displacement(shape, (1.0,) * len(shape), 0.0, 0))
+    with pytest.raises(ValueError, match="elastic"):
+        augmented_pair(*_pair2d(), 0, elastic=-1.0)
+
+
+def test_elastic_moves_image_and_labels_alike():
+    """The image is the label map as intensities: after an elastic copy the labels sit on their
+    own intensities except at the bilinear image's blurred borders; the image of another copy
+    (another field) disagrees with them on well over twice as many pixels."""
+    img0, lab0 = brain_phantom((64, 64), 4)
+    aff = np.eye(4)
+    labels = Volume(lab0.astype(np.int64), aff, 2)
+    img = Volume(lab0[None].astype(np.float32) * 10.0 + 5.0, aff, 2)
+
+    def mismatch(im: Volume, lb: Volume, monotone: bool = False) -> float:
+        classes = np.unique(lb.data)
+        centre = np.array([np.median(im.data[0][lb.data == k]) for k in classes])
+        assert not monotone or np.all(np.diff(centre) > 0)        # the intensity map's order kept
+        nearest = classes[np.abs(im.data[0][..., None] - centre).argmin(-1)]
+        return float((nearest != lb.data).mean())
+
+    for seed in range(3):
+        im, lb = augmented_pair(img, labels, seed, rotate=0.2, scale=0.1, elastic=2.0)
+        other, _ = augmented_pair(img, labels, seed + 10, rotate=0.2, scale=0.1, elastic=2.0)
+        assert not np.array_equal(lb.data, labels.data)
+        assert mismatch(im, lb, monotone=True) < 0.5 * mismatch(other, lb)

@@ -129,11 +129,12 @@ def test_nisf_cli_train_heldout_and_plane(cli, tmp_path):
     ckpt = tmp_path / "nisf.safetensors"
     res = cli("--quiet", "train", "nisf", "--data", data, "--out", ckpt, "--preset", "nisf-cpu-small",
               "--steps", "20", "--infer-max-steps", "20", "--val-fraction", "0.34", "--augment", "1",
-              "--augment-translate", "0.1")
+              "--augment-translate", "0.1", "--augment-elastic", "1.5")
     assert res.code == 0, res.err
     meta = json.loads(cli("info", ckpt).out)
     assert meta["method"] == "nisf" and 0 <= meta["infer_steps"] <= 20
     assert meta["config"]["augment"] == 1 and meta["config"]["augment_translate"] == 0.1
+    assert meta["config"]["augment_elastic"] == 1.5
     from safetensors.torch import load_file
 
     assert load_file(str(ckpt))["train_latents"].shape[0] == 2   # 1 training cine (2 validate) + its copy

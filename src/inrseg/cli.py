@@ -623,6 +623,9 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
                                                      "(small affine + intensity), each with its own latent."),
                augment_translate: Optional[float] = typer.Option(None, min=0.0, max=0.99, help="With --augment: "
                                                                  "shift copies by up to this fraction of the grid."),
+               augment_elastic: Optional[float] = typer.Option(None, min=0.0, help="With --augment: a smooth random "
+                                                               "deformation of each copy, RMS displacement in voxels "
+                                                               "(in plane for thick slices)."),
                budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                device: str = _DEVICE, precision: str = _PRECISION) -> None:
@@ -641,7 +644,8 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
     ds, train, val = _open_train_data(data, splits, val_fraction, seed, "nisf")
     overrides = {k: v for k, v in dict(steps=steps, activation=activation,
                                        infer_max_steps=infer_max_steps, augment=augment,
-                                       augment_translate=augment_translate).items()
+                                       augment_translate=augment_translate,
+                                       augment_elastic=augment_elastic).items()
                  if v is not None}
     cfg = config_from_preset(preset, seed=seed, budget_minutes=budget_minutes, **overrides)
     with _run_on(device) as dev:

@@ -158,6 +158,8 @@ class NISFConfig:
     augment_rotate: float = 0.1         # max rotation of a copy (rad)
     augment_scale: float = 0.1          # max relative scaling of a copy
     augment_translate: float = 0.0      # max shift of a copy (fraction of the grid's extent)
+    augment_elastic: float = 0.0        # RMS displacement (voxels) of a copy's smooth random
+                                        # deformation (0: affine only)
     save_every: int = 100               # training-state interval (steps)
     budget_minutes: float | None = None  # wall time of the whole fit (prior + steps curve)
     # inference
@@ -180,9 +182,9 @@ class NISFConfig:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if (self.augment < 0 or self.augment_rotate < 0 or not 0 <= self.augment_scale < 1
-                or not 0 <= self.augment_translate < 1):
+                or not 0 <= self.augment_translate < 1 or self.augment_elastic < 0):
             raise ValueError("augment must be >= 0, augment_rotate >= 0, augment_scale and "
-                             "augment_translate in [0, 1)")
+                             "augment_translate in [0, 1), augment_elastic >= 0")
         if not 0.0 <= self.annotated_frame_fraction <= 1.0:
             raise ValueError(f"annotated_frame_fraction must lie in [0, 1], got "
                              f"{self.annotated_frame_fraction}")
@@ -562,7 +564,7 @@ class NISF:
             for c in range(1, k_aug + 1):  # copy c of case i has latent row c * n + i
                 subjects[c * n + i] = self._prepare(*augmented_pair(
                     img, lab, copy_seed(cfg.seed, i, c), cfg.augment_rotate, cfg.augment_scale,
-                    cfg.augment_translate))
+                    cfg.augment_translate, cfg.augment_elastic))
         # the latent table: the n cases, then k_aug blocks of n copies; a rank owns its cases and
         # their copies
         mine = sorted(subjects)
