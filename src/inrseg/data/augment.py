@@ -80,7 +80,7 @@ def _smoothed_noise_rms(sigma: float, ndim: int = 3) -> float:
     return float(np.sqrt((g ** 2).sum() ** ndim / 3.0))
 
 
-def _elastic_2d(img: np.ndarray, lab: np.ndarray, seed: int, axes: tuple[int, int], spacing: tuple[float, ...],
+def _elastic_2d(img: np.ndarray, lab: np.ndarray, seed: int, axes: tuple[int, int],
                 rotate: float, scale: float, translate: float, elastic: float) -> tuple[np.ndarray, np.ndarray]:
     """``Rand2DElastic`` in the plane of spatial ``axes`` of ``img (C, *S)`` / ``lab (1, *S)``,
     the same field for every position along the other spatial axes (thick slices, frames)."""
@@ -143,7 +143,7 @@ def augmented_pair(image: Volume, labels: Volume, seed: int, rotate: float = 0.1
     if elastic > 0 and (len(grid) == 2 or thick):
         coarse = int(np.argmax(sp)) if thick else -1
         plane = tuple(a for a in range(len(grid)) if a != coarse)
-        img_t, lab_t = _elastic_2d(img, lab, seed, plane, spacing, rotate, scale, translate, elastic)
+        img_t, lab_t = _elastic_2d(img, lab, seed, plane, rotate, scale, translate, elastic)
     else:
         if elastic > 0:
             sigma = max(grid) * _SIGMA_FRACTION
