@@ -539,3 +539,51 @@ def test_sparse_labels_focal_phase2_and_validation(tmp_path):
     val = model._prepare(*cases[3].load())
     feats, labels, n = model._snapshot_features([val], 64, [0], torch.Generator().manual_seed(0), Budget(None))
     assert n == 1 and labels.shape == (64,) and (labels != IGNORE).all()
+
+
+# -------------------------------------------------------------------------------- context head
+def test_context_head_reads_the_neighbouring_voxels_features(trained, data):
+    """``head_context = 2``: the head's input at a voxel is the features of that voxel and of the
+    voxels 2 away along each axis (order: itself, +axis 0, +axis 1, -axis 0, -axis 1), read off
+    the INR at exactly those grid coordinates - on a non-square grid, so a swapped axis or a
+    wrong voxel size shows."""
+    model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, head_context=2.0))
+    model.params = {k: v.clone() for k, v in trained.params.items()}
+    img = Volume(np.random.default_rng(0).random((1, 12, 20)).astype(np.float32), np.diag([1.5, 1.0, 1.0, 1.0]), 2)
+    prep = model._prepare(img)
+    theta = {k: v.unsqueeze(0) for k, v in model.params.items() if k.startswith("f.")}
+    grid = model.features(theta, prep.coords)[0].reshape(12, 20, -1)           # (H, W, h)
+    inputs = model.head_inputs(theta, prep.coords, prep.step, model.context_points)[0].reshape(12, 20, 5, -1)
+    for i, j in [(5, 7), (2, 2), (9, 17)]:
+        want = torch.stack([grid[i, j], grid[i + 2, j], grid[i, j + 2], grid[i - 2, j], grid[i, j - 2]])
+        torch.testing.assert_close(inputs[i, j], want, atol=2e-5, rtol=1e-4)
+    assert model.context_points == 5 and MetaSeg(NAMES, 3, 1, model.config).context_points == 7
+
+
+def test_context_head_phase2_starts_at_phi_star_and_survives_save_load(trained, data, tmp_path):
+    """Phase 2 with context: every candidate's head starts as phi* (zero weights on the
+    neighbours' features) and keeps the best on validation, so it is never worse than phi*;
+    the model predicts, saves and loads with its wider head."""
+    cfg = dataclasses.replace(trained.config, steps=0, phase2_steps=60, phase2_val_every=20,
+                              tf_candidates=(5, 10), head_context=2.0)
+    model = MetaSeg(NAMES, 2, 1, cfg)
+    model.params = {k: v.clone() for k, v in trained.params.items()}
+    train_s = [model._prepare(*c.load()) for c in data["train"]]
+    val_s = [model._prepare(*c.load()) for c in data["val"]]
+    model.select_tf_and_head(train_s, val_s)
+    for e in model.tf_curve:
+        assert e["val_dice_phase2"] >= e["val_dice_meta_head"] - 1e-9
+    assert any(e["val_dice_phase2"] > e["val_dice_meta_head"] for e in model.tf_curve)
+    assert model.params["g.0.weight"].shape == (32, 5 * 32)
+    assert model.meta_head["g.0.weight"].shape == (32, 32)
+    img, _ = data["test"][0].load()
+    pred = model.predict(img)
+    path = tmp_path / "ctx.safetensors"
+    model.save(path)
+    loaded = MetaSeg.load(path)
+    np.testing.assert_array_equal(loaded.predict(img).data, pred.data)
+    # the head's extra columns are used: zeroing them changes the labels somewhere
+    cut = dict(loaded.params)
+    cut["g.0.weight"] = torch.cat([cut["g.0.weight"][:, :32], torch.zeros(32, 4 * 32)], 1)
+    loaded.params = cut
+    assert not np.array_equal(loaded.predict(img).data, pred.data)

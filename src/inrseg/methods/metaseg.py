@@ -3,18 +3,18 @@
 A SIREN ``f_theta`` maps coordinates to intensities; a shallow head ``g_phi`` reads labels off
 ``f``'s last sine-layer features (``inrseg.nn.siren``). The head is the paper's
 ``Linear(h, h) -> LeakyReLU -> Linear(h, C)``; ``head_hidden`` / ``head_layers`` give a
-wider / deeper one (an option only: it did not help, ``docs/findings/metaseg.md``). Training (:meth:`MetaSeg.fit`):
+wider / deeper one (an option only: it did not help, ``docs/findings/metaseg.md``).
+Training (:meth:`MetaSeg.fit`):
 
 1. **Meta-training** (second-order MAML, :func:`meta_loss`): per task (one training image) a
    differentiable Adam adapts the network for ``inner_steps`` steps, the outer Adam minimises
-   MSE + focal loss after adaptation. Inner loop (``inner_loss``): ``"pixels"`` (default) fits
-   ``theta`` on MSE only, exactly what test time does; ``"joint"`` is the paper's code (MSE +
-   focal, ``theta`` and ``phi``). The loop is a pure function of a parameter dict
+   MSE + focal loss after adaptation. Inner loop (``inner_loss``): ``"joint"`` (default, the
+   paper's code: MSE + focal, ``theta`` and ``phi``) or ``"pixels"`` (MSE only, ``theta``
+   only: exactly what test time does). The loop is a pure function of a parameter dict
    (``inrseg.nn.siren``'s functional forward, equal to ``torch.func.functional_call`` on
    ``SirenSeg``), differentiated with ``torch.autograd.grad(create_graph=True)``. Random
-   coordinate subsets per
-   inner / outer step (``points_per_task``), meta-batch >= 1, first-order option and
-   first-order warm-up, Meta-SGD option (learned per-parameter inner learning rates).
+   coordinate subsets per inner / outer step (``points_per_task``), meta-batch >= 1,
+   first-order option and first-order warm-up, Meta-SGD option (learned per-parameter inner learning rates).
    Validation every ``val_every`` steps fits ``theta`` to the validation images' pixels
    (head frozen, MSE only, exactly as at test time) and scores Dice with that adapted
    network; the best meta-parameters are kept. The outer loop is the training engine's
@@ -38,15 +38,18 @@ wider / deeper one (an option only: it did not help, ``docs/findings/metaseg.md`
 The wall-time budget (``budget_minutes`` or the ``budget`` of :meth:`MetaSeg.fit`) bounds steps
 1 and 2 together: meta-training stops early enough to leave phase 2 its estimated time.
 
-Deviations from the paper / official code, and why (CPU budget):
+Deviations of the CPU defaults from the paper / official code (``--paper`` restores it), and
+why (measured in ``docs/findings/metaseg.md``):
 
-* test-time and validation fitting use ``fit_points`` random pixels per Adam step instead of
-  the whole image (``fit_points=None`` restores whole-image steps);
-* inner / test Adam lr 1e-3 instead of 1e-4 (faster adaptation, so a small ``T_f`` suffices);
+* meta-training steps use ``points_per_task`` random pixels of the image, test-time and
+  validation fits ``fit_points`` (``None``: whole images, the paper's);
+* the outer lr is warmed up and cosine-decayed instead of constant;
 * the head is retrained per candidate ``T_f`` (phase 2 of the paper, generalised) so the
   head always matches the step count it is used with;
-* the inner loop fits pixels only by default (``inner_loss="pixels"``): with the paper's
-  label-informed inner loop the test-time procedure did not improve during meta-training;
+* ``head_context`` (off in the paper): the phase-2 head also reads the features at a few
+  voxels' distance along each axis, a small receptive field for a per-point head. The
+  meta-learned head stays the paper's; the phase-2 head starts as ``phi*`` (zero weights on
+  the neighbours' features);
 * background MSE weighting (3D preset) uses intensity == 0 as background, since test time has
   no labels.
 
@@ -55,8 +58,8 @@ term; the focal loss (inner ``joint`` loop, outer loss, phase-2 head) is the mea
 labelled pixels only, phase 2 stores features at labelled pixels, and the validation Dice skips
 unlabelled pixels. Without an ignore label every computation is unchanged.
 
-Findings (brain2d-seg4, 1 CPU thread; see ``benchmarks/metaseg_quick.py``) are summarised
-in ``docs/findings/metaseg.md``.
+Experiments and their result files: ``docs/findings/metaseg.md``
+(``benchmarks/metaseg_experiments.py``).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ from monai.losses.focal_loss import softmax_focal_loss
 
 from inrseg.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.segmenter import check_spatial_ndim
-from inrseg.data.grids import coordinate_grid, resampled_affine, resampled_shape
+from inrseg.data.grids import axis_scales, coordinate_grid, resampled_affine, resampled_shape
 from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
@@ -142,6 +145,9 @@ class MetaSegConfig:
     fit_batch: int = 1                     # images fitted at once (stacked; 1 is fastest on CPU)
     # phase 2: head retraining on fitted features, per candidate T_f
     phase2_steps: int = 300                # 0: keep the meta-learned head
+    head_context: float = 0.0              # > 0: the phase-2 head also reads the features at
+                                           # +- this many voxels along each axis (1 + 2 d points;
+                                           # docs/findings/metaseg.md); 0: the paper's per-point head
     phase2_lr: float = 1e-4
     phase2_points: int = 4096              # pixels per training image whose features are kept
     phase2_max_cases: int | None = 12      # training images fitted for phase 2 (12 = 24, docs/findings/metaseg.md)
@@ -316,6 +322,7 @@ class _Image:
     weight: torch.Tensor | None          # (N,)
     labels: torch.Tensor | None = None   # (N,) int64, IGNORE where unlabelled
     labelled: torch.Tensor | None = None  # (N,) bool when some pixel is unlabelled, else None
+    step: torch.Tensor | None = None     # (d,) coordinate distance of one voxel along each axis
 
     def task(self) -> Task:
         assert self.labels is not None
@@ -396,7 +403,10 @@ class MetaSeg:
         labelled = None
         if lab is not None and bool((lab == IGNORE).any()):
             labelled = lab != IGNORE
-        return _Image(tuple(image.shape), coords, pixels, weight, lab, labelled)
+        step = torch.as_tensor(2.0 / np.asarray(image.shape, float)
+                               * axis_scales(image.shape, image.spacing, cfg.keep_aspect),
+                               dtype=torch.float32, device=self.device)
+        return _Image(tuple(image.shape), coords, pixels, weight, lab, labelled, step)
 
     def _query_coords(self, image: Volume, scale: float | Sequence[float]) -> torch.Tensor:
         """Coordinates ``(M, d)`` of ``image``'s grid resampled by ``scale``, on the device."""
@@ -479,11 +489,43 @@ class MetaSeg:
         return torch.cat([siren_features(theta, coords[:, s:s + per], self.config.w0)
                           for s in range(0, coords.shape[1], per)], dim=1)
 
+    @property
+    def context_points(self) -> int:
+        """Points whose features the phase-2 head reads per query: ``1 + 2 d`` with
+        ``head_context``, else 1."""
+        return 1 + 2 * self.spatial_ndim if self.config.head_context > 0 else 1
+
     @torch.no_grad()
-    def logits(self, theta: Params, coords: torch.Tensor, head: Params | None = None) -> torch.Tensor:
-        """Class logits ``(B, M, C)`` of stacked ``theta`` through the head (default: the model's)."""
+    def head_inputs(self, theta: Params, coords: torch.Tensor, step: torch.Tensor | None,
+                    points: int) -> torch.Tensor:
+        """What a head reads at ``coords`` ``(M, d)`` or ``(B, M, d)``: the features ``(B, M, h)``
+        (``points`` = 1), or with ``points = 1 + 2 d`` the features at the point and at
+        ``+-head_context`` voxels along each axis, concatenated ``(B, M, points * h)`` in the
+        order: the point, ``+`` axis 0 ... ``+`` axis d-1, ``-`` axis 0 ... ``-`` axis d-1.
+        ``step``: one voxel in coordinates, ``(d,)`` or per image ``(B, d)``. Neighbours outside
+        the grid are read off the INR all the same (it is defined everywhere)."""
+        if points == 1:
+            return self.features(theta, coords)
+        if step is None:
+            raise ValueError("this head reads neighbouring points: it needs the image's voxel step")
+        if points != 1 + 2 * self.spatial_ndim:
+            raise ValueError(f"a head reads 1 or {1 + 2 * self.spatial_ndim} points, not {points}")
+        B = next(iter(theta.values())).shape[0]
+        c = coords if coords.dim() == 3 else coords.unsqueeze(0)                     # (1 or B, M, d)
+        st = (step if step.dim() == 2 else step.unsqueeze(0)).to(c)                  # (1 or B, d)
+        eye = torch.eye(self.spatial_ndim, device=c.device, dtype=c.dtype)
+        offsets = torch.cat([torch.zeros_like(eye[:1]), eye, -eye]) * self.config.head_context   # (P, d) voxels
+        return torch.cat([self.features(theta, (c + (o * st).unsqueeze(1)).expand(B, -1, -1))
+                          for o in offsets], dim=-1)
+
+    @torch.no_grad()
+    def logits(self, theta: Params, coords: torch.Tensor, head: Params | None = None,
+               step: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits ``(B, M, C)`` of stacked ``theta`` through the head (default: the model's);
+        ``step`` (the image's voxel step, :class:`_Image`) is needed by a head with context."""
         head = self.params if head is None else head
-        return head_forward(head, self.features(theta, coords))
+        points = head["g.0.weight"].shape[1] // self.config.hidden
+        return head_forward(head, self.head_inputs(theta, coords, step, points))
 
     def _fit_predict(self, images: Sequence[Volume], queries: Sequence[torch.Tensor],
                      probabilities: bool = False) -> list[torch.Tensor]:
@@ -503,7 +545,7 @@ class MetaSeg:
                     pass
                 for j, i in enumerate(block):
                     one = {k: v[j:j + 1] for k, v in theta.items()}
-                    logits = self.logits(one, queries[i])[0]
+                    logits = self.logits(one, queries[i], step=prepared[i].step)[0]
                     out[i] = torch.softmax(logits, -1) if probabilities else logits.argmax(-1)
         return out  # type: ignore[return-value]
 
@@ -610,7 +652,9 @@ class MetaSeg:
         head_s = 0.0
         if n_train:
             head = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items() if k.startswith("g.")}
-            rows = torch.zeros(min(cfg.phase2_batch, n_train * cfg.phase2_points), cfg.hidden, device=self.device)
+            rows = torch.zeros(min(cfg.phase2_batch, n_train * cfg.phase2_points), cfg.hidden * self.context_points,
+                               device=self.device)
+            head["g.0.weight"] = head["g.0.weight"].detach().repeat(1, self.context_points).requires_grad_(True)
             labels = torch.zeros(rows.shape[0], dtype=torch.int64, device=self.device)
             head_s = cfg.phase2_steps * len(cands) * seconds_per_call(lambda: torch.autograd.grad(
                 focal_loss(head_forward(head, rows), labels, cfg.focal_gamma), list(head.values())), self.device)
@@ -685,7 +729,7 @@ class MetaSeg:
             theta = None
             for _, theta in self.fit_theta(block, steps):
                 pass
-            pred = self.logits(theta, block[0].coords).argmax(-1).cpu()             # (B, N)
+            pred = self.logits(theta, block[0].coords, step=block[0].step).argmax(-1).cpu()   # (B, N)
             for j, im in enumerate(block):
                 scores.append(case_metrics(pred[j].reshape(im.shape).numpy(),
                                            im.labels.reshape(im.shape).cpu().numpy(),
@@ -701,8 +745,8 @@ class MetaSeg:
 
     def _snapshot_features(self, images: Sequence[_Image], n_points: int, snaps: Sequence[int],
                            gen: torch.Generator, budget: Budget) -> tuple[dict[int, torch.Tensor], torch.Tensor, int]:
-        """Fit ``images`` up to ``max(snaps)`` steps; features ``{t: (M, h)}`` at ``n_points``
-        random pixels per image (the same pixels for every ``t``), their labels ``(M,)``, and the
+        """Fit ``images`` up to ``max(snaps)`` steps; head inputs ``{t: (M, P * h)}`` (``P``:
+        :attr:`context_points`) at ``n_points`` random pixels per image (the same pixels for every ``t``), their labels ``(M,)``, and the
         number of images fitted: once ``budget`` has expired no further block of images is
         started (the first always is). An image with unlabelled pixels gives labelled pixels
         only (drawn with replacement when it has fewer than ``n_points``)."""
@@ -714,6 +758,7 @@ class MetaSeg:
         fb = self.config.fit_batch
         blocks = [group[s:s + fb] for group in groups.values() for s in range(0, len(group), fb)]
         fitted, limit = 0, max(snaps)
+        P, width = self.context_points, self.context_points * self.config.hidden
         for block in blocks:
             if fitted and budget.expired():
                 status(f"time budget reached: features of {fitted} of {len(images)} images")
@@ -726,7 +771,8 @@ class MetaSeg:
             labels.append(torch.stack([im.labels[i] for im, i in zip(block, idx)]).reshape(-1))
             for t, theta in self.fit_theta(block, limit, [s for s in snaps if s <= limit], gen):
                 if t in feats:
-                    feats[t].append(self.features(theta, q).reshape(-1, self.config.hidden))
+                    steps = torch.stack([im.step for im in block])                    # (B, d)
+                    feats[t].append(self.head_inputs(theta, q, steps, P).reshape(-1, width))
                 if not fitted and t < limit and budget.expired():
                     # out of time within the first block: stop at this snapshot, drop longer fits
                     status(f"time budget reached: fits stop at {t} steps")
@@ -749,10 +795,11 @@ class MetaSeg:
         return cand[torch.randint(cand.numel(), (n,), generator=gen, device=gen.device)]
 
     def _subset_dice(self, head: Params, feats: torch.Tensor, labels: torch.Tensor, n_images: int) -> float:
-        """Mean over images of the mean foreground Dice on the stored pixel subsets: features
-        ``(n_images * P, h)``, labels ``(n_images * P,)``."""
+        """Mean over images of the mean foreground Dice on the stored pixel subsets: head inputs
+        ``(n_images * P, w)``, labels ``(n_images * P,)``; a head that reads fewer columns (the
+        meta-learned head beside context inputs) reads the first ones (the point's own)."""
         with torch.no_grad():
-            pred = head_forward(head, feats).argmax(-1).reshape(n_images, -1).cpu()
+            pred = head_forward(head, feats[:, :head["g.0.weight"].shape[1]]).argmax(-1).reshape(n_images, -1).cpu()
         lab = labels.reshape(n_images, -1).cpu()
         scores = [case_metrics(p[None].numpy(), g[None].numpy(), len(self.label_names), distances=False,
                                ignore_label=IGNORE).mean_foreground_dice for p, g in zip(pred, lab)]
@@ -772,9 +819,13 @@ class MetaSeg:
             the last head and ``-inf``.
         """
         cfg = self.config
-        head = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items() if k.startswith("g.")}
-        start = ({k: v.detach().clone() for k, v in head.items()},
+        head = {k: v.detach().clone() for k, v in self.params.items() if k.startswith("g.")}
+        start = ({k: v.clone() for k, v in head.items()},
                  self._subset_dice(head, val_feats, val_labels, n_val) if n_val else -math.inf)
+        w = head["g.0.weight"]
+        if feats.shape[1] > w.shape[1]:  # a context head: phi* with zero weights on the neighbours
+            head["g.0.weight"] = torch.cat([w, w.new_zeros(w.shape[0], feats.shape[1] - w.shape[1])], 1)
+        head = {k: v.requires_grad_(True) for k, v in head.items()}
         labelled = labels != IGNORE
         if not bool(labelled.all()):  # only labelled pixels train the head
             feats, labels = feats[labelled], labels[labelled]
@@ -885,6 +936,9 @@ class MetaSeg:
         params = {k: v.to(obj.device) for k, v in tensors.items() if not k.startswith(("lr.", "meta_head."))}
         want = {k: tuple(v.shape) for k, v in obj.params.items()}
         got = {k: tuple(v.shape) for k, v in params.items()}
+        if obj.context_points > 1 and got.get("g.0.weight") == (want["g.0.weight"][0],
+                                                                 want["g.0.weight"][1] * obj.context_points):
+            want["g.0.weight"] = got["g.0.weight"]         # phase 2 kept a context head
         if got != want:
             diff = sorted(set(want.items()) ^ set(got.items()))[:2]
             raise InputError(path, f"weights do not match the stored config (e.g. {diff})")
