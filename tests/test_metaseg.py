@@ -392,6 +392,27 @@ def test_budget_bounds_the_whole_fit(data):
     assert model.tf_curve and model.t_f in (20, 40)
 
 
+def test_a_budget_fits_the_outer_lr_schedule_to_the_steps_it_allows(trained, data, monkeypatch):
+    """With a budget, meta-training plans T = the steps that fit (timed: here a fixed 10 ms per
+    task and per validation, so T = 0.9 x seconds / 10.1 ms), and the outer lr's warm-up and
+    cosine decay run over T (the warm-up scaled by T / steps): the lr reaches 0 at the last
+    step the budget allows instead of being cut off high."""
+    model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=5000, outer_warmup=250,
+                                                    outer_schedule="cosine", val_every=100))
+    train_s = [model._prepare(*c.load()) for c in data["train"][:2]]
+    val_s = [model._prepare(*c.load()) for c in data["val"]]
+    monkeypatch.setattr(metaseg, "seconds_per_call", lambda fn, device, calls=3: 0.01)
+    assert model._steps_within(train_s, val_s, Budget(None)) == 5000
+    assert model._steps_within(train_s, val_s, Budget(2.0)) == 5000          # 10,693 fit
+    total = model._steps_within(train_s, val_s, Budget(0.5))
+    assert 2600 <= total <= int(0.9 * 30 / 0.0101)
+    factor = model._meta_task(train_s, val_s, total=1000).schedulers[0].lr_lambdas[0]
+    assert factor(0) == pytest.approx(1 / 50) and factor(49) == pytest.approx(1.0)
+    assert factor(525) == pytest.approx(0.5, abs=1e-3) and factor(999) < 1e-4
+    default = model._meta_task(train_s, val_s).schedulers[0].lr_lambdas[0]
+    assert default(249) == pytest.approx(1.0) and default(2625) == pytest.approx(0.5, abs=1e-3)
+
+
 def test_phase2_past_its_deadline_does_the_least(trained, data):
     model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=0, phase2_steps=50,
                                                     tf_candidates=(0, 5, 10)))

@@ -308,6 +308,8 @@ META_SHARE_BOUNDS = (0.25, 0.95)
 PHASE2_OVERHEAD = 1.25
 #: offset of phase 2's random draws from meta-training's (both are functions of the seed)
 PHASE2_SEED = 17
+#: share of meta-training's time that the outer-lr schedule is planned to fill (timing noise)
+SCHEDULE_MARGIN = 0.9
 
 
 
@@ -614,10 +616,13 @@ class MetaSeg:
         # against the whole budget's deadline and cuts itself short where the estimate was low
         # (select_tf_and_head).
         share = broadcast_object(self._meta_share(train_s, val_s, budget) if rank == 0 else None)
+        meta_budget = budget.share(share)
+        total = broadcast_object(self._steps_within(train_s, val_s[:cfg.val_max_cases], meta_budget)
+                                 if rank == 0 else None)
         t0 = time.perf_counter()
         res = run_training(
-            self._meta_task(train_s, val_s[:cfg.val_max_cases], bf16),
-            LoopSettings(steps=cfg.steps, val_every=cfg.val_every, budget=budget.share(share),
+            self._meta_task(train_s, val_s[:cfg.val_max_cases], bf16, total),
+            LoopSettings(steps=total, val_every=cfg.val_every, budget=meta_budget,
                          seed=cfg.seed, state_path=state_path, log_path=log_path, device=self.device))
         self.params = {k: v.detach() for k, v in self.params.items()}
         if self.lrs is not None:
@@ -635,7 +640,7 @@ class MetaSeg:
             self.params.update({k: v.to(self.device) for k, v in heads[0].items()})
             self.meta_head = None if heads[1] is None else {k: v.to(self.device) for k, v in heads[1].items()}
         self.timings = {"meta_train_s": t1 - t0, "phase2_and_tf_s": time.perf_counter() - t1,
-                        "meta_share": share}
+                        "meta_share": share, "schedule_steps": total}
 
     def _meta_share(self, train_s: Sequence[_Image], val_s: Sequence[_Image], budget: Budget) -> float:
         """Meta-training's share of the time left (see the budget split in :meth:`fit`)."""
@@ -663,8 +668,43 @@ class MetaSeg:
         lo, hi = META_SHARE_BOUNDS
         return min(hi, max(lo, 1.0 - estimate / max(budget.remaining_s(), 1e-9)))
 
-    def _meta_task(self, train_s: Sequence[_Image], val_s: Sequence[_Image], bf16: bool = False) -> TrainTask:
-        """Meta-training (the MAML outer loop) as an engine task.
+    def _steps_within(self, train_s: Sequence[_Image], val_s: Sequence[_Image], budget: Budget) -> int:
+        """The outer steps T that meta-training plans for: ``config.steps``, or fewer where
+        ``budget`` (meta-training's share) would stop it sooner, so that the outer lr's warm-up
+        and cosine decay run their whole course within the budget instead of being cut off at
+        a high lr. Timed here: two tasks of a meta-batch (after a warm-up one) on a throwaway
+        copy of the parameters, plus one validation per ``val_every`` steps; ``SCHEDULE_MARGIN`` of the
+        budget is planned."""
+        cfg = self.config
+        if not budget.limited or cfg.steps <= 0:
+            return cfg.steps
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+        lrs = None if self.lrs is None else {k: v.detach().clone().requires_grad_(True) for k, v in self.lrs.items()}
+        draws = iter(range(10))
+
+        def one_task() -> None:
+            rng = step_rng(cfg.seed, 2 ** 31 - 1, next(draws))           # a step no run reaches
+            task = train_s[int(rng.integers(len(train_s)))].task()
+            support = [task.subset(cfg.points_per_task, rng) for _ in range(cfg.inner_steps)]
+            query = task.subset(cfg.points_per_task, rng)
+            loss = meta_loss(params, support, query, cfg, lrs, create_graph=not cfg.first_order)
+            torch.autograd.grad(loss, list(params.values()) + list((lrs or {}).values()))
+
+        per_step = seconds_per_call(one_task, self.device, calls=2) * cfg.meta_batch
+        if val_s:
+            per_step += seconds_per_call(lambda: self._val_dice(val_s, cfg.val_fit_steps), self.device,
+                                         calls=1) / max(1, cfg.val_every)
+        total = max(1, min(cfg.steps, int(SCHEDULE_MARGIN * budget.remaining_s() / per_step)))
+        if total < cfg.steps:
+            status(f"metaseg: about {per_step:.2f} s per outer step: the outer lr schedule runs over "
+                   f"{total} steps, which fit meta-training's {budget.remaining_s() / 60:.1f} minutes, "
+                   f"not {cfg.steps}")
+        return total
+
+    def _meta_task(self, train_s: Sequence[_Image], val_s: Sequence[_Image], bf16: bool = False,
+                   total: int | None = None) -> TrainTask:
+        """Meta-training (the MAML outer loop) as an engine task, over ``total`` outer steps
+        (default ``config.steps``: the length of the lr schedule; the warm-up scales with it).
 
         Makes ``self.params`` (and ``self.lrs`` with ``meta_sgd``) leaf tensors that the task
         trains in place. The global meta-batch of step ``s`` holds ``world_size x meta_batch``
@@ -703,7 +743,8 @@ class MetaSeg:
             return {"val_dice": self._val_dice(val_s, cfg.val_fit_steps)}
 
         opt = torch.optim.Adam(trained.values(), lr=cfg.outer_lr)
-        warm, total = max(0, cfg.outer_warmup), max(1, cfg.steps)
+        total = max(1, cfg.steps if total is None else total)
+        warm = max(0, round(cfg.outer_warmup * min(1.0, total / max(1, cfg.steps))))
 
         def outer_lr_factor(s: int) -> float:
             if s < warm:
