@@ -174,10 +174,12 @@ def test_morse_cli_train_and_segment(cli, tmp_path):
 def test_metaseg_cli_train_segment_2x_and_figures(cli, tmp_path):
     data = write_blobs(tmp_path / "ds", n=5, shape=(24, 24))
     ckpt = tmp_path / "ms.safetensors"
-    res = cli("--quiet", "train", "metaseg", "--data", data, "--out", ckpt, "--steps", "6", "--val-fraction", "0.2")
+    res = cli("--quiet", "train", "metaseg", "--data", data, "--out", ckpt, "--steps", "6", "--val-fraction", "0.2",
+              "--head-context", "2")
     assert res.code == 0, res.err
     meta = json.loads(cli("info", ckpt).out)
     assert meta["method"] == "metaseg" and meta["t_f"] in meta["config"]["tf_candidates"]
+    assert meta["config"]["head_context"] == 2.0
     res = cli("--quiet", "segment", "--model", ckpt, "--input", data / "imagesTr" / "sub00_x_0000.nii.gz",
               "--output", tmp_path / "p", "--scale", "2")
     assert res.code == 0, res.err

@@ -574,14 +574,17 @@ def train_metaseg(data: Path = _DATA, out: Path = _OUT,
                                                                              "and rank (default 1)."),
                   paper: bool = typer.Option(False, help="The paper's full settings (all pixels per step, "
                                                          "lr 1e-4, joint inner loss, 5000 steps): for GPUs."),
+                  head_context: Optional[float] = typer.Option(None, min=0.0, help="The phase-2 head also reads "
+                                                               "the features this many voxels away along each "
+                                                               "axis (2d-seg4: 4; 0: the paper's per-point head)."),
                   budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                   splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                   device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train MetaSeg: meta-learn a SIREN + segmentation head, retrain the head on fitted
     features (phase 2) and choose the test-time step count T_f on the validation subjects.
     Under torchrun the meta-batch (--meta-batch tasks per rank) is split across ranks."""
-    overrides = {k: v for k, v in dict(steps=steps, inner_steps=inner_steps,
-                                       meta_batch=meta_batch).items() if v is not None}
+    overrides = {k: v for k, v in dict(steps=steps, inner_steps=inner_steps, meta_batch=meta_batch,
+                                       head_context=head_context).items() if v is not None}
     _train_metaseg(data, out, preset, paper, budget_minutes, val_fraction, splits, seed, resume,
                    device=device, precision=precision, force=force, meta_sgd=meta_sgd, first_order=first_order,
                    **overrides)
