@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="suffix of the result file's name")
     ap.add_argument("--save", type=Path, default=None,
                     help="also save the trained model (a checkpoint that inrseg segment reads)")
+    ap.add_argument("--load", type=Path, default=None,
+                    help="score a model saved by --save (same data, split and config) instead of training one; "
+                         "its training time is the one stored in it")
     args = ap.parse_args()
     if args.list:
         for name, (desc, over) in EXPERIMENTS.items():
@@ -151,9 +154,15 @@ def main() -> None:
         shape = ds.train[0].load_image().shape
         print(f"{args.experiment}: {desc}\n{ds.name} {shape}: {len(train)} train / {len(val)} val / "
               f"{len(test)} test", flush=True)
-        t0 = time.perf_counter()
-        model.fit(train, val, budget=Budget(args.budget_minutes))
-        train_s = time.perf_counter() - t0
+        if args.load is not None:
+            model = MetaSeg.load(args.load, device=dev)
+            if model.config != cfg:
+                raise SystemExit(f"{args.load}: its config is not this experiment's")
+            train_s = model.timings["meta_train_s"] + model.timings["phase2_and_tf_s"]
+        else:
+            t0 = time.perf_counter()
+            model.fit(train, val, budget=Budget(args.budget_minutes))
+            train_s = time.perf_counter() - t0
         if args.save is not None:
             model.save(args.save)
         val_pairs = [c.load() for c in val]
@@ -163,8 +172,7 @@ def main() -> None:
         summary, secs = evaluate_cases(model, test, ds.num_classes)
         unet_row = None
         if args.unet_minutes > 0:
-            from baselines import supervised_factory
-            from harness import run_method
+            from harness import run_method, supervised_factory
 
             _, res = run_method("unet-small", supervised_factory("unet-small", args.unet_minutes, seed=args.seed),
                                 ds, train, val, test=test, device=args.device)
