@@ -116,6 +116,10 @@ def main() -> None:
     ap.add_argument("--load", type=Path, default=None,
                     help="score a model saved by --save (same data, split and config) instead of training one; "
                          "its training time is the one stored in it")
+    ap.add_argument("--redo-phase2", action="store_true",
+                    help="with --load: keep the meta-learned SIREN and head, redo phase 2 and the choice of "
+                         "T_f with this experiment's config (--set phase2_...); training time = stored "
+                         "meta-training + the new phase 2")
     args = ap.parse_args()
     if args.list:
         for name, (desc, over) in EXPERIMENTS.items():
@@ -156,8 +160,17 @@ def main() -> None:
               f"{len(test)} test", flush=True)
         if args.load is not None:
             model = MetaSeg.load(args.load, device=dev)
-            if model.config != cfg:
-                raise SystemExit(f"{args.load}: its config is not this experiment's")
+            phase2 = {"phase2_", "head_context", "tf_candidates", "val_points"}
+            differs = {k for k in vars(cfg) if getattr(cfg, k) != getattr(model.config, k)}
+            if differs and not (args.redo_phase2 and all(k.startswith(tuple(phase2)) for k in differs)):
+                raise SystemExit(f"{args.load}: its config differs from this experiment's in {sorted(differs)}")
+            if args.redo_phase2:
+                model.config = cfg
+                model.params.update(model.meta_head)
+                t0 = time.perf_counter()
+                model.select_tf_and_head([model._prepare(*c.load()) for c in train],
+                                         [model._prepare(*c.load()) for c in val])
+                model.timings["phase2_and_tf_s"] = time.perf_counter() - t0
             train_s = model.timings["meta_train_s"] + model.timings["phase2_and_tf_s"]
         else:
             t0 = time.perf_counter()
