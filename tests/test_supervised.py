@@ -223,3 +223,35 @@ def test_every_tensor_on_an_explicit_device(tmp_path, arch):
     finally:
         torch.set_default_device(None)
     assert next(model.net.parameters()).device.type == "cpu"
+
+
+def test_schedule_fits_the_budget(blobs2d, tmp_path):
+    """A budget that ends training long before ``steps``: the warm-up and cosine decay run over
+    the T that fits it (timed; recorded in the checkpoint), so the lr reaches 0 by the end;
+    without a budget, or with ``fit_schedule_to_budget=False``, T stays ``steps``."""
+    import json
+    import math
+
+    from inrseg.training import Budget
+
+    train, val = split_by_subject(blobs2d.train, 0.25)
+    cfg = SupervisedConfig(**{**TINY, "val_every": 10}, steps=100_000)
+    model = SupervisedSegmenter(blobs2d.label_names, 2, 1, cfg)
+    log = tmp_path / "log.jsonl"
+    model.fit(train, val, budget=Budget(0.1), log_path=log)
+    T = model.schedule_steps
+    assert 5 < T < 100_000
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    for e in entries:
+        s = e["step"]
+        want = cfg.lr * min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, T) / T))
+        assert e["lr"] == pytest.approx(want, rel=1e-6, abs=1e-12)
+    model.save(tmp_path / "m.safetensors")
+    assert load_segmenter(tmp_path / "m.safetensors").schedule_steps == T
+    plain = SupervisedSegmenter(blobs2d.label_names, 2, 1, SupervisedConfig(**TINY, steps=7))
+    plain.fit(train[:2])
+    assert plain.schedule_steps == 7
+    off = SupervisedSegmenter(blobs2d.label_names, 2, 1, SupervisedConfig(**TINY, steps=100_000,
+                                                                          fit_schedule_to_budget=False))
+    off.fit(train[:2], budget=Budget(0.02))
+    assert off.schedule_steps == 100_000

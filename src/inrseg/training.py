@@ -262,6 +262,29 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int 
     return (time.perf_counter() - t0) / calls
 
 
+#: key of a fitted schedule's length T in a task's weights dict (best and resume states carry
+#: it, so a resumed run keeps the schedule it started with)
+SCHEDULE_STEPS_KEY = "__schedule_steps__"
+#: share of the time left that a schedule fitted to a budget plans to fill (the last validation,
+#: the choice of the best state and timing noise take the rest)
+SCHEDULE_MARGIN = 0.9
+
+
+def steps_that_fit(budget: "Budget", steps: int, seconds_per_step: float, name: str,
+                   what: str = "the lr schedule runs") -> int:
+    """The length T of a schedule (lr warm-up and decay, ...) fitted to ``budget``: ``steps``, or
+    fewer where ``SCHEDULE_MARGIN`` of the time left holds only that many steps of
+    ``seconds_per_step`` (measured by the caller, validation included). Without a time limit,
+    ``steps``. A schedule cut off by the budget would end at a high learning rate."""
+    if not budget.limited or steps <= 0:
+        return steps
+    total = max(1, min(steps, int(SCHEDULE_MARGIN * budget.remaining_s() / max(seconds_per_step, 1e-9))))
+    if total < steps:
+        status(f"{name}: about {seconds_per_step:.2f} s per step: {what} over T = {total} steps, "
+               f"which fit the {budget.remaining_s() / 60:.1f} minutes left, not {steps}")
+    return total
+
+
 class Budget:
     """A wall-time deadline shared by every phase of one command.
 

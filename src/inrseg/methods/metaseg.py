@@ -85,8 +85,9 @@ from inrseg.errors import InputError
 from inrseg.metrics import case_metrics
 from inrseg.nn.siren import Params, full_forward, head_forward, init_params, siren_features, siren_forward
 from inrseg.progress import progress, status
-from inrseg.training import (Budget, seconds_per_call, LoopSettings, TrainTask, as_budget, broadcast_object, resolve_device,
-                             run_training, step_rng, torch_generator, use_bf16, world)
+from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, broadcast_object,
+                             resolve_device, run_training, seconds_per_call, step_rng, steps_that_fit,
+                             torch_generator, use_bf16, world)
 
 PRESETS: dict[str, dict] = {
     # 2D, 5 classes: 6 linear layers x 128 (83K parameters with the head), focal gamma 1. CPU
@@ -135,6 +136,8 @@ class MetaSegConfig:
     outer_schedule: str = "cosine"         # outer lr: "constant" | "cosine" (after outer_warmup)
     outer_warmup: int = 250                # linear warm-up steps of the outer lr (5 % of steps)
     grad_clip: float | None = 10.0         # outer gradient-norm clip (None: off)
+    fit_schedule_to_budget: bool = True    # a budget that allows fewer outer steps than `steps`:
+                                           # warm-up + cosine over the steps it allows
     val_every: int = 100
     val_fit_steps: int = 25                # test-time steps used by the meta-training validation
     val_max_cases: int = 4                 # validation images scored during meta-training
@@ -310,8 +313,6 @@ META_SHARE_BOUNDS = (0.25, 0.95)
 PHASE2_OVERHEAD = 1.25
 #: offset of phase 2's random draws from meta-training's (both are functions of the seed)
 PHASE2_SEED = 17
-#: share of meta-training's time that the outer-lr schedule is planned to fill (timing noise)
-SCHEDULE_MARGIN = 0.9
 
 
 
@@ -619,8 +620,10 @@ class MetaSeg:
         # (select_tf_and_head).
         share = broadcast_object(self._meta_share(train_s, val_s, budget) if rank == 0 else None)
         meta_budget = budget.share(share)
-        total = broadcast_object(self._steps_within(train_s, val_s[:cfg.val_max_cases], meta_budget)
-                                 if rank == 0 else None)
+        total = cfg.steps  # a resumed run gets its schedule back with its state
+        if cfg.fit_schedule_to_budget and not (state_path is not None and Path(state_path).exists()):
+            total = broadcast_object(self._steps_within(train_s, val_s[:cfg.val_max_cases], meta_budget)
+                                     if rank == 0 else None)
         t0 = time.perf_counter()
         res = run_training(
             self._meta_task(train_s, val_s[:cfg.val_max_cases], bf16, total),
@@ -642,7 +645,7 @@ class MetaSeg:
             self.params.update({k: v.to(self.device) for k, v in heads[0].items()})
             self.meta_head = None if heads[1] is None else {k: v.to(self.device) for k, v in heads[1].items()}
         self.timings = {"meta_train_s": t1 - t0, "phase2_and_tf_s": time.perf_counter() - t1,
-                        "meta_share": share, "schedule_steps": total}
+                        "meta_share": share, "schedule_steps": self._schedule_steps}
 
     def _meta_share(self, train_s: Sequence[_Image], val_s: Sequence[_Image], budget: Budget) -> float:
         """Meta-training's share of the time left (see the budget split in :meth:`fit`)."""
@@ -675,8 +678,8 @@ class MetaSeg:
         ``budget`` (meta-training's share) would stop it sooner, so that the outer lr's warm-up
         and cosine decay run their whole course within the budget instead of being cut off at
         a high lr. Timed here: two tasks of a meta-batch (after a warm-up one) on a throwaway
-        copy of the parameters, plus one validation per ``val_every`` steps; ``SCHEDULE_MARGIN`` of the
-        budget is planned."""
+        copy of the parameters, plus one validation per ``val_every`` steps
+        (:func:`inrseg.training.steps_that_fit` plans the time)."""
         cfg = self.config
         if not budget.limited or cfg.steps <= 0:
             return cfg.steps
@@ -696,17 +699,13 @@ class MetaSeg:
         if val_s:
             per_step += seconds_per_call(lambda: self._val_dice(val_s, cfg.val_fit_steps), self.device,
                                          calls=1) / max(1, cfg.val_every)
-        total = max(1, min(cfg.steps, int(SCHEDULE_MARGIN * budget.remaining_s() / per_step)))
-        if total < cfg.steps:
-            status(f"metaseg: about {per_step:.2f} s per outer step: the outer lr schedule runs over "
-                   f"{total} steps, which fit meta-training's {budget.remaining_s() / 60:.1f} minutes, "
-                   f"not {cfg.steps}")
-        return total
+        return steps_that_fit(budget, cfg.steps, per_step, "metaseg meta-training", "the outer lr schedule runs")
 
     def _meta_task(self, train_s: Sequence[_Image], val_s: Sequence[_Image], bf16: bool = False,
                    total: int | None = None) -> TrainTask:
         """Meta-training (the MAML outer loop) as an engine task, over ``total`` outer steps
-        (default ``config.steps``: the length of the lr schedule; the warm-up scales with it).
+        (default ``config.steps``: the length of the lr schedule; the warm-up scales with it; the
+        length travels with the weights, so a resumed run keeps it).
 
         Makes ``self.params`` (and ``self.lrs`` with ``meta_sgd``) leaf tensors that the task
         trains in place. The global meta-batch of step ``s`` holds ``world_size x meta_batch``
@@ -723,6 +722,8 @@ class MetaSeg:
         lrs = None if self.lrs is None else {k: v.detach().clone().requires_grad_(True) for k, v in self.lrs.items()}
         self.params, self.lrs = params, lrs
         trained = {**params, **{f"lr.{k}": v for k, v in (lrs or {}).items()}}
+        T = [max(1, cfg.steps if total is None else total)]
+        self._schedule_steps = T[0]
         mine = range(rank * cfg.meta_batch, (rank + 1) * cfg.meta_batch)
 
         def step(s: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -736,7 +737,12 @@ class MetaSeg:
                 losses.append(meta_loss(params, support, query, cfg, lrs, create_graph=not first_order))
             return torch.stack(losses).mean(), {}
 
+        def weights() -> dict[str, torch.Tensor]:
+            return {**trained, SCHEDULE_STEPS_KEY: torch.tensor(T[0], dtype=torch.int64, device=self.device)}
+
         def load_weights(weights: dict[str, torch.Tensor]) -> None:
+            if SCHEDULE_STEPS_KEY in weights:
+                T[0] = self._schedule_steps = int(weights[SCHEDULE_STEPS_KEY])
             with torch.no_grad():
                 for k, v in trained.items():
                     v.copy_(weights[k])
@@ -745,20 +751,19 @@ class MetaSeg:
             return {"val_dice": self._val_dice(val_s, cfg.val_fit_steps)}
 
         opt = torch.optim.Adam(trained.values(), lr=cfg.outer_lr)
-        total = max(1, cfg.steps if total is None else total)
-        warm = max(0, round(cfg.outer_warmup * min(1.0, total / max(1, cfg.steps))))
 
         def outer_lr_factor(s: int) -> float:
+            warm = max(0, round(cfg.outer_warmup * min(1.0, T[0] / max(1, cfg.steps))))
             if s < warm:
                 return (s + 1) / warm
             if cfg.outer_schedule == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, T[0] - warm))))
             return 1.0
 
         return TrainTask(name="metaseg meta-training", method=self.method, step=step,
                          optimizers=[opt],
                          schedulers=[torch.optim.lr_scheduler.LambdaLR(opt, outer_lr_factor)],
-                         params=list(trained.values()), weights=lambda: dict(trained),
+                         params=list(trained.values()), weights=weights,
                          load_weights=load_weights, validate=validate if val_s else None,
                          grad_sync="allreduce", grad_clip=cfg.grad_clip, bf16=bf16)
 

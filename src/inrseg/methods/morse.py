@@ -75,9 +75,8 @@ from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import BACKBONES, build_backbone
 from inrseg.nn.morse import MorseNet, MorseOutput, PointHead, StochasticMoE, _upsample
 from inrseg.nn.point_sampling import point_sample
-from inrseg.progress import status
-from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, resolve_device, run_training,
-                             step_rng, torch_generator, use_bf16, world, wrap_ddp)
+from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, resolve_device,
+                             run_training, step_rng, torch_generator, use_bf16, world, wrap_ddp)
 
 __all__ = ["EXPERT_DROPOUT", "HEAD_PRESETS", "MORSE", "VARIANTS", "MorseConfig", "MorseNet", "MorseOutput",
            "PointHead", "StochasticMoE", "morse_config", "rend_weight"]
@@ -223,11 +222,6 @@ def rend_weight(t: int, total: int, lambda_rend: float = 0.1) -> float:
 
 #: key of the rend_steps counter in the weights the engine keeps (best state, resume state)
 _REND_STEPS = "__rend_steps__"
-#: key of the schedule length T in the same dicts (a resumed run keeps its schedule)
-_SCHEDULE_STEPS = "__schedule_steps__"
-#: share of the budget left that the fitted schedule plans to use (the last validation, the
-#: choice of the best state and timing noise take the rest)
-_SCHEDULE_MARGIN = 0.9
 
 
 class MORSE:
@@ -381,12 +375,12 @@ class MORSE:
             # the rend_steps count and the schedule travel with the weights (best and resume state)
             return {**self.net.state_dict(),
                     _REND_STEPS: torch.tensor(self.rend_steps, dtype=torch.int64, device=self.device),
-                    _SCHEDULE_STEPS: torch.tensor(T[0], dtype=torch.int64, device=self.device)}
+                    SCHEDULE_STEPS_KEY: torch.tensor(T[0], dtype=torch.int64, device=self.device)}
 
         def load_weights(state: dict[str, torch.Tensor]) -> None:
             state = dict(state)
             self.rend_steps = int(state.pop(_REND_STEPS))
-            T[0] = self.schedule_steps = int(state.pop(_SCHEDULE_STEPS, T[0]))
+            T[0] = self.schedule_steps = int(state.pop(SCHEDULE_STEPS_KEY, T[0]))
             self.net.load_state_dict(state)
 
         def validate() -> dict[str, float]:
@@ -411,11 +405,11 @@ class MORSE:
         (2 timed steps with the point head on, the dearest kind, after an untimed warm-up one)
         plus one validation prediction (after a warm-up one) x the validation cases every
         ``val_every`` steps;
-        ``_SCHEDULE_MARGIN`` of the time left is planned. (The dropout warm-up counts steps and
+        ``SCHEDULE_MARGIN`` of the time left is planned. (The dropout warm-up counts steps and
         does not follow T.) Rank 0 times, every rank gets its T."""
         import copy
 
-        from inrseg.training import broadcast_object, seconds_per_call
+        from inrseg.training import broadcast_object, seconds_per_call, steps_that_fit
 
         cfg = self.config
         total = cfg.steps
@@ -439,12 +433,8 @@ class MORSE:
                 image = val[0].load_image()
                 per_step += seconds_per_call(lambda: self.predict(image), self.device, calls=1) * len(val) / max(
                     1, cfg.val_every)
-            fit = int(_SCHEDULE_MARGIN * budget.remaining_s() / per_step)
-            total = max(1, min(cfg.steps, fit))
-            if total < cfg.steps:
-                status(f"{self.method}/{cfg.variant}: about {per_step:.2f} s per step: the schedules (lr decay, "
-                       f"L_rend from T/2) run over T = {total} steps, which fit the "
-                       f"{budget.remaining_s() / 60:.1f} minutes left, not {cfg.steps}")
+            total = steps_that_fit(budget, cfg.steps, per_step, f"{self.method}/{cfg.variant}",
+                                   "the schedules (lr decay, L_rend from T/2) run")
         if world()[1] > 1:
             total = broadcast_object(total)
         return total

@@ -8,8 +8,10 @@ than the training patch, and checkpointing.
 Training: DiceCE loss (MONAI's; ignored voxels of a dataset with an ignore label count
 nowhere, :class:`inrseg.losses.DiceCELoss`), AdamW with a linear warm-up and cosine decay, random patches
 (3D) or whole slices (2D) padded to a multiple of the network's down-sampling factor, optional
-intensity augmentation. The best state on the validation subjects (mean foreground Dice) is
-kept. Resumable: a training state is written every ``val_every`` steps.
+intensity augmentation. With a budget that allows fewer steps than ``steps``, the warm-up and
+cosine decay run over the steps it allows (timed at the start) instead of being cut off at a high
+lr. The best state on the validation subjects (mean foreground Dice) is kept. Resumable: a
+training state is written every ``val_every`` steps.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from inrseg.data.sampling import (PatchSampler, has_ignored, load_training_tenso
                                   training_patch)
 from inrseg.losses import IGNORE, DiceCELoss
 from inrseg.metrics import case_metrics
-from inrseg.training import (Budget, LoopSettings, TrainTask, as_budget, resolve_device, run_training,
-                             use_bf16, world, wrap_ddp)
+from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, broadcast_object,
+                             resolve_device, run_training, seconds_per_call, steps_that_fit, use_bf16, world,
+                             wrap_ddp)
 
 PRESETS: dict[str, dict] = {
     # MONAI UNet 16-256 channels, 1.6M parameters: the CPU-friendly default.
@@ -64,6 +67,7 @@ class SupervisedConfig:
     warmup: int = 50
     val_every: int = 100
     budget_minutes: float | None = None     # stop training after this wall time
+    fit_schedule_to_budget: bool = True     # lr schedule over the steps the budget allows
     augment: bool = True                    # random intensity scale / shift
     foreground_fraction: float = 0.33       # crops forced to contain foreground (nnU-Net: 1/3)
     normalization: str = "zscore"
@@ -128,6 +132,7 @@ class SupervisedSegmenter:
             torch.manual_seed(self.config.seed)  # the same initial weights on every rank
             self.net = build_network(self.config, spatial_ndim, in_channels, len(self.label_names))
         self.history: list[dict] = []
+        self.schedule_steps = self.config.steps  # T of the last fit's lr schedule (fitted to its budget)
         self.best_step: int | None = None
 
     def to(self, device: str | torch.device) -> "SupervisedSegmenter":
@@ -169,11 +174,16 @@ class SupervisedSegmenter:
                                ignore=ignore)
         loss_fn = DiceCELoss(IGNORE if ignore else None)  # MONAI's DiceCELoss without ignored voxels
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-        train_net = wrap_ddp(self.net, self.device)
         mine = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
         val_data: list[tuple[Volume, Volume]] = []
+        resuming = state_path is not None and Path(state_path).exists()
+        T = [cfg.steps]  # the schedule length; a resumed run's comes back with its weights
+        if cfg.fit_schedule_to_budget and budget.limited and not resuming:
+            T[0] = self._steps_within(budget, sampler, mine, loss_fn, val)
+        self.schedule_steps = T[0]
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, T[0]) / T[0])))
+        train_net = wrap_ddp(self.net, self.device)
 
         def step(i: int):
             x, y = sampler.batch(i, mine, self.device)
@@ -186,15 +196,58 @@ class SupervisedSegmenter:
                 val_data.extend(c.load() for c in val)
             return {"val_dice": self._validate(val_data)}
 
+        def weights() -> dict[str, torch.Tensor]:
+            return {**self.net.state_dict(),
+                    SCHEDULE_STEPS_KEY: torch.tensor(T[0], dtype=torch.int64, device=self.device)}
+
+        def load_weights(state: dict[str, torch.Tensor]) -> None:
+            state = dict(state)
+            T[0] = self.schedule_steps = int(state.pop(SCHEDULE_STEPS_KEY, T[0]))
+            self.net.load_state_dict(state)
+
         res = run_training(
             TrainTask(name=self.method, method=self.method, step=step, optimizers=[opt],
                       schedulers=[sched], params=list(self.net.parameters()),
-                      weights=self.net.state_dict, load_weights=self.net.load_state_dict,
+                      weights=weights, load_weights=load_weights,
                       validate=validate if val else None, modules=[self.net], grad_sync="ddp",
                       bf16=use_bf16(self.device, precision, self.bf16_safe)),
             LoopSettings(steps=cfg.steps, val_every=cfg.val_every, budget=budget, seed=cfg.seed,
                          state_path=state_path, log_path=log_path, device=self.device))
         self.history, self.best_step = res.history, res.best_step
+
+    def _steps_within(self, budget: Budget, sampler: PatchSampler, mine: Sequence[int], loss_fn: torch.nn.Module,
+                      val: Sequence[Case] | None) -> int:
+        """The schedule length that fits ``budget``: two training steps timed (after a warm-up
+        one) on a throwaway copy of the network and optimiser, plus one validation prediction
+        x the validation cases every ``val_every`` steps (:func:`inrseg.training.steps_that_fit`).
+        Rank 0 times, every rank gets its T."""
+        import copy
+
+        cfg = self.config
+        total = cfg.steps
+        if world()[0] == 0:
+            net = copy.deepcopy(self.net).train()
+            opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            calls = iter(range(10))
+
+            def one_step() -> None:
+                x, y = sampler.batch(next(calls), mine, self.device)
+                with torch.device(self.device):  # MONAI's losses make tensors without a device
+                    loss = loss_fn(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            per_step = seconds_per_call(one_step, self.device, calls=2)
+            del net, opt
+            if val:
+                image = val[0].load_image()
+                per_step += seconds_per_call(lambda: self.predict(image), self.device, calls=1) * len(val) / max(
+                    1, cfg.val_every)
+            total = steps_that_fit(budget, cfg.steps, per_step, self.method)
+        if world()[1] > 1:
+            total = broadcast_object(total)
+        return total
 
     @torch.no_grad()
     def _validate(self, val_data: list[tuple[Volume, Volume]]) -> float:
@@ -252,7 +305,8 @@ class SupervisedSegmenter:
         save_checkpoint(path, self.method, self.net.state_dict(), {
             "config": asdict(self.config), "label_names": self.label_names,
             "spatial_ndim": self.spatial_ndim, "in_channels": self.in_channels,
-            "best_step": self.best_step, "history": self.history, "num_params": self.num_params})
+            "best_step": self.best_step, "history": self.history, "num_params": self.num_params,
+            "schedule_steps": self.schedule_steps})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SupervisedSegmenter":
@@ -265,6 +319,7 @@ class SupervisedSegmenter:
                   SupervisedConfig(**cfg_dict), device=device)
         obj.net.load_state_dict(tensors)
         obj.best_step, obj.history = meta.get("best_step"), meta.get("history", [])
+        obj.schedule_steps = int(meta.get("schedule_steps", obj.config.steps))
         return obj
 
 
