@@ -36,9 +36,10 @@ from harness import RESULTS, SHARED_DATA, evaluate_cases, markdown_table, write_
 
 #: name -> (description, overrides of metaseg_config("2d-seg4", paper=...))
 EXPERIMENTS: dict[str, tuple[str, dict]] = {
-    "cpu-default": ("the CPU defaults (since 2026-11-22): the paper's joint inner loop and lr 1e-4 on "
+    "cpu-default": ("the CPU defaults of the preset: the paper's joint inner loop and lr 1e-4 on "
                     "2,048-pixel subsets, cosine outer lr with warm-up, 4,096-pixel test-time steps, "
-                    "T_f among 25 / 50 / 100", dict(paper=False)),
+                    "T_f among 25 / 50 / 100; 2d-seg4 since 2026-12-05: a phase-2 head with 4-pixel "
+                    "context, trained at lr 1e-3 for 500 steps", dict(paper=False)),
     "f-more-signal": ("the CPU defaults with a less noisy meta-gradient: 4,096-pixel subsets and 2 tasks per "
                       "outer step (4x the step cost)", dict(paper=False, points_per_task=4096, meta_batch=2)),
     "old-cpu-default": ("the CPU defaults before 2026-11-22: 2,048-pixel subsets, pixels-only inner loop, "
