@@ -91,9 +91,11 @@ from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask
 
 PRESETS: dict[str, dict] = {
     # 2D, 5 classes: 6 linear layers x 128 (83K parameters with the head), focal gamma 1. CPU
-    # defaults: the phase-2 head reads the features 4 pixels away too, and trains at lr 1e-3
-    # for 500 steps (docs/findings/metaseg.md, 2026-12-05; the paper's: per point, 1e-4).
-    "2d-seg4": dict(hidden=128, layers=6, focal_gamma=1.0, head_context=4.0, phase2_lr=1e-3, phase2_steps=500),
+    # defaults: the phase-2 head reads the features 4 pixels away too, trains at lr 1e-3 for 500
+    # steps, on the features of every training image (docs/findings/metaseg.md, 2026-12-05; the
+    # paper's: per point, lr 1e-4).
+    "2d-seg4": dict(hidden=128, layers=6, focal_gamma=1.0, head_context=4.0, phase2_lr=1e-3, phase2_steps=500,
+                    phase2_max_cases=None),
     # 2D, 24 classes + background: 5 layers x 512 (1.06M), focal gamma 2. (At the old inner lr
     # 1e-3 a width-512 SIREN did not fit at all; the default 1e-4 is safe for every width:
     # docs/findings/metaseg.md, "learning rate and width".)
@@ -1014,5 +1016,6 @@ def metaseg_config(preset: str, paper: bool = False, **overrides):
     if paper:
         cfg = replace(cfg, points_per_task=None, fit_points=None, inner_lr=1e-4, outer_lr=1e-4,
                       inner_loss="joint", steps=5000, phase2_lr=1e-4, phase2_steps=300, head_context=0.0,
+                      phase2_max_cases=None,
                       outer_schedule="constant", outer_warmup=0, val_every=50)
     return replace(cfg, **overrides)
