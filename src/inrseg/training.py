@@ -285,6 +285,41 @@ def steps_that_fit(budget: "Budget", steps: int, seconds_per_step: float, name: 
     return total
 
 
+def timed_schedule_steps(budget: "Budget", steps: int, net: nn.Module,
+                         optimizer: Callable[[Any], torch.optim.Optimizer],
+                         loss_of: Callable[[nn.Module, int], torch.Tensor], device: torch.device,
+                         predict_one: Callable[[], object] | None = None, predictions_per_step: float = 0.0,
+                         name: str = "training", what: str = "the lr schedule runs") -> int:
+    """:func:`steps_that_fit` with the step timed here: rank 0 times two training steps (after
+    an untimed warm-up one) on a throwaway copy of ``net`` with its own ``optimizer(params)``,
+    ``loss_of(net, i)`` giving step ``i``'s loss, plus ``predictions_per_step`` x one
+    ``predict_one()`` (validation); every rank gets rank 0's T. Without a time limit, ``steps``."""
+    import copy
+
+    if not budget.limited:
+        return steps
+    total = steps
+    if world()[0] == 0:
+        twin = copy.deepcopy(net).train()
+        opt = optimizer(twin.parameters())
+        calls = iter(range(10))
+
+        def one_step() -> None:
+            loss = loss_of(twin, next(calls))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        per_step = seconds_per_call(one_step, device, calls=2)
+        del twin, opt
+        if predict_one is not None and predictions_per_step > 0:
+            per_step += seconds_per_call(predict_one, device, calls=1) * predictions_per_step
+        total = steps_that_fit(budget, steps, per_step, name, what)
+    if world()[1] > 1:
+        total = broadcast_object(total)
+    return total
+
+
 class Budget:
     """A wall-time deadline shared by every phase of one command.
 

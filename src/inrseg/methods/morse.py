@@ -403,41 +403,28 @@ class MORSE:
         """The schedule length T that fits the time left in ``budget``: ``config.steps``, or fewer
         where the budget would stop training sooner. Timed on a throwaway copy of the network
         (2 timed steps with the point head on, the dearest kind, after an untimed warm-up one)
-        plus one validation prediction (after a warm-up one) x the validation cases every
-        ``val_every`` steps;
-        ``SCHEDULE_MARGIN`` of the time left is planned. (The dropout warm-up counts steps and
-        does not follow T.) Rank 0 times, every rank gets its T."""
-        import copy
-
-        from inrseg.training import broadcast_object, seconds_per_call, steps_that_fit
+        plus one validation prediction x the validation cases every ``val_every`` steps
+        (:func:`inrseg.training.timed_schedule_steps`). The dropout warm-up counts steps and
+        does not follow T."""
+        from inrseg.training import timed_schedule_steps
 
         cfg = self.config
-        total = cfg.steps
-        if world()[0] == 0:
-            net = copy.deepcopy(self.net).train()
-            opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-            weight = cfg.lambda_rend if self.net.point_head is not None else 0.0
-            calls = iter(range(10))
+        weight = cfg.lambda_rend if self.net.point_head is not None else 0.0
+        image: list[Volume] = []
 
-            def one_step() -> None:
-                i = next(calls)
-                x, y = sampler.batch(i, mine, self.device)
-                loss, _ = self._losses(net, x, y, weight, loss_fn, gens_of(i))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        def loss_of(net: torch.nn.Module, i: int) -> torch.Tensor:
+            x, y = sampler.batch(i, mine, self.device)
+            return self._losses(net, x, y, weight, loss_fn, gens_of(i))[0]
 
-            per_step = seconds_per_call(one_step, self.device, calls=2)
-            del net, opt
-            if val:
-                image = val[0].load_image()
-                per_step += seconds_per_call(lambda: self.predict(image), self.device, calls=1) * len(val) / max(
-                    1, cfg.val_every)
-            total = steps_that_fit(budget, cfg.steps, per_step, f"{self.method}/{cfg.variant}",
-                                   "the schedules (lr decay, L_rend from T/2) run")
-        if world()[1] > 1:
-            total = broadcast_object(total)
-        return total
+        def predict_one() -> Volume:
+            if not image:
+                image.append(val[0].load_image())
+            return self.predict(image[0])
+
+        return timed_schedule_steps(
+            budget, cfg.steps, self.net, lambda p: torch.optim.AdamW(p, lr=cfg.lr), loss_of, self.device,
+            predict_one if val else None, len(val or ()) / max(1, cfg.val_every), f"{self.method}/{cfg.variant}",
+            "the schedules (lr decay, L_rend from T/2) run")
 
     @torch.no_grad()
     def _validate(self, val_data: list[tuple[Volume, Volume]]) -> dict[str, float]:

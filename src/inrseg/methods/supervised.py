@@ -37,9 +37,8 @@ from inrseg.data.sampling import (PatchSampler, has_ignored, load_training_tenso
                                   training_patch)
 from inrseg.losses import IGNORE, DiceCELoss
 from inrseg.metrics import case_metrics
-from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, broadcast_object,
-                             resolve_device, run_training, seconds_per_call, steps_that_fit, use_bf16, world,
-                             wrap_ddp)
+from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, resolve_device,
+                             run_training, timed_schedule_steps, use_bf16, world, wrap_ddp)
 
 PRESETS: dict[str, dict] = {
     # MONAI UNet 16-256 channels, 1.6M parameters: the CPU-friendly default.
@@ -217,37 +216,25 @@ class SupervisedSegmenter:
 
     def _steps_within(self, budget: Budget, sampler: PatchSampler, mine: Sequence[int], loss_fn: torch.nn.Module,
                       val: Sequence[Case] | None) -> int:
-        """The schedule length that fits ``budget``: two training steps timed (after a warm-up
-        one) on a throwaway copy of the network and optimiser, plus one validation prediction
-        x the validation cases every ``val_every`` steps (:func:`inrseg.training.steps_that_fit`).
-        Rank 0 times, every rank gets its T."""
-        import copy
-
+        """The schedule length that fits ``budget``: two training steps and one validation
+        prediction (x the validation cases every ``val_every`` steps) timed on rank 0
+        (:func:`inrseg.training.timed_schedule_steps`)."""
         cfg = self.config
-        total = cfg.steps
-        if world()[0] == 0:
-            net = copy.deepcopy(self.net).train()
-            opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            calls = iter(range(10))
+        image: list[Volume] = []
 
-            def one_step() -> None:
-                x, y = sampler.batch(next(calls), mine, self.device)
-                with torch.device(self.device):  # MONAI's losses make tensors without a device
-                    loss = loss_fn(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        def loss_of(net: torch.nn.Module, i: int) -> torch.Tensor:
+            x, y = sampler.batch(i, mine, self.device)
+            with torch.device(self.device):  # MONAI's losses make tensors without a device
+                return loss_fn(net(x), y)
 
-            per_step = seconds_per_call(one_step, self.device, calls=2)
-            del net, opt
-            if val:
-                image = val[0].load_image()
-                per_step += seconds_per_call(lambda: self.predict(image), self.device, calls=1) * len(val) / max(
-                    1, cfg.val_every)
-            total = steps_that_fit(budget, cfg.steps, per_step, self.method)
-        if world()[1] > 1:
-            total = broadcast_object(total)
-        return total
+        def predict_one() -> Volume:
+            if not image:
+                image.append(val[0].load_image())
+            return self.predict(image[0])
+
+        return timed_schedule_steps(
+            budget, cfg.steps, self.net, lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            loss_of, self.device, predict_one if val else None, len(val or ()) / max(1, cfg.val_every), self.method)
 
     @torch.no_grad()
     def _validate(self, val_data: list[tuple[Volume, Volume]]) -> float:
