@@ -315,6 +315,8 @@ def test_resume_continues_from_saved_step(data, tmp_path):
     assert second.start_step == 20
     assert [h["step"] for h in second.history] == [10, 20, 30, 40]
     assert second.history[:2] == first.history
+    # the resumed run keeps the schedule it started with (its length travels with the state)
+    assert first.timings["schedule_steps"] == 20 and second.timings["schedule_steps"] == 20
 
 
 # -------------------------------------------------------------------------------- inference
