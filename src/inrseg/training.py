@@ -288,12 +288,13 @@ def steps_that_fit(budget: "Budget", steps: int, seconds_per_step: float, name: 
 def timed_schedule_steps(budget: "Budget", steps: int, net: nn.Module,
                          optimizer: Callable[[Any], torch.optim.Optimizer],
                          loss_of: Callable[[nn.Module, int], torch.Tensor], device: torch.device,
-                         predict_one: Callable[[], object] | None = None, predictions_per_step: float = 0.0,
-                         name: str = "training", what: str = "the lr schedule runs") -> int:
+                         predict: Callable[[Any], object] | None = None, val: Sequence[Any] | None = None,
+                         val_every: int = 1, name: str = "training", what: str = "the lr schedule runs") -> int:
     """:func:`steps_that_fit` with the step timed here: rank 0 times two training steps (after
     an untimed warm-up one) on a throwaway copy of ``net`` with its own ``optimizer(params)``,
-    ``loss_of(net, i)`` giving step ``i``'s loss, plus ``predictions_per_step`` x one
-    ``predict_one()`` (validation); every rank gets rank 0's T. Without a time limit, ``steps``."""
+    ``loss_of(net, i)`` giving step ``i``'s loss, plus the validation's share of a step:
+    ``predict(image)`` of the first of the ``val`` cases x ``len(val) / val_every``. Every rank
+    gets rank 0's T. Without a time limit, ``steps``."""
     import copy
 
     if not budget.limited:
@@ -312,8 +313,9 @@ def timed_schedule_steps(budget: "Budget", steps: int, net: nn.Module,
 
         per_step = seconds_per_call(one_step, device, calls=2)
         del twin, opt
-        if predict_one is not None and predictions_per_step > 0:
-            per_step += seconds_per_call(predict_one, device, calls=1) * predictions_per_step
+        if predict is not None and val:
+            image = val[0].load_image()
+            per_step += seconds_per_call(lambda: predict(image), device, calls=1) * len(val) / max(1, val_every)
         total = steps_that_fit(budget, steps, per_step, name, what)
     if world()[1] > 1:
         total = broadcast_object(total)

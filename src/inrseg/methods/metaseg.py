@@ -823,10 +823,10 @@ class MetaSeg:
                                for im in block]).to(self.device)                       # (B, n)
             q = block[0].coords[idx]                                                  # (B, n, d)
             labels.append(torch.stack([im.labels[i] for im, i in zip(block, idx)]).reshape(-1))
+            voxel = torch.stack([im.step for im in block])                            # (B, d)
             for t, theta in self.fit_theta(block, limit, [s for s in snaps if s <= limit], gen):
                 if t in feats:
-                    steps = torch.stack([im.step for im in block])                    # (B, d)
-                    x = self.head_inputs(theta, q, steps, P).reshape(-1, width)
+                    x = self.head_inputs(theta, q, voxel, P).reshape(-1, width)
                     if feats[t] is None:
                         feats[t] = torch.empty(total, width, dtype=x.dtype, device=x.device)
                     feats[t][filled:filled + x.shape[0]] = x

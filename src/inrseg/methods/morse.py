@@ -410,20 +410,14 @@ class MORSE:
 
         cfg = self.config
         weight = cfg.lambda_rend if self.net.point_head is not None else 0.0
-        image: list[Volume] = []
 
         def loss_of(net: torch.nn.Module, i: int) -> torch.Tensor:
             x, y = sampler.batch(i, mine, self.device)
             return self._losses(net, x, y, weight, loss_fn, gens_of(i))[0]
 
-        def predict_one() -> Volume:
-            if not image:
-                image.append(val[0].load_image())
-            return self.predict(image[0])
-
         return timed_schedule_steps(
             budget, cfg.steps, self.net, lambda p: torch.optim.AdamW(p, lr=cfg.lr), loss_of, self.device,
-            predict_one if val else None, len(val or ()) / max(1, cfg.val_every), f"{self.method}/{cfg.variant}",
+            self.predict, val, cfg.val_every, f"{self.method}/{cfg.variant}",
             "the schedules (lr decay, L_rend from T/2) run")
 
     @torch.no_grad()

@@ -220,21 +220,15 @@ class SupervisedSegmenter:
         prediction (x the validation cases every ``val_every`` steps) timed on rank 0
         (:func:`inrseg.training.timed_schedule_steps`)."""
         cfg = self.config
-        image: list[Volume] = []
 
         def loss_of(net: torch.nn.Module, i: int) -> torch.Tensor:
             x, y = sampler.batch(i, mine, self.device)
             with torch.device(self.device):  # MONAI's losses make tensors without a device
                 return loss_fn(net(x), y)
 
-        def predict_one() -> Volume:
-            if not image:
-                image.append(val[0].load_image())
-            return self.predict(image[0])
-
         return timed_schedule_steps(
             budget, cfg.steps, self.net, lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
-            loss_of, self.device, predict_one if val else None, len(val or ()) / max(1, cfg.val_every), self.method)
+            loss_of, self.device, self.predict, val, cfg.val_every, self.method)
 
     @torch.no_grad()
     def _validate(self, val_data: list[tuple[Volume, Volume]]) -> float:
