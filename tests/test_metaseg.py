@@ -610,3 +610,50 @@ def test_context_head_phase2_starts_at_phi_star_and_survives_save_load(trained, 
     cut["g.0.weight"] = torch.cat([cut["g.0.weight"][:, :32], torch.zeros(32, 4 * 32)], 1)
     loaded.params = cut
     assert not np.array_equal(loaded.predict(img).data, pred.data)
+
+
+@pytest.mark.parametrize("ndim,shape,spacing,k", [(2, (12, 20), (1.5, 1.0), 2.0), (3, (5, 2, 7), (1.0, 3.0, 2.0), 3.0)])
+def test_image_logits_on_the_padded_grid_equal_the_pointwise_context_head(trained, ndim, shape, spacing, k):
+    """:meth:`MetaSeg.image_logits` (features once on the grid padded by ``k`` voxels, the
+    neighbours sliced out of it, axis-0 blocks of a few rows) equals :meth:`MetaSeg.logits` at
+    every voxel's coordinates, for 2 stacked fits, a non-square anisotropic grid and an axis
+    shorter than ``k`` (every neighbour along it lies in the padding)."""
+    cfg = dataclasses.replace(trained.config, head_context=k, chunk=40)
+    model = MetaSeg(NAMES, ndim, 1, cfg)
+    gen = torch.Generator().manual_seed(0)
+    h, P = cfg.hidden, 1 + 2 * ndim
+    head = {k_: v for k_, v in model.params.items() if k_.startswith("g.")}
+    head["g.0.weight"] = torch.randn(h, P * h, generator=gen) / (P * h) ** 0.5
+    img = Volume(np.random.default_rng(0).random((1, *shape)).astype(np.float32),
+                 np.diag([*spacing, 1.0]), ndim)
+    prep = model._prepare(img)
+    theta = {k_: torch.stack([v, v + 0.01 * torch.randn(v.shape, generator=gen)])
+             for k_, v in model.params.items() if k_.startswith("f.")}
+    want = model.logits(theta, prep.coords, head, prep.step)                   # (2, N, C)
+    got = model.image_logits(theta, prep, head)
+    assert got.shape == want.shape == (2, int(np.prod(shape)), len(NAMES))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(want[0], want[1], atol=1e-3)                     # the two fits differ
+
+
+def test_validation_of_large_images_scores_fixed_random_voxels(trained, data):
+    """Meta-training's validation Dice: whole images up to ``val_max_voxels`` (the same figure
+    as case_metrics on the full label map), beyond it a fixed random subset - the same voxels
+    at every call, and close to the whole-image figure when the subset is large."""
+    val = [trained._prepare(*c.load()) for c in data["val"]]
+    N = val[0].coords.shape[0]
+    whole = trained._val_dice(val, 10)
+    theta = None
+    for _, theta in trained.fit_theta(val[:1], 10):
+        pass
+    pred = trained.logits(theta, val[0].coords).argmax(-1)[0].reshape(val[0].shape).numpy()
+    by_hand = case_metrics(pred, val[0].labels.reshape(val[0].shape).numpy(), len(NAMES), distances=False)
+    assert trained._val_dice(val[:1], 10) == pytest.approx(by_hand.mean_foreground_dice, abs=1e-9)
+    sub = dataclasses.replace(trained.config, val_max_voxels=N // 2)
+    model = MetaSeg(NAMES, 2, 1, sub)
+    model.params = trained.params
+    first, again = model._val_dice(val, 10), model._val_dice(val, 10)
+    assert first == again and first != whole and abs(first - whole) < 0.05, (first, whole)
+    small = dataclasses.replace(sub, val_max_voxels=64)
+    model.config = small
+    assert abs(model._val_dice(val, 10) - whole) > 1e-6

@@ -51,7 +51,7 @@ def metaseg_step_curve(model, image: Volume, labels: Volume,
             recon = torch.cat([siren_forward(theta, prepared.coords[None, s:s + 16384], model.config.w0)[0]
                                for s in range(0, prepared.coords.shape[0], 16384)], 1)[0]
             mse = float((recon - prepared.pixels).pow(2).mean())
-            pred = model.logits(theta, prepared.coords, step=prepared.step)[0].argmax(-1).reshape(image.shape).cpu().numpy()
+            pred = model.image_logits(theta, prepared)[0].argmax(-1).reshape(image.shape).cpu().numpy()
         dice = case_metrics(pred, labels.data, len(model.label_names), distances=False).mean_foreground_dice
         curve.append({"step": t, "dice": float(dice), "psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12))})
     return curve
@@ -87,7 +87,7 @@ def feature_pca_png(model, image: Volume, path: str | Path, steps: int | None = 
         pass
     feats = model.features(theta, prepared.coords)[0]                      # (N, h), model's device
     with torch.no_grad():
-        pred = model.logits(theta, prepared.coords, step=prepared.step)[0].argmax(-1).reshape(image.shape).cpu().numpy()
+        pred = model.image_logits(theta, prepared)[0].argmax(-1).reshape(image.shape).cpu().numpy()
     x = feats - feats.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(x, full_matrices=False)
     pcs = (x @ v[:3].T).reshape(*image.shape, 3).cpu().numpy()
@@ -135,7 +135,7 @@ def metaseg_diagnostic(model, pairs: Sequence[tuple[Volume, Volume]],
         prepared = model._prepare(image, labels)
         for t, theta in model.fit_theta([prepared], max(steps), snapshots=steps):
             for name, head in heads.items():
-                pred = model.logits(theta, prepared.coords, head, step=prepared.step)[0].argmax(-1)
+                pred = model.image_logits(theta, prepared, head)[0].argmax(-1)
                 m = case_metrics(pred.reshape(image.shape).cpu().numpy(), labels.data, C, distances=False)
                 scores[name][t].append(m.dice)
     out: dict[str, list[dict]] = {}
