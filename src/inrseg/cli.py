@@ -576,7 +576,7 @@ def train_metaseg(data: Path = _DATA, out: Path = _OUT,
                                                          "lr 1e-4, joint inner loss, 5000 steps): for GPUs."),
                   head_context: Optional[float] = typer.Option(None, min=0.0, help="The phase-2 head also reads "
                                                                "the features this many voxels away along each "
-                                                               "axis (2d-seg4: 4; 0: the paper's per-point head)."),
+                                                               "axis (2d-seg4, 3d-seg4: 4; 0: the paper's per-point head)."),
                   budget_minutes: Optional[float] = _BUDGET, val_fraction: float = _VAL,
                   splits: Optional[Path] = _SPLITS, seed: int = 0, resume: bool = _RESUME, force: bool = _FORCE,
                   device: str = _DEVICE, precision: str = _PRECISION) -> None:

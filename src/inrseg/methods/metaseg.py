@@ -100,8 +100,11 @@ PRESETS: dict[str, dict] = {
     # 1e-3 a width-512 SIREN did not fit at all; the default 1e-4 is safe for every width:
     # docs/findings/metaseg.md, "learning rate and width".)
     "2d-seg24": dict(hidden=512, layers=5, focal_gamma=2.0),
-    # 3D, 5 classes: 6 layers x 256 (330K), focal gamma 3, MSE weight 0.1 on background voxels.
-    "3d-seg4": dict(hidden=256, layers=6, focal_gamma=3.0, bg_mse_weight=0.1),
+    # 3D, 5 classes: 6 layers x 256 (330K), focal gamma 3, MSE weight 0.1 on background voxels;
+    # the phase-2 head of 2d-seg4 (7 points; on brain3d-seg4 validation 0.681 against 0.675 for
+    # the per-point head, the same meta-learned model: docs/findings/metaseg.md, 2026-12-05).
+    "3d-seg4": dict(hidden=256, layers=6, focal_gamma=3.0, bg_mse_weight=0.1, head_context=4.0, phase2_lr=1e-3,
+                    phase2_steps=500, phase2_max_cases=None),
 }
 
 
