@@ -38,8 +38,8 @@ from harness import RESULTS, SHARED_DATA, evaluate_cases, markdown_table, write_
 EXPERIMENTS: dict[str, tuple[str, dict]] = {
     "cpu-default": ("the CPU defaults of the preset: the paper's joint inner loop and lr 1e-4 on "
                     "2,048-pixel subsets, cosine outer lr with warm-up, 4,096-pixel test-time steps, "
-                    "T_f among 25 / 50 / 100; 2d-seg4 since 2026-12-05: a phase-2 head with 4-pixel "
-                    "context, trained at lr 1e-3 for 500 steps", dict(paper=False)),
+                    "T_f among 25 / 50 / 100; 2d-seg4 (3d-seg4 since f606f96) since 2026-12-05: a phase-2 "
+                    "head with 4-voxel context, trained at lr 1e-3 for 500 steps, on every training image", dict(paper=False)),
     "f-more-signal": ("the CPU defaults with a less noisy meta-gradient: 4,096-pixel subsets and 2 tasks per "
                       "outer step (4x the step cost)", dict(paper=False, points_per_task=4096, meta_batch=2)),
     "old-cpu-default": ("the CPU defaults before 2026-11-22: 2,048-pixel subsets, pixels-only inner loop, "
@@ -219,8 +219,8 @@ def main() -> None:
     }
     res_txt = "at full resolution" if args.downsample == 1 else f"down-sampled {args.downsample}x"
     notes = (f"Experiment `{args.experiment}`: {desc}.\n\nData: `{args.data.name}` {res_txt}, "
-             f"{shape[0]} x {shape[1]} ({len(train)} train / {len(val)} validation / "
-             f"{len(test)} test slices, split by subject, validation seed 0); device {dev}; "
+             f"{' x '.join(map(str, shape))} ({len(train)} train / {len(val)} validation / "
+             f"{len(test)} test {'slices' if len(shape) == 2 else 'images'}, split by subject, validation seed 0); device {dev}; "
              f"{args.threads} torch threads; seed {args.seed}. Training (meta-training + phase 2 + T_f) "
              f"{train_s:.0f} s, {steps_run} outer steps; diagnostic {diag_s:.0f} s. Everything chosen on "
              f"validation. Overrides: `{' '.join('--set ' + x for x in args.set) or 'none'}`. Config: `{json.dumps({k: v for k, v in vars(cfg).items()}, default=str)}`")
@@ -228,7 +228,7 @@ def main() -> None:
         ("" if args.downsample == 2 else f"-x{args.downsample}") + (f"-{args.tag}" if args.tag else "")
     path = write_results(f"metaseg-exp-{tag}", sections, notes)
     png = plot_diagnostic(diag, RESULTS / f"{path.stem}-diagnostic.png",
-                          title=f"MetaSeg {args.experiment} ({shape[0]}x{shape[1]})", t_f=model.t_f)
+                          title=f"MetaSeg {args.experiment} ({'x'.join(map(str, shape))})", t_f=model.t_f)
     with open(path, "a") as f:
         f.write(f"\n![diagnostic]({png.name})\n")
     print(path.read_text())
