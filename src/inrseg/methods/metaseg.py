@@ -511,6 +511,13 @@ class MetaSeg:
         ``head_context``, else 1."""
         return 1 + 2 * self.spatial_ndim if self.config.head_context > 0 else 1
 
+    @property
+    def context_offsets(self) -> list[list[int]]:
+        """The context head's points in units of ``head_context`` voxels, in the order its input
+        concatenates them: the point, ``+`` axis 0 ... ``+`` axis d-1, ``-`` axis 0 ... ``-`` axis d-1."""
+        d = self.spatial_ndim
+        return [[0] * d] + [[sign * int(a == b) for b in range(d)] for sign in (1, -1) for a in range(d)]
+
     @torch.no_grad()
     def head_inputs(self, theta: Params, coords: torch.Tensor, step: torch.Tensor | None,
                     points: int) -> torch.Tensor:
@@ -529,8 +536,7 @@ class MetaSeg:
         B = next(iter(theta.values())).shape[0]
         c = coords if coords.dim() == 3 else coords.unsqueeze(0)                     # (1 or B, M, d)
         st = (step if step.dim() == 2 else step.unsqueeze(0)).to(c)                  # (1 or B, d)
-        eye = torch.eye(self.spatial_ndim, device=c.device, dtype=c.dtype)
-        offsets = torch.cat([torch.zeros_like(eye[:1]), eye, -eye]) * self.config.head_context   # (P, d) voxels
+        offsets = torch.tensor(self.context_offsets, device=c.device, dtype=c.dtype) * self.config.head_context  # (P, d) voxels
         return torch.cat([self.features(theta, (c + (o * st).unsqueeze(1)).expand(B, -1, -1))
                           for o in offsets], dim=-1)
 
@@ -572,8 +578,7 @@ class MetaSeg:
         padded = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, d)
         B = next(iter(theta.values())).shape[0]
         feats = self.features(theta, padded).reshape(B, *(n + 2 * k for n in S), h)     # (B, *(S + 2k), h)
-        eye = [[0] * d] + [[k if b == a else 0 for b in range(d)] for a in range(d)] \
-            + [[-k if b == a else 0 for b in range(d)] for a in range(d)]               # (P, d) voxels, head order
+        eye = [[k * u for u in o] for o in self.context_offsets]                          # (P, d) voxels, head order
         rows = max(1, self.config.chunk // max(1, math.prod(S[1:])))                     # axis-0 rows per block
         out = []
         for r in range(0, S[0], rows):
