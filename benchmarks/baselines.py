@@ -14,7 +14,7 @@ import shlex
 import sys
 
 from harness import RESULTS, SHARED_DATA
-from inrseg.bench import run_bench
+from inrseg.eval.bench import run_bench
 from inrseg.data.layouts import open_dataset
 
 

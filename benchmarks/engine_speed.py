@@ -64,7 +64,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from inrseg.data.layouts import open_dataset
-    from inrseg.training import init_distributed, resolve_device, world
+    from inrseg.engine import init_distributed, resolve_device, world
 
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)

@@ -6,7 +6,7 @@
 
 Every input is written as a ``.nii`` or a ``.nii.gz`` (by its first byte) and read with
 ``load_image`` and ``load_labels``. The only acceptable failure is
-:class:`~inrseg.errors.InputError` (a one-line message naming the file); anything else (an
+:class:`~inrseg.core.errors.InputError` (a one-line message naming the file); anything else (an
 uncaught exception, a MemoryError, a hang) is a finding: the input is saved and the run stops.
 The seed corpus is a handful of valid files (2D, 3D, 4D; float, integer, scaled; NIfTI-1 and
 NIfTI-2). Memory is capped with ``INRSEG_MAX_MEMORY_GB=1`` so that a header claiming a huge
@@ -40,7 +40,7 @@ with atheris.instrument_imports(include=["inrseg", "nibabel"]):
     import nibabel as nib
 
     from inrseg.data import io as inrseg_io
-    from inrseg.errors import InputError
+    from inrseg.core.errors import InputError
 
 TMP = Path(tempfile.mkdtemp(prefix="inrseg-fuzz-"))
 STATS = {"inputs": 0, "input_errors": 0, "accepted": 0}

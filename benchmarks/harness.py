@@ -145,7 +145,7 @@ def run_method(name: str, make_model: Callable[[Dataset], object], ds: Dataset, 
                state_path: Path | None = None, device: str = "cpu") -> tuple[object, MethodResult]:
     """Train ``make_model(ds)`` on ``device`` on ``train`` (selecting on ``val``) and score it on
     ``test``."""
-    from inrseg.training import resolve_device
+    from inrseg.engine import resolve_device
 
     model = make_model(ds).to(resolve_device(device))
     t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def supervised_factory(preset: str, minutes: float, steps: int = 100_000, seed: 
 
 def machine() -> str:
     """A one-line description of the machine the figures were measured on."""
-    from inrseg.bench import cpu_model
+    from inrseg.eval.bench import cpu_model
 
     cpu = cpu_model()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

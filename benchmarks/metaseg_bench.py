@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from harness import RESULTS, SHARED_DATA
-from inrseg.bench import run_bench
+from inrseg.eval.bench import run_bench
 
 PRESET_OF = {"brain2d-seg4": "2d-seg4", "brain2d-seg24": "2d-seg24", "brain3d-seg4": "3d-seg4",
              "cardiac2d-sunnybrook": "2d-seg4"}

@@ -128,9 +128,9 @@ def main() -> None:
         return
     from inrseg.methods.metaseg import metaseg_config
     from inrseg.data.layouts import open_dataset, split_by_subject
-    from inrseg.figures import DIAGNOSTIC_STEPS, metaseg_diagnostic, plot_diagnostic
+    from inrseg.viz.figures import DIAGNOSTIC_STEPS, metaseg_diagnostic, plot_diagnostic
     from inrseg.methods.metaseg import MetaSeg
-    from inrseg.training import Budget, resolve_device
+    from inrseg.engine import Budget, resolve_device
 
     torch.set_num_threads(args.threads)
     desc, over = EXPERIMENTS[args.experiment]

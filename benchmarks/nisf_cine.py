@@ -64,8 +64,8 @@ from inrseg.data.layouts import Case, open_dataset
 from inrseg.data.planes import PlaneView, plane_points
 from inrseg.metrics import CaseMetrics, score_case, summarize
 from inrseg.methods.nisf import NISF, NISFConfig, config_from_preset
-from inrseg.report import save_plane_png
-from inrseg.training import Budget, resolve_device
+from inrseg.eval.evaluate import save_plane_png
+from inrseg.engine import Budget, resolve_device
 from nisf_bench import plot_val_curve
 
 CINE = "cardiac-sunnybrook-cine"
@@ -137,7 +137,7 @@ def lv_volume_ml(labels: np.ndarray, voxel_mm3: float, slices: list[int] | None 
 
 # ------------------------------------------------------------------------------ figures
 def _colours(n: int):
-    """Label ``c`` in tab10's colour ``c``, as :func:`inrseg.report.save_plane_png` draws it, so
+    """Label ``c`` in tab10's colour ``c``, as :func:`inrseg.eval.evaluate.save_plane_png` draws it, so
     every figure of this benchmark colours a class alike (background masked)."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap

@@ -48,7 +48,7 @@ import torch
 from harness import SHARED_DATA, evaluate_cases, markdown_table, parse_overrides, write_results
 from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.methods.nisf import NISF, NISFConfig, config_from_preset
-from inrseg.training import OPEN_ENDED_STEPS, Budget
+from inrseg.engine import OPEN_ENDED_STEPS, Budget
 
 
 def train_diagnostic(model: NISF, pairs: list, k: int = 3) -> tuple[float, float]:

@@ -35,8 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import write_nnunet
-from inrseg.checkpoints import save_checkpoint
-from inrseg.errors import InputError
+from inrseg.engine.checkpoints import save_checkpoint
+from inrseg.core.errors import InputError
 from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
 
 NAMES = ["background", "a", "b"]
@@ -601,7 +601,7 @@ def test_sigint_saves_the_state_and_resume_continues(tmp_path):
     assert "--resume" in err and str(state) in err
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    from inrseg.checkpoints import load_train_state
+    from inrseg.engine.checkpoints import load_train_state
 
     saved = load_train_state(state, "unet")["step"]
     assert saved >= 1
@@ -647,7 +647,7 @@ def test_concurrent_writers_are_refused(tmp_path):
 def test_files_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
     from inrseg.data.io import Volume, atomic_dir, save_labels
     from inrseg.data.phantoms import write_phantom_dataset
-    from inrseg.figures import save_png
+    from inrseg.viz.figures import save_png
 
     old = os.umask(mask)
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon as scipy_wilcoxon
 
-import inrseg.bench as bench
+import inrseg.eval.bench as bench
 from inrseg.cli import main
 from inrseg.data.io import Volume, load_labels, save_labels
 
@@ -190,7 +190,7 @@ def test_bench_refuses_torchrun(phantom, tmp_path, monkeypatch, capsys):
 
 def test_methods_refuse_data_they_cannot_segment_before_training(tmp_path, capsys):
     """A 3D+t cine: the U-Net is refused up front (bench and train), naming the data; NISF is not."""
-    from inrseg.segmenter import REGISTRY, check_spatial_ndim, segmenter_class
+    from inrseg.methods.base import REGISTRY, check_spatial_ndim, segmenter_class
 
     assert {m: segmenter_class(m).spatial_ndims for m in REGISTRY} == {
         "unet": (2, 3), "segresnet": (2, 3), "morse": (2, 3), "nisf": (2, 3, 4), "metaseg": (2, 3)}
@@ -231,7 +231,7 @@ def test_wilcoxon_matches_scipy_and_is_nan_where_undefined():
 
 
 def test_3d_case_panel_is_a_slider_over_the_labelled_slices():
-    from inrseg.html_report import MAX_SLIDER_SLICES, case_panel
+    from inrseg.viz.html_report import MAX_SLIDER_SLICES, case_panel
 
     gt = np.zeros((8, 8, 30), np.uint8)
     gt[2:6, 2:6, 5:25] = 1
@@ -272,7 +272,7 @@ def test_evaluate_html_report(phantom, tmp_path):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian package chromium) not installed")
 def test_slider_moves_in_headless_chromium(tmp_path):
     """The 3D slider's script runs in a real browser: moving the range input swaps the image."""
-    from inrseg.html_report import case_panel, page
+    from inrseg.viz.html_report import case_panel, page
 
     gt = np.zeros((8, 8, 20), np.uint8)
     gt[2:6, 2:6, 3:17] = 1

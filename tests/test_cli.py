@@ -273,7 +273,7 @@ def test_segment_save_probabilities(method, cli, tmp_path):
     import numpy as np
 
     from conftest import write_nnunet
-    from inrseg.segmenter import segmenter_class
+    from inrseg.methods.base import segmenter_class
 
     root = write_nnunet(tmp_path / "ds", n=2, shape=(16, 20))
     names = ["background", "a", "b"]

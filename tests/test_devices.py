@@ -41,7 +41,7 @@ def test_checkpoint_loads_onto_any_device(tmp_path, blobs):
 
     from inrseg.data.layouts import open_dataset
     from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
-    from inrseg.segmenter import load_segmenter
+    from inrseg.methods.base import load_segmenter
 
     ds = open_dataset(blobs)
     m = SupervisedSegmenter(ds.label_names, 2, 1, SupervisedConfig(channels=(4, 8, 16), num_res_units=0))

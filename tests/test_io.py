@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from inrseg.data.io import Volume, atomic_path, load_image, load_labels, save_image, save_labels
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 
 
 def _affine(spacing):

@@ -150,7 +150,7 @@ def test_ignore_label_from_dataset_json(tmp_path, style):
 
 
 def test_ignore_label_errors(tmp_path):
-    from inrseg.errors import InputError
+    from inrseg.core.errors import InputError
 
     root = write_nnunet(tmp_path / "ds", n=1)
     meta = json.loads((root / "dataset.json").read_text())

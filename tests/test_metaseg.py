@@ -20,8 +20,8 @@ from inrseg.methods.metaseg import (ADAM_BETAS, ADAM_EPS, MetaSeg, MetaSegConfig
                                     meta_loss, weighted_mse)
 from inrseg.metrics import case_metrics
 from inrseg.nn.siren import SirenSeg, full_forward, init_params, siren_forward
-from inrseg.segmenter import Segmenter, load_segmenter
-from inrseg.training import Budget
+from inrseg.methods.base import Segmenter, load_segmenter
+from inrseg.engine import Budget
 
 SHAPE = (32, 32)
 NAMES = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf"]
@@ -443,7 +443,7 @@ def test_every_tensor_on_an_explicit_device(data, tmp_path):
     tensor and the first operation that needs its data fails: a small fit (validation, resume
     state, metrics log, Meta-SGD off and on), a resumed fit, predictions, the figures and a
     checkpoint round trip all run through on device="cpu"."""
-    from inrseg.figures import feature_pca_png, metaseg_step_curve
+    from inrseg.viz.figures import feature_pca_png, metaseg_step_curve
 
     img, lab = data["test"][0].load()
     before = torch.get_default_device()
@@ -494,7 +494,7 @@ def test_inner_sgd_equals_torch_sgd_step_for_step():
 def test_meta_learned_init_beats_random_init_at_two_test_time_steps(trained, data):
     """The signature of a working meta-learned initialisation: after only 2 test-time steps its
     own (meta-learned) head already labels the validation images far better than a random one."""
-    from inrseg.figures import metaseg_diagnostic
+    from inrseg.viz.figures import metaseg_diagnostic
 
     pairs = [c.load() for c in data["val"]]
     meta = metaseg_diagnostic(trained, pairs, (2,))

@@ -414,7 +414,7 @@ def test_one_4d_definition_evaluate_harness_nisf(tmp_path):
 
     from inrseg.data.io import Volume
     from inrseg.methods.nisf import NISF, NISFConfig
-    from inrseg.report import evaluate_dirs
+    from inrseg.eval.evaluate import evaluate_dirs
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from harness import frame_metrics
@@ -506,7 +506,7 @@ def test_overlay_has_a_legend_of_the_classes_shown():
     from matplotlib.colors import to_rgba
 
     from inrseg.data.io import Volume
-    from inrseg.report import overlay_figure
+    from inrseg.eval.evaluate import overlay_figure
 
     matplotlib.use("Agg")
     img = Volume(np.random.default_rng(0).random((1, 12, 10)).astype(np.float32), np.eye(4), 2)

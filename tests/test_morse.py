@@ -12,7 +12,7 @@ import torch
 from conftest import write_blobs
 from inrseg.data.io import Volume
 from inrseg.data.layouts import open_dataset, split_by_subject
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 from inrseg.methods.morse import VARIANTS, MORSE, MorseConfig, dropout_ramp, morse_config, rend_weight
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import build_backbone
@@ -20,7 +20,7 @@ from inrseg.nn.fourier import GaussianFourierFeatures
 from inrseg.nn.morse import MorseNet, StochasticMoE
 from inrseg.nn.point_sampling import (grid_point_coords, most_uncertain_points, point_sample,
                                       sample_training_points, uncertainty)
-from inrseg.segmenter import Segmenter, load_segmenter
+from inrseg.methods.base import Segmenter, load_segmenter
 
 TINY_UNET = {"channels": (8, 16, 32), "num_res_units": 1}
 TINY_TRANSUNET = dict(cnn_channels=(8, 8, 16, 16), hidden_size=16, num_layers=1, num_heads=2,
@@ -196,7 +196,7 @@ def test_schedule_fits_the_budget(blobs2d, tmp_path):
     run over the T that fits it (recorded in the checkpoint); without a budget T stays."""
     import json
 
-    from inrseg.training import Budget
+    from inrseg.engine import Budget
 
     train, val = blobs2d.train[:6], blobs2d.train[6:]
     cfg = _tiny_cfg("unet", "morse", steps=100_000, val_every=20, batch_size=2)

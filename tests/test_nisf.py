@@ -15,13 +15,13 @@ from torch.nn.utils.rnn import pad_sequence
 from inrseg.data.grids import resampled_affine
 from inrseg.data.io import Volume
 from inrseg.data.phantoms import BRAIN_LABELS, CARDIAC_LABELS, brain_phantom, cardiac_phantom
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 from inrseg.methods.nisf import (NISF, NISFConfig, _dice, _point_weights, build_network,
                                  config_from_preset, heldout_mask, plane_points, save_plane_png,
                                  soft_dice_loss)
 from inrseg.nn.gabor import (GaborLayer, SineLayer, gabor_activation, make_layer,
                              split_linear)
-from inrseg.training import Budget
+from inrseg.engine import Budget
 
 BRAIN_NAMES = list(BRAIN_LABELS)
 CARDIAC_NAMES = list(CARDIAC_LABELS)
@@ -430,8 +430,8 @@ def test_render_plane_matches_grid_and_long_axis(trained4d, cardiac_data, tmp_pa
 
 
 def test_save_load_identical_predictions(trained4d, cardiac_data, tmp_path):
-    from inrseg.checkpoints import read_metadata
-    from inrseg.segmenter import load_segmenter
+    from inrseg.engine.checkpoints import read_metadata
+    from inrseg.methods.base import load_segmenter
 
     img, _ = cardiac_data[2]
     path = tmp_path / "nisf.safetensors"
@@ -447,7 +447,7 @@ def test_save_load_identical_predictions(trained4d, cardiac_data, tmp_path):
 
 def test_protocol_and_nifti_output(trained4d, cardiac_data, tmp_path):
     from inrseg.data.io import load_labels, save_labels
-    from inrseg.segmenter import Segmenter, segmenter_class
+    from inrseg.methods.base import Segmenter, segmenter_class
 
     assert isinstance(trained4d, Segmenter) and segmenter_class("nisf") is NISF
     img, _ = cardiac_data[2]
@@ -472,7 +472,7 @@ def test_bad_inputs(trained2d, cardiac_data):
 
 
 def test_a_budget_without_a_step_count_trains_until_the_budget_ends():
-    from inrseg.training import OPEN_ENDED_STEPS
+    from inrseg.engine import OPEN_ENDED_STEPS
 
     for preset in ("nisf-cpu", "nisf-cpu-small"):
         assert config_from_preset(preset).steps == 3000
@@ -560,7 +560,7 @@ def test_sparse_cine_draws_annotated_frames_more_often():
     is drawn with probability f + (1 - f) / T; the draws are a pure function of (seed, step,
     rank); a fully labelled case (and f = 0) draws exactly as uniform sampling always did."""
     from inrseg.data.io import IGNORE
-    from inrseg.training import step_rng
+    from inrseg.engine import step_rng
 
     img, lab = cardiac_pair(0)
     sparse = lab.data.copy()

@@ -12,7 +12,7 @@ from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.data.sampling import PatchSampler, training_patch
 from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
 from inrseg.metrics import case_metrics
-from inrseg.segmenter import Segmenter, load_segmenter
+from inrseg.methods.base import Segmenter, load_segmenter
 
 TINY = dict(channels=(8, 16, 32), num_res_units=1, batch_size=4, val_every=20, lr=3e-3, warmup=5)
 
@@ -232,7 +232,7 @@ def test_schedule_fits_the_budget(blobs2d, tmp_path):
     import json
     import math
 
-    from inrseg.training import Budget
+    from inrseg.engine import Budget
 
     train, val = split_by_subject(blobs2d.train, 0.25)
     cfg = SupervisedConfig(**{**TINY, "val_every": 10}, steps=100_000)

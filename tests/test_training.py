@@ -11,9 +11,9 @@ import torch
 
 from conftest import write_blobs
 from inrseg.data.layouts import open_dataset
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
-from inrseg.training import (Budget, LoopSettings, TrainTask, resolve_device, run_training, step_rng,
+from inrseg.engine import (Budget, LoopSettings, TrainTask, resolve_device, run_training, step_rng,
                              use_bf16)
 
 CPU = torch.device("cpu")
@@ -99,7 +99,7 @@ def test_resumed_unet_equals_uninterrupted(tmp_path):
     """Stop after 4 of 8 steps, resume from the state file: bit-for-bit the weights, optimiser
     moments and history of an uninterrupted 8-step run (per-step draws are pure functions of
     (seed, step, item), so nothing random needs saving)."""
-    from inrseg.checkpoints import load_train_state
+    from inrseg.engine.checkpoints import load_train_state
 
     ds = open_dataset(write_blobs(tmp_path / "ds", n=4, shape=(24, 24)))
     cfg = SupervisedConfig(channels=(4, 8, 16), num_res_units=1, batch_size=2, val_every=4, lr=3e-3,

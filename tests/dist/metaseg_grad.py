@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from inrseg.data.layouts import open_dataset
 from inrseg.methods.metaseg import MetaSeg, MetaSegConfig
-from inrseg.training import LoopSettings, init_distributed, leave_distributed, run_training, world
+from inrseg.engine import LoopSettings, init_distributed, leave_distributed, run_training, world
 
 
 def meta_gradients(data: Path, meta_batch: int) -> dict[str, torch.Tensor]:

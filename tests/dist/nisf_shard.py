@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import inrseg.methods.nisf as nisf
 from inrseg.data.layouts import open_dataset
-from inrseg.training import init_distributed, leave_distributed, world
+from inrseg.engine import init_distributed, leave_distributed, world
 
 torch.set_num_threads(1)
 data, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

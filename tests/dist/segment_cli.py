@@ -8,7 +8,7 @@ from pathlib import Path
 
 import inrseg.data.io as io
 from inrseg.cli import main
-from inrseg.training import local_rank
+from inrseg.engine import local_rank
 
 record = Path(sys.argv[1]) / f"writes-rank{local_rank()}.txt"
 args = sys.argv[sys.argv.index("--") + 1:]

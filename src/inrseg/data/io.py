@@ -11,7 +11,7 @@ Conventions
   written by inrseg carries its source image's affine, so it overlays in 3D Slicer / ITK-SNAP.
 * All writes are atomic: a temporary file in the target directory, renamed on success.
 
-Every problem with a file raises :class:`~inrseg.errors.InputError` naming the file.
+Every problem with a file raises :class:`~inrseg.core.errors.InputError` naming the file.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import nibabel as nib
 import numpy as np
 
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: label of voxels without a label inside the trainers (a dataset's own ignore value, e.g.

@@ -53,7 +53,7 @@ from typing import Iterable, Sequence
 
 
 from inrseg.data.io import Volume, check_same_grid, is_nifti, load_image, load_labels, strip_nifti_suffix
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 
 CARDIAC_LABEL_NAMES = ["background", "lv-blood-pool", "lv-myocardium", "rv-blood-pool"]
 OASIS_SEG4 = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf"]

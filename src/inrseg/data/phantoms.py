@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from inrseg.data.io import Volume, make_dir_public, save_image, save_labels
-from inrseg.progress import progress
+from inrseg.core.progress import progress
 
 __all__ = ["BRAIN_LABELS", "CARDIAC_LABELS", "brain_phantom", "cardiac_phantom"]
 

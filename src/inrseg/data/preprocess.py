@@ -36,9 +36,9 @@ def normalize(image: np.ndarray, mode: str = "zscore") -> np.ndarray:
 
 
 def check_input(image, in_channels: int, spatial_ndim: int) -> None:
-    """Raise :class:`~inrseg.errors.InputError` (naming the image's file) unless ``image`` (a
+    """Raise :class:`~inrseg.core.errors.InputError` (naming the image's file) unless ``image`` (a
     :class:`~inrseg.data.io.Volume`) has the channel count and dimensionality a model expects."""
-    from inrseg.errors import InputError
+    from inrseg.core.errors import InputError
 
     if image.data.shape[0] != in_channels:
         raise InputError(image.path, f"has {image.data.shape[0]} channels, the model expects {in_channels}")

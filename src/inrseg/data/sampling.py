@@ -20,8 +20,8 @@ from monai.transforms import (Compose, DivisiblePad, RandCropByPosNegLabeld, Ran
 
 from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.layouts import Case
-from inrseg.progress import progress
-from inrseg.training import step_rng
+from inrseg.core.progress import progress
+from inrseg.core.seeding import step_rng
 
 #: intensity augmentation of training crops: x * (1 + U(-0.1, 0.1)) + U(-0.1, 0.1)
 AUG_SCALE = 0.1

@@ -18,7 +18,7 @@ Training (:meth:`MetaSeg.fit`):
    Validation every ``val_every`` steps fits ``theta`` to the validation images' pixels
    (head frozen, MSE only, exactly as at test time) and scores Dice with that adapted
    network; the best meta-parameters are kept. The outer loop is the training engine's
-   (:func:`inrseg.training.run_training`: budget, validation cadence, best state, resume
+   (:func:`inrseg.engine.run_training`: budget, validation cadence, best state, resume
    state, metrics log); under torchrun every rank computes its share of each meta-batch and
    the engine averages the meta-gradients by hand (DDP has no double backward).
 2. **Phase 2 + choice of T_f**: ``theta*`` is fitted (MSE only) to training and validation
@@ -75,17 +75,17 @@ import torch
 import torch.nn.functional as F
 from monai.losses.focal_loss import softmax_focal_loss
 
-from inrseg.checkpoints import load_checkpoint, save_checkpoint
-from inrseg.segmenter import check_spatial_ndim
+from inrseg.engine.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.methods.base import check_spatial_ndim
 from inrseg.data.grids import axis_scales, coordinate_grid, resampled_affine, resampled_shape
 from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.layouts import Case
 from inrseg.data.preprocess import check_input, normalize
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 from inrseg.metrics import case_metrics
 from inrseg.nn.siren import Params, full_forward, head_forward, init_params, siren_features, siren_forward
-from inrseg.progress import progress, status
-from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, broadcast_object,
+from inrseg.core.progress import progress, status
+from inrseg.engine import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, broadcast_object,
                              resolve_device, run_training, seconds_per_call, step_rng, steps_that_fit,
                              torch_generator, use_bf16, world)
 
@@ -738,7 +738,7 @@ class MetaSeg:
         and cosine decay run their whole course within the budget instead of being cut off at
         a high lr. Timed here: two tasks of a meta-batch (after a warm-up one) on a throwaway
         copy of the parameters, plus one validation per ``val_every`` steps
-        (:func:`inrseg.training.steps_that_fit` plans the time)."""
+        (:func:`inrseg.engine.steps_that_fit` plans the time)."""
         cfg = self.config
         if not budget.limited or cfg.steps <= 0:
             return cfg.steps

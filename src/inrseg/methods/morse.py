@@ -47,7 +47,7 @@ training crop or the sliding window), cell-centred (:mod:`inrseg.nn.point_sampli
 
 The networks (SMoE, point head, the model around a backbone) are :mod:`inrseg.nn.morse`; this
 file holds the configuration, the training step and validation (the loop, seeding, budget,
-best state, resume state and DDP are the engine's, :mod:`inrseg.training`), inference and
+best state, resume state and DDP are the engine's, :mod:`inrseg.engine`), inference and
 checkpoints.
 """
 
@@ -61,8 +61,8 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from inrseg.checkpoints import load_checkpoint, save_checkpoint
-from inrseg.segmenter import check_spatial_ndim
+from inrseg.engine.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.methods.base import check_spatial_ndim
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
@@ -70,12 +70,12 @@ from inrseg.data.preprocess import check_input, normalize
 from inrseg.data.sampling import (PatchSampler, has_ignored, load_training_tensors, pad_to_multiple, plain,
                                   training_patch)
 from inrseg.losses import IGNORE, DiceCELoss, masked_cross_entropy
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import BACKBONES, build_backbone
 from inrseg.nn.morse import MorseNet, MorseOutput, PointHead, StochasticMoE, _upsample
 from inrseg.nn.point_sampling import point_sample
-from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, resolve_device,
+from inrseg.engine import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, resolve_device,
                              run_training, step_rng, torch_generator, use_bf16, world, wrap_ddp)
 
 __all__ = ["EXPERT_DROPOUT", "HEAD_PRESETS", "MORSE", "VARIANTS", "MorseConfig", "MorseNet", "MorseOutput",
@@ -225,7 +225,7 @@ _REND_STEPS = "__rend_steps__"
 
 
 class MORSE:
-    """MORSE (and its ablation variants) behind the :class:`~inrseg.segmenter.Segmenter` protocol.
+    """MORSE (and its ablation variants) behind the :class:`~inrseg.methods.base.Segmenter` protocol.
 
     Args:
         label_names: class names indexed by label value.
@@ -404,9 +404,9 @@ class MORSE:
         where the budget would stop training sooner. Timed on a throwaway copy of the network
         (2 timed steps with the point head on, the dearest kind, after an untimed warm-up one)
         plus one validation prediction x the validation cases every ``val_every`` steps
-        (:func:`inrseg.training.timed_schedule_steps`). The dropout warm-up counts steps and
+        (:func:`inrseg.engine.timed_schedule_steps`). The dropout warm-up counts steps and
         does not follow T."""
-        from inrseg.training import timed_schedule_steps
+        from inrseg.engine import timed_schedule_steps
 
         cfg = self.config
         weight = cfg.lambda_rend if self.net.point_head is not None else 0.0

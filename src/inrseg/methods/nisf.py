@@ -45,7 +45,7 @@ Prior training loss (per image of the batch, averaged over the batch)
     case without ignored voxels draws uniformly, exactly as before. The step's cases are stacked
     (zero-padded to the largest) into one ``(B, N, d)`` forward pass.
 
-Training runs on the engine (:func:`inrseg.training.run_training`): resumable (a state file
+Training runs on the engine (:func:`inrseg.engine.run_training`): resumable (a state file
 every ``save_every`` steps), per-step draws a pure function of ``(seed, step, rank)``, so a
 resumed run reproduces an uninterrupted one. Under torchrun the network trains under DDP and
 each rank *owns* the latents of its share ``r::world`` of the training cases: it loads and
@@ -96,26 +96,26 @@ from monai.losses import DiceLoss
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from inrseg.checkpoints import load_checkpoint, save_checkpoint
-from inrseg.segmenter import check_spatial_ndim
+from inrseg.engine.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.methods.base import check_spatial_ndim
 from inrseg.data.augment import augmented_pair, copy_seed
 from inrseg.data.grids import (coordinate_grid, resampled_affine, resampled_shape,
                                world_to_coords)
 from inrseg.data.io import IGNORE, Volume, label_array
 from inrseg.data.planes import PlaneView, heldout_mask, plane_points
 from inrseg.data.preprocess import normalize
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 from inrseg.metrics import score_case
 from inrseg.nn.gabor import ACTIVATIONS
 from inrseg.nn.nisf import NISFNet
-from inrseg.progress import progress, status
-from inrseg.report import save_plane_png
-from inrseg.training import (OPEN_ENDED_STEPS, Budget, LoopSettings, TrainTask, all_reduce_sum_,
+from inrseg.core.progress import progress, status
+from inrseg.eval.evaluate import save_plane_png
+from inrseg.engine import (OPEN_ENDED_STEPS, Budget, LoopSettings, TrainTask, all_reduce_sum_,
                              as_budget, broadcast_object, resolve_device, run_training, shard,
                              step_rng, use_bf16, world, wrap_ddp)
 
 # NISFNet, PlaneView, heldout_mask, plane_points and save_plane_png live in inrseg.nn.nisf,
-# inrseg.data.planes and inrseg.report; re-exported here for existing imports.
+# inrseg.data.planes and inrseg.eval.evaluate; re-exported here for existing imports.
 __all__ = ["DEFAULT_PRESET", "NISF", "NISFConfig", "NISFNet", "PRESETS", "LatentFit", "HeldOutResult", "PlaneView",
            "build_network", "config_from_preset", "heldout_mask", "plane_points", "save_plane_png",
            "soft_dice_loss"]
@@ -346,7 +346,7 @@ class _Subject:
 
 
 class NISF:
-    """Neural Implicit Segmentation Functions behind the :class:`~inrseg.segmenter.Segmenter`
+    """Neural Implicit Segmentation Functions behind the :class:`~inrseg.methods.base.Segmenter`
     protocol (2D, 3D and 3D + t images).
 
     Args:
@@ -1036,7 +1036,7 @@ def config_from_preset(preset: str = DEFAULT_PRESET, **overrides: Any) -> NISFCo
 
     The CPU presets' ``steps`` (3,000) is the length of a run without a time limit. With a
     ``budget_minutes`` and no ``steps`` override, a constant-lr prior trains until the budget
-    ends instead (``steps`` = :data:`inrseg.training.OPEN_ENDED_STEPS`): a 5-minute budget used to stop after
+    ends instead (``steps`` = :data:`inrseg.engine.OPEN_ENDED_STEPS`): a 5-minute budget used to stop after
     ~2 minutes of 3,000 steps. A cosine schedule needs its length and keeps the preset's.
     """
     if preset not in PRESETS:

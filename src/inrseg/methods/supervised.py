@@ -2,7 +2,7 @@
 
 These are the references MetaSeg, NISF and MORSE are measured against. The networks are
 MONAI's; this file holds the training step (the loop, budget, validation cadence, resume state
-and DDP are the engine's, :mod:`inrseg.training`), sliding-window inference for volumes larger
+and DDP are the engine's, :mod:`inrseg.engine`), sliding-window inference for volumes larger
 than the training patch, and checkpointing.
 
 Training: DiceCE loss (MONAI's; ignored voxels of a dataset with an ignore label count
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import SegResNet, UNet
 
-from inrseg.checkpoints import load_checkpoint, save_checkpoint
-from inrseg.segmenter import check_spatial_ndim
+from inrseg.engine.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.methods.base import check_spatial_ndim
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.io import Volume
 from inrseg.data.layouts import Case
@@ -37,7 +37,7 @@ from inrseg.data.sampling import (PatchSampler, has_ignored, load_training_tenso
                                   training_patch)
 from inrseg.losses import IGNORE, DiceCELoss
 from inrseg.metrics import case_metrics
-from inrseg.training import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, resolve_device,
+from inrseg.engine import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, TrainTask, as_budget, resolve_device,
                              run_training, timed_schedule_steps, use_bf16, world, wrap_ddp)
 
 PRESETS: dict[str, dict] = {
@@ -218,7 +218,7 @@ class SupervisedSegmenter:
                       val: Sequence[Case] | None) -> int:
         """The schedule length that fits ``budget``: two training steps and one validation
         prediction (x the validation cases every ``val_every`` steps) timed on rank 0
-        (:func:`inrseg.training.timed_schedule_steps`)."""
+        (:func:`inrseg.engine.timed_schedule_steps`)."""
         cfg = self.config
 
         def loss_of(net: torch.nn.Module, i: int) -> torch.Tensor:

@@ -82,7 +82,7 @@ def last_status() -> str:
 
 
 def set_budget(budget) -> None:
-    """Report this :class:`~inrseg.training.Budget` in the heartbeat lines (``None``: none)."""
+    """Report this :class:`~inrseg.engine.Budget` in the heartbeat lines (``None``: none)."""
     _live["budget"] = budget
 
 

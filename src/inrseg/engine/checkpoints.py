@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from inrseg import __version__
 from inrseg.data.io import atomic_path
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 
 FORMAT_VERSION = 1
 

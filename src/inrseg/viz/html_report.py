@@ -160,7 +160,7 @@ def case_panel(image: Volume, pred: np.ndarray, gt: np.ndarray, names: Sequence[
                ignore_label: int | None = None) -> str:
     """An overlay (image | prediction | ground truth, with a legend); for 3D, a slider over the
     slices that hold labels. Ignored ground-truth voxels are drawn as background."""
-    from inrseg.report import overlay_figure
+    from inrseg.eval.evaluate import overlay_figure
 
     gt = np.asarray(gt)
     if ignore_label is not None:
@@ -216,7 +216,7 @@ def provenance_table(p: dict) -> str:
 # ----------------------------------------------------------------------------- bench
 def bench_report(result: dict, runs, examples: dict[str, dict[str, np.ndarray]], test_cases,
                  logs: Path) -> str:
-    """The bench report from :func:`inrseg.bench.run_bench`'s result, its runs, the first
+    """The bench report from :func:`inrseg.eval.bench.run_bench`'s result, its runs, the first
     seed's test predictions per method and the folder of metrics logs."""
     names, agg = result["label_names"], result["methods"]
     rows = []

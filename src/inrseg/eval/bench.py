@@ -2,7 +2,7 @@
 
 One split by subject (the validation subjects carved from the training subjects with
 ``split_seed``, the test subjects untouched), the same for every method and seed. Each
-(method, seed) run trains with its own wall-time :class:`~inrseg.training.Budget` of
+(method, seed) run trains with its own wall-time :class:`~inrseg.engine.Budget` of
 ``budget_minutes`` that covers the whole ``fit``: training, MetaSeg's phase 2 and T_f choice,
 NISF's steps curve. Everything a method chooses, it chooses on the validation subjects. Then
 every test case is predicted (timed) and scored with :func:`inrseg.metrics.score_case`, the
@@ -16,7 +16,7 @@ folder with the runs it finished, never a folder that looks complete), holding
   summaries, per-case metrics, the paired Wilcoxon tests, the curves;
 * ``results.csv``: one row per (method, seed, test case), for paired comparisons elsewhere;
 * ``results.md``: the tables;
-* ``report.html``: the self-contained report (:mod:`inrseg.html_report`);
+* ``report.html``: the self-contained report (:mod:`inrseg.viz.html_report`);
 * ``logs/<method>-seed<k>.metrics.jsonl``: each run's per-step metrics log.
 
 Statistics: a method's figure is the mean +- sample sd over seeds of its per-seed mean over
@@ -45,10 +45,10 @@ import numpy as np
 import torch
 
 from inrseg.data.layouts import Case, Dataset
-from inrseg.errors import InputError
+from inrseg.core.errors import InputError
 from inrseg.metrics import CaseMetrics, region_metrics, score_case, summarize, summarize_regions
-from inrseg.progress import status
-from inrseg.report import json_safe
+from inrseg.core.progress import status
+from inrseg.eval.evaluate import json_safe
 
 #: method name -> what ``name:VARIANT`` selects, and its default
 VARIANT_OF = {"unet": "preset (unet-small, unet-paper)", "segresnet": "none",
@@ -110,7 +110,7 @@ def build_segmenter(spec: MethodSpec, ds: Dataset, seed: int, budget_minutes: fl
     common = dict(seed=seed, budget_minutes=budget_minutes)
     if spec.method in ("unet", "segresnet"):
         from inrseg.methods.supervised import supervised_config
-        from inrseg.segmenter import segmenter_class
+        from inrseg.methods.base import segmenter_class
 
         preset = "segresnet" if spec.method == "segresnet" else (spec.variant or "unet-small")
         return segmenter_class(spec.method)(classes, nd, channels, supervised_config(preset, nd, **common),
@@ -227,7 +227,7 @@ def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[
 
     Returns the result, the predictions ``{case_id: (*S,) label map}`` (when
     ``keep_predictions``) and the model."""
-    from inrseg.training import Budget
+    from inrseg.engine import Budget
 
     budget = Budget(budget_minutes)  # starts before the model is built: all of fit counts
     model = build_segmenter(spec, ds, seed, budget_minutes, device)
@@ -414,7 +414,7 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     """Run the benchmark (see the module docstring); returns the finished run folder."""
     from inrseg.data.layouts import open_dataset, split_by_subject
     from inrseg.metrics import REGION_SETS
-    from inrseg.training import resolve_device
+    from inrseg.engine import resolve_device
 
     specs = parse_methods(methods)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -434,7 +434,7 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     if threads is not None:
         torch.set_num_threads(threads)
     ds = open_dataset(data)
-    from inrseg.segmenter import check_spatial_ndim, segmenter_class
+    from inrseg.methods.base import check_spatial_ndim, segmenter_class
 
     for spec in specs:  # before any training: a method that cannot segment this data
         check_spatial_ndim(segmenter_class(spec.method), ds.spatial_ndim, data)
@@ -486,7 +486,7 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
         write_results_csv(partial / "results.csv", runs, ds.label_names)
         (partial / "results.md").write_text(results_markdown(result))
         if html:
-            from inrseg.html_report import bench_report
+            from inrseg.viz.html_report import bench_report
 
             (partial / "report.html").write_text(bench_report(result, runs, examples, test, partial / "logs"))
         (partial / "runs.jsonl").unlink()

@@ -27,8 +27,8 @@ from typing import Optional
 import typer
 
 from inrseg import __version__
-from inrseg.errors import InputError, InrsegError
-from inrseg.progress import Heartbeat, last_status, progress, set_budget, set_quiet, status
+from inrseg.core.errors import InputError, InrsegError
+from inrseg.core.progress import Heartbeat, last_status, progress, set_budget, set_quiet, status
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Medical image segmentation with implicit neural representations.")
@@ -184,7 +184,7 @@ def evaluate(pred: Path = typer.Option(..., help="Directory of predicted label m
     """Score predictions against ground truth: Dice, Jaccard, generalized Dice, HD95 and ASD (mm).
     Ground-truth voxels with the dataset's ignore value are skipped; a 3D+t case (one subject) is
     the mean over its annotated frames of the per-frame 3D metrics."""
-    from inrseg.report import evaluate_dirs, format_table, write_report
+    from inrseg.eval.evaluate import evaluate_dirs, format_table, write_report
 
     from inrseg.data.io import atomic_dir
 
@@ -208,9 +208,9 @@ def _evaluation_html(path: Path, pred: Path, gt: Path, images: Optional[Path], l
     """Write ``report.html`` of ``inrseg evaluate --html``."""
     import datetime as _dt
 
-    from inrseg.bench import library_versions
-    from inrseg.html_report import evaluation_report
-    from inrseg.report import find_images, find_label_info, label_files
+    from inrseg.eval.bench import library_versions
+    from inrseg.viz.html_report import evaluation_report
+    from inrseg.eval.evaluate import find_images, find_label_info, label_files
 
     ids = [cid for cid, _ in per_case]
     _, ignore = find_label_info(gt, labels)
@@ -252,8 +252,8 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
     Under torchrun the inputs are split across the ranks; each output is written once."""
     from inrseg.data.io import atomic_dir, load_image
     from inrseg.data.layouts import image_files
-    from inrseg.segmenter import load_segmenter
-    from inrseg.training import broadcast_object, is_main
+    from inrseg.methods.base import load_segmenter
+    from inrseg.engine import broadcast_object, is_main
 
     _check_output_dir(output, force)
     with _run_on(device) as dev:
@@ -298,8 +298,8 @@ def _segment_into(output: Path, seg, groups, scale: float, heldout_spec, plane, 
 
     from inrseg.data.io import Volume, atomic_path, load_image, save_labels
     from inrseg.data.layouts import case_id_of
-    from inrseg.report import save_overlay
-    from inrseg.training import barrier, shard
+    from inrseg.viz.overlays import save_overlay
+    from inrseg.engine import barrier, shard
 
     for files in progress(shard(groups), desc=f"segmenting ({seg.method}, {dev})"):
         image = load_image(files, expect_ndim=seg.spatial_ndim)
@@ -337,7 +337,7 @@ def _render_plane(seg, image, spec: str, size, pixel_mm: float, frame: float, st
     import numpy as np
 
     from inrseg.data.io import save_image, save_labels
-    from inrseg.methods.nisf import save_plane_png
+    from inrseg.viz.overlays import save_plane_png
 
     if spec == "lax":
         axes = image.affine[:3, :3]
@@ -359,7 +359,7 @@ def _render_plane(seg, image, spec: str, size, pixel_mm: float, frame: float, st
 @app.command()
 def info(model: Path = typer.Argument(..., help="Checkpoint file.")) -> None:
     """Print a checkpoint's JSON description (method, version, config, classes, step counts)."""
-    from inrseg.checkpoints import read_metadata
+    from inrseg.engine.checkpoints import read_metadata
 
     meta = read_metadata(model)
     meta.pop("history", None)
@@ -370,7 +370,7 @@ def info(model: Path = typer.Argument(..., help="Checkpoint file.")) -> None:
 def _open_train_data(data: Path, splits: Optional[Path], val_fraction: float, seed: int,
                      method: Optional[str] = None):
     from inrseg.data.layouts import open_dataset, split_by_subject
-    from inrseg.segmenter import check_spatial_ndim, segmenter_class
+    from inrseg.methods.base import check_spatial_ndim, segmenter_class
 
     ds = open_dataset(data, splits_file=splits)
     if method is not None:
@@ -403,7 +403,7 @@ def _check_train_out(out: Path, resume: bool, force: bool) -> None:
 def _state_path(out: Path, resume: bool) -> Path:
     """``OUT.train-state``; without ``--resume`` (that is, with ``--force``) a stale one and its
     metrics log are removed by rank 0 before any rank looks for it."""
-    from inrseg.training import barrier, is_main
+    from inrseg.engine import barrier, is_main
 
     state = _state_file(out)
     if not resume and is_main():
@@ -421,7 +421,7 @@ def _log_path(out: Path) -> Path:
 
 def _check_device(device: str) -> None:
     """Refuse a bad ``--device`` before any data is read."""
-    from inrseg.training import resolve_device
+    from inrseg.engine import resolve_device
 
     resolve_device(device)
 
@@ -430,7 +430,7 @@ def _check_device(device: str) -> None:
 def _run_on(device: str):
     """Resolve ``--device`` and, under torchrun, join the process group for the command
     (NCCL on GPUs, gloo on CPUs); leaves it at the end. Yields the :class:`torch.device`."""
-    from inrseg.training import init_distributed, leave_distributed, resolve_device
+    from inrseg.engine import init_distributed, leave_distributed, resolve_device
 
     dev = resolve_device(device)
     joined = init_distributed(dev)
@@ -450,7 +450,7 @@ def _fit_and_save(model, train, val, out: Path, resume: bool, budget, precision:
     run left next to it are removed (and named). The resumable state is deleted once the
     checkpoint is written: it exists only while a run is unfinished or was interrupted."""
     from inrseg.data.io import exclusive_lock, remove_stale_temporaries
-    from inrseg.training import barrier, is_main
+    from inrseg.engine import barrier, is_main
 
     state = _state_file(out)
     made = out.parent
@@ -485,8 +485,8 @@ def _train_supervised(method: str, data: Path, out: Path, preset: str, steps: Op
                       foreground_fraction: Optional[float] = None, device: str = "cpu",
                       precision: str = "auto", force: bool = False) -> None:
     from inrseg.methods.supervised import PRESETS, supervised_config
-    from inrseg.segmenter import segmenter_class
-    from inrseg.training import Budget
+    from inrseg.methods.base import segmenter_class
+    from inrseg.engine import Budget
 
     budget = Budget(budget_minutes)
     set_budget(budget)
@@ -594,7 +594,7 @@ def _train_metaseg(data: Path, out: Path, preset: str, paper: bool, budget_minut
                    val_fraction: float, splits: Optional[Path], seed: int, resume: bool,
                    device: str = "cpu", precision: str = "auto", force: bool = False, **overrides) -> None:
     from inrseg.methods.metaseg import MetaSeg, metaseg_config
-    from inrseg.training import Budget
+    from inrseg.engine import Budget
 
     budget = Budget(budget_minutes)
     set_budget(budget)
@@ -636,7 +636,7 @@ def train_nisf(data: Path = _DATA, out: Path = _OUT,
     latent-fitting steps used at inference is chosen on the validation subjects. Under torchrun
     the network trains under DDP and each rank owns the latents of its share of the subjects."""
     from inrseg.methods.nisf import NISF, PRESETS, config_from_preset
-    from inrseg.training import Budget
+    from inrseg.engine import Budget
 
     budget = Budget(budget_minutes)
     set_budget(budget)
@@ -697,7 +697,7 @@ def train_morse(data: Path = _DATA, out: Path = _OUT,
                 device: str = _DEVICE, precision: str = _PRECISION) -> None:
     """Train MORSE or one of its ablation variants on a backbone (DDP under torchrun)."""
     from inrseg.methods.morse import MORSE, morse_config
-    from inrseg.training import Budget
+    from inrseg.engine import Budget
 
     budget = Budget(budget_minutes)
     set_budget(budget)
@@ -742,7 +742,7 @@ def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neuri
           html: bool = typer.Option(True, help="Write report.html.")) -> None:
     """Benchmark methods side by side: one split by subject, the same budget per method, N seeds;
     mean +- sd, paired Wilcoxon tests, results.json / .csv / .md and report.html in a new folder."""
-    from inrseg.bench import run_bench
+    from inrseg.eval.bench import run_bench
 
     _check_device(device)
     command = _state.get("command") or shlex.join(["inrseg", *sys.argv[1:]])
@@ -767,10 +767,10 @@ def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
     """MetaSeg figures: Dice and PSNR against test-time steps (paper Fig. 2), image / prediction /
     ground-truth overlays, and the PCA of the fitted INR's features (Fig. 4)."""
     from inrseg.data.layouts import open_dataset
-    from inrseg.figures import feature_pca_png, metaseg_step_curve, plot_step_curves
-    from inrseg.report import save_overlay
-    from inrseg.segmenter import load_segmenter
-    from inrseg.training import resolve_device
+    from inrseg.viz.figures import feature_pca_png, metaseg_step_curve, plot_step_curves
+    from inrseg.viz.overlays import save_overlay
+    from inrseg.methods.base import load_segmenter
+    from inrseg.engine import resolve_device
 
     seg = load_segmenter(model, "metaseg", device=resolve_device(device))
     ds = open_dataset(data)
@@ -785,7 +785,7 @@ def figures(model: Path = typer.Option(..., help="A MetaSeg checkpoint."),
                      title=f"{case.case_id} (MetaSeg, T_f = {seg.t_f})")
         feature_pca_png(seg, image, out / f"{case.case_id}_features_pca.png")
     plot_step_curves(curves, out / "dice_psnr_vs_steps.png", t_f=seg.t_f)
-    from inrseg.report import write_json
+    from inrseg.eval.evaluate import write_json
 
     write_json(curves, out / "dice_psnr_vs_steps.json")
     status(f"wrote figures for {len(chosen)} cases to {out}")
@@ -803,10 +803,11 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is wr
     from inrseg.data.io import save_labels
     from inrseg.data.layouts import open_dataset
     from inrseg.data.phantoms import write_phantom_dataset
-    from inrseg.figures import metaseg_step_curve, plot_step_curves
-    from inrseg.report import evaluate_dirs, format_table, save_overlay, write_report
-    from inrseg.segmenter import load_segmenter
-    from inrseg.training import resolve_device
+    from inrseg.viz.figures import metaseg_step_curve, plot_step_curves
+    from inrseg.eval.evaluate import evaluate_dirs, format_table, write_report
+    from inrseg.viz.overlays import save_overlay
+    from inrseg.methods.base import load_segmenter
+    from inrseg.engine import resolve_device
 
     if out.exists() and force:
         shutil.rmtree(out)

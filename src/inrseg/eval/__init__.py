@@ -1,0 +1,1 @@
+"""Scoring against references, statistics, provenance, tables and the benchmark orchestration."""

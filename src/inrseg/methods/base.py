@@ -1,0 +1,249 @@
+"""The base class every method derives from, and the capability interfaces of some methods.
+
+Every method turns a training set of (image, label map) pairs into a model that labels a new
+image; they differ only in the per-image work at test time. :class:`Segmenter` holds the shared
+plumbing: the device, ``to``, the parameter count, the training history, one checkpoint format
+with one config policy, and ``predict`` / ``predict_probabilities`` built on the method's
+:meth:`Segmenter.logits`. What only some methods can do is a capability interface
+(:class:`HeldOutSlices`, :class:`PlaneRendering`, :class:`StepCurves`, :class:`BatchPrediction`):
+the CLI asks ``isinstance(model, HeldOutSlices)``, never for a method name.
+
+Shapes: an image is a :class:`~inrseg.data.io.Volume` of ``(C, *S)``; a label map ``(*S,)``;
+logits and probabilities ``(K, *S')`` with ``K`` classes and ``S' = round(S * scale)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from inrseg.core.errors import InputError
+from inrseg.data.io import Volume
+from inrseg.data.layouts import Case
+from inrseg.engine import Budget, resolve_device
+from inrseg.engine.checkpoints import load_checkpoint, save_checkpoint
+from inrseg.methods.configs import config_from_dict, config_to_dict
+
+__all__ = ["BatchPrediction", "FitDiagnostics", "HeldOutSlices", "PlaneRendering", "Segmenter", "StepCurves", "check_spatial_ndim"]
+
+_KIND = {2: "2D", 3: "3D", 4: "3D+t"}
+
+
+def check_spatial_ndim(cls: type, spatial_ndim: int, path: Path | None = None) -> None:
+    """Refuse, in one line, data whose grid dimensionality the method ``cls`` does not segment."""
+    if spatial_ndim not in cls.spatial_ndims:
+        what = " or ".join(_KIND[n] for n in cls.spatial_ndims)
+        raise InputError(path, f"{_KIND.get(spatial_ndim, f'{spatial_ndim}D')} data: {cls.method} segments "
+                               f"{what} images" + ("" if spatial_ndim != 4 else " (nisf segments 3D+t cines)"))
+
+
+class Segmenter:
+    """A trainable segmentation model.
+
+    A method sets the class attributes, builds its networks in ``__init__`` (after calling this
+    one) and implements :meth:`fit`, :meth:`logits`, :meth:`state_tensors` and
+    :meth:`load_state_tensors`; the rest is shared.
+
+    Args:
+        label_names: class names indexed by label value (``K = len(label_names)``).
+        spatial_ndim: grid axes of the images it labels (2, 3, or 4 for 3D + t).
+        in_channels: image channels ``C``.
+        config: the method's config dataclass (an instance of :attr:`config_class`).
+        device: where its networks live (``"cpu"``, ``"cuda:0"``, ``"auto"``...).
+
+    Attributes:
+        history: one entry per validation of the last :meth:`fit` (step, loss, metrics).
+        best_step: the step whose state was kept (best on validation), or ``None``.
+    """
+
+    #: registry name, stored in checkpoints (``"unet"``, ``"metaseg"``...)
+    method: ClassVar[str]
+    #: the grid dimensionalities it segments (2, 3, 4 = 3D + t)
+    spatial_ndims: ClassVar[tuple[int, ...]] = (2, 3)
+    #: the config dataclass it is built from
+    config_class: ClassVar[type]
+    #: bf16 autocast keeps its accuracy (``--precision auto`` uses it on CUDA)
+    bf16_safe: ClassVar[bool] = False
+    #: checkpoint header keys :meth:`load` restores as attributes, with their defaults
+    saved_attributes: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int = 1,
+                 config: Any = None, device: str | torch.device = "cpu") -> None:
+        check_spatial_ndim(type(self), spatial_ndim)
+        self.config = config if config is not None else self.config_class()
+        self.label_names = list(label_names)
+        self.spatial_ndim = spatial_ndim
+        self.in_channels = in_channels
+        self.device = resolve_device(device)
+        self.history: list[dict] = []
+        self.best_step: int | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The networks whose parameters :attr:`num_params` counts and :meth:`to` moves."""
+        return [m for m in vars(self).values() if isinstance(m, torch.nn.Module)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Loose trained tensors (not in a module) that :meth:`to` moves: override where a
+        method keeps its weights as a dict of tensors."""
+        return {}
+
+    def to(self, device: str | torch.device) -> "Segmenter":
+        """Move the model to ``device``; returns ``self``."""
+        self.device = resolve_device(device)
+        for m in self.modules():
+            m.to(self.device)
+        self._moved()
+        return self
+
+    def _moved(self) -> None:
+        """Hook after :meth:`to`: move loose tensors to :attr:`device`."""
+
+    @property
+    def num_params(self) -> int:
+        """Trainable numbers the model stores (every module's parameters plus loose tensors)."""
+        return (sum(p.numel() for m in self.modules() for p in m.parameters())
+                + sum(t.numel() for t in self.tensors().values()))
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train: Sequence[Case], val: Sequence[Case] | None = None,
+            state_path: Path | None = None, *, budget: Budget | None = None,
+            log_path: Path | None = None, precision: str = "auto") -> None:
+        """Train on ``train``; select models / step counts on ``val`` (never on test data).
+
+        ``state_path``: where a resumable training state is written periodically; if the file
+        exists, training continues from it. ``budget``: the wall-time deadline of the whole
+        call, every phase included (default: the config's ``budget_minutes`` from now).
+        ``log_path``: per-step metrics log (JSON lines). ``precision``: ``auto`` (bf16 autocast
+        on CUDA where the method allows it), ``fp32`` or ``bf16``. Under torchrun every rank
+        calls it; the engine (:mod:`inrseg.engine`) splits the work.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ inference
+    def logits(self, image: Volume, scale: float | Sequence[float] = 1.0) -> tuple[torch.Tensor, np.ndarray]:
+        """Class logits ``(K, *S')`` of ``image`` (``(C, *S)``) on the grid of ``scale`` and that
+        grid's 4 x 4 affine. ``scale`` != 1: a finer / coarser grid of the same field of view."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """Label map ``(*S',)`` int64 of ``image``, with an affine that overlays it."""
+        logits, affine = self.logits(image, scale)
+        labels = logits.argmax(0).cpu().numpy().astype(np.int64)
+        return Volume(labels, affine, self.spatial_ndim, image.time_step, path=image.path)
+
+    @torch.no_grad()
+    def predict_probabilities(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
+        """Class probabilities ``(K, *S')`` float32 (summing to 1 per voxel) on the grid of
+        :meth:`predict`, whose labels are their argmax; ``inrseg segment --save-probabilities``."""
+        logits, affine = self.logits(image, scale)
+        probs = torch.softmax(logits.float(), 0).cpu().numpy().astype(np.float32)
+        return Volume(probs, affine, self.spatial_ndim, image.time_step, path=image.path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint stores, by name."""
+        raise NotImplementedError
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], path: Path | None = None) -> None:
+        """Put :meth:`state_tensors` back (raise :class:`InputError` naming ``path`` if they do not
+        fit the config)."""
+        raise NotImplementedError
+
+    def state_meta(self) -> dict[str, Any]:
+        """Header fields beyond the shared ones: :attr:`saved_attributes` by default."""
+        return {k: getattr(self, k) for k in self.saved_attributes}
+
+    def save(self, path: str | Path) -> None:
+        """Write a checkpoint (safetensors + JSON header with the resolved config), atomically."""
+        save_checkpoint(path, self.method, self.state_tensors(), {
+            "config": config_to_dict(self.config), "label_names": self.label_names,
+            "spatial_ndim": self.spatial_ndim, "in_channels": self.in_channels,
+            "best_step": self.best_step, "history": self.history, "num_params": self.num_params,
+            **self.state_meta()})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Segmenter":
+        """Read a checkpoint written by :meth:`save` of this method onto ``device``."""
+        tensors, meta = load_checkpoint(path, cls.method)
+        cfg = config_from_dict(cls.config_class, meta["config"], Path(path))
+        obj = cls(meta["label_names"], meta["spatial_ndim"], meta["in_channels"], cfg, device=device)
+        try:
+            obj.load_state_tensors({k: v.to(obj.device) for k, v in tensors.items()}, Path(path))
+        except RuntimeError as exc:  # torch's load_state_dict on mismatched shapes or names
+            raise InputError(path, f"weights do not match the stored config ({str(exc).splitlines()[0][:160]})") from None
+        obj.best_step, obj.history = meta.get("best_step"), list(meta.get("history", []))
+        for key, default in cls.saved_attributes.items():
+            setattr(obj, key, meta.get(key, default(obj) if callable(default) else default))
+        return obj
+
+    def chosen_settings(self) -> dict[str, Any]:
+        """What training chose on validation (best step; methods add T_f, inference steps...)."""
+        return {"best_step": self.best_step} if self.best_step is not None else {}
+
+
+# ============================================================================================
+# capabilities: what only some methods can do
+# ============================================================================================
+
+@runtime_checkable
+class HeldOutSlices(Protocol):
+    """Labels slices the model did not see: fits on the other slices, predicts the held-out ones
+    (``segment --heldout AXIS:i,j``). Returns an object whose ``labels`` is the ``(*S,)`` label
+    map Volume of the whole grid."""
+
+    def predict_heldout(self, image: Volume, axis: int, indices: Sequence[int],
+                        labels: Volume | None = None, steps: int | None = None) -> Any: ...
+
+
+@runtime_checkable
+class PlaneRendering(Protocol):
+    """Renders labels on any plane through the fitted continuous field (``segment --plane``).
+
+    ``centre_mm``, ``u``, ``v``: the plane's centre and in-plane axes in world mm (RAS, the
+    image affine's frame); ``size``: ``(NU, NV)`` pixels of ``pixel_mm``; ``frame``: the time
+    frame of a 3D + t image. Returns a :class:`~inrseg.data.planes.PlaneView`."""
+
+    def render_plane_of(self, image: Volume, centre_mm: Sequence[float], u: Sequence[float],
+                        v: Sequence[float], size: tuple[int, int], pixel_mm: float, frame: float = 0.0) -> Any: ...
+
+
+@runtime_checkable
+class StepCurves(Protocol):
+    """Chose a test-time step count on validation and keeps the curve it chose it from:
+    ``[(steps, validation mean foreground Dice)]`` in step order."""
+
+    def steps_curve(self) -> list[tuple[int, float]]: ...
+
+
+@runtime_checkable
+class BatchPrediction(Protocol):
+    """Predicts several images in one batch (cheaper than one by one)."""
+
+    def predict_batch(self, images: Sequence[Volume], scale: float | Sequence[float] = 1.0) -> list[Volume]: ...
+
+
+@runtime_checkable
+class FitDiagnostics(Protocol):
+    """A test-time fit that can be watched (``inrseg figures``): the data of the figures; the
+    plots are :mod:`inrseg.viz.figures`'.
+
+    * ``step_curve``: ``[{"step", "dice", "psnr_db"}]`` after each of ``steps`` fit steps;
+    * ``feature_components``: ``(rgb (*S, 3) in [0, 1], labels (*S,))``: the first three principal
+      components of the fitted features, and the labels;
+    * ``diagnostic``: ``{head: [{"step", "dice", "per_class"}]}`` on labelled (validation) pairs.
+    """
+
+    def step_curve(self, image: Volume, labels: Volume, steps: Sequence[int]) -> list[dict]: ...
+
+    def feature_components(self, image: Volume, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def diagnostic(self, pairs: Sequence[tuple[Volume, Volume]], steps: Sequence[int]) -> dict[str, list[dict]]: ...

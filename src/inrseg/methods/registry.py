@@ -1,0 +1,257 @@
+"""The method registry: one entry per method, read by the CLI, ``bench``, the reports and the docs.
+
+An entry names the method, its segmenter class and its config :class:`Recipe` (config class,
+presets, the default preset for the data at hand, how a preset becomes a config), the
+``name:variant`` grammar and a one-line summary; capabilities are read off the class
+(:mod:`inrseg.methods.base`). Classes and recipes are imported on first use, so ``inrseg --help``
+stays fast. :func:`resolve` is the one way a config is made from what a user typed: ``inrseg
+train`` and ``inrseg bench`` both call it, so they build the same model for the same data.
+
+Adding a method: a package under ``inrseg.methods`` with a :class:`~inrseg.methods.base.Segmenter`
+subclass and a :class:`Recipe`, and one :class:`MethodEntry` in :data:`ENTRIES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from inrseg.core.errors import InputError
+from inrseg.engine.checkpoints import read_metadata, validate_model_header
+from inrseg.methods.base import BatchPrediction, FitDiagnostics, HeldOutSlices, PlaneRendering, Segmenter, StepCurves
+from inrseg.methods.configs import parse_set, read_override_file
+
+__all__ = ["ENTRIES", "MethodEntry", "MethodSpec", "Recipe", "capabilities", "entry", "load_segmenter",
+           "parse_methods", "resolve", "segmenter_class"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method's config is made.
+
+    Args:
+        config_class: the config dataclass.
+        presets: preset name -> field values.
+        default_preset: ``spatial_ndim -> preset`` (2, 3, or 4 for 3D + t).
+        build: ``(preset, spatial_ndim, overrides) -> config``: the preset's fields, the defaults
+            that depend on the data (a 3D batch of 2 crops, ...), then ``overrides``; default
+            :func:`build_plain`.
+    """
+
+    config_class: type
+    presets: Mapping[str, Mapping[str, Any]]
+    default_preset: Callable[[int], str]
+    build: Callable[..., Any] | None = None
+
+    def make(self, preset: str, spatial_ndim: int, overrides: Mapping[str, Any]) -> Any:
+        if preset not in self.presets:
+            raise InputError(None, f"unknown preset {preset!r} ({', '.join(self.presets)})")
+        try:
+            if self.build is not None:
+                return self.build(preset, spatial_ndim, dict(overrides))
+            return self.config_class(**{**self.presets[preset], **overrides})
+        except (TypeError, ValueError) as exc:
+            raise InputError(None, f"{self.config_class.__name__}: {str(exc).splitlines()[0][:200]}") from None
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method.
+
+    Args:
+        name: the registry and checkpoint name (``inrseg train NAME``).
+        summary: one line for ``--help``, ``inrseg methods`` and the docs.
+        segmenter: ``"module:Class"`` of its :class:`~inrseg.methods.base.Segmenter`.
+        recipe: ``"module:NAME"`` of its :class:`Recipe`.
+        variant_fields: config fields that the ``:`` parts of ``name:a:b`` set, in order; empty:
+            ``name:P`` selects preset ``P``.
+        doc: its page under ``docs/methods/``.
+    """
+
+    name: str
+    summary: str
+    segmenter: str
+    recipe: str
+    variant_fields: tuple[str, ...] = ()
+    doc: str = ""
+
+    def _load(self, target: str) -> Any:
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    @property
+    def cls(self) -> type[Segmenter]:
+        return self._load(self.segmenter)
+
+    @property
+    def config_recipe(self) -> Recipe:
+        return self._load(self.recipe)
+
+    @property
+    def grammar(self) -> str:
+        """The ``--methods`` spelling, e.g. ``morse[:variant[:backbone]]`` or ``unet[:preset]``."""
+        parts = self.variant_fields or ("preset",)
+        return self.name + "".join(f"[:{p}" for p in parts) + "]" * len(parts)
+
+
+#: every method, in the order the docs list them
+ENTRIES: dict[str, MethodEntry] = {e.name: e for e in (
+    MethodEntry("unet", "MONAI U-Net (2D / 3D), DiceCE, patch training: the supervised reference",
+                "inrseg.methods.unet:UNetSegmenter", "inrseg.methods.unet:UNET_RECIPE", doc="docs/methods/unet.md"),
+    MethodEntry("segresnet", "MONAI SegResNet (the MetaSeg paper's 3D baseline), the U-Net's trainer",
+                "inrseg.methods.unet:SegResNetSegmenter", "inrseg.methods.unet:SEGRESNET_RECIPE",
+                doc="docs/methods/unet.md"),
+    MethodEntry("morse", "MORSE: stochastic mixture of decoder experts + implicit rendering of uncertain "
+                         "points on a U-Net / TransUNet / 3D U-Net / UNETR backbone (and its ablations)",
+                "inrseg.methods.morse:MORSE", "inrseg.methods.morse:RECIPE", ("variant", "backbone"),
+                doc="docs/methods/morse.md"),
+    MethodEntry("metaseg", "MetaSeg: a meta-learned SIREN fitted to each test image; a head reads labels off "
+                           "its features", "inrseg.methods.metaseg:MetaSeg", "inrseg.methods.metaseg:RECIPE",
+                doc="docs/methods/metaseg.md"),
+    MethodEntry("nisf", "NISF: an auto-decoder Gabor-wavelet prior; at test time only a latent is fitted "
+                        "(labels at any resolution, held-out slices, other planes)",
+                "inrseg.methods.nisf:NISF", "inrseg.methods.nisf:RECIPE", doc="docs/methods/nisf.md"),
+)}
+
+
+def entry(name: str, path: Path | None = None) -> MethodEntry:
+    """The entry of ``name``; an :class:`InputError` listing the known methods otherwise."""
+    if name not in ENTRIES:
+        raise InputError(path, f"method {name!r} is not available in this version of inrseg "
+                               f"(known: {', '.join(ENTRIES)})")
+    return ENTRIES[name]
+
+
+def segmenter_class(method: str, path: Path | None = None) -> type[Segmenter]:
+    """The class registered for ``method``."""
+    return entry(method, path).cls
+
+
+def capabilities(cls: type) -> list[str]:
+    """What a segmenter class can do beyond the base interface (for ``--help`` and the docs)."""
+    caps = [("held-out slices", HeldOutSlices), ("planes", PlaneRendering), ("step curves", StepCurves),
+            ("batched prediction", BatchPrediction), ("fit diagnostics", FitDiagnostics)]
+    out = [name for name, proto in caps if all(callable(getattr(cls, m, None)) for m in _members(proto))]
+    if getattr(cls, "continuous_scale", False):
+        out.append("--scale on the continuous field")
+    else:
+        out.append("--scale by interpolating logits")
+    return out
+
+
+def _members(proto: type) -> list[str]:
+    return [k for k in vars(proto) if not k.startswith("_") and callable(vars(proto)[k])]
+
+
+# ============================================================================================
+# what the user typed -> a config
+# ============================================================================================
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method as written on a command line: ``name[:a[:b]]`` (see :attr:`MethodEntry.grammar`)."""
+
+    text: str
+    method: str
+    parts: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.text
+
+    @property
+    def entry(self) -> MethodEntry:
+        return ENTRIES[self.method]
+
+
+def parse_spec(text: str) -> MethodSpec:
+    """``"morse:pointrend:unet3d"`` -> a :class:`MethodSpec`; unknown names and presets are errors."""
+    method, *parts = [p.strip() for p in text.strip().split(":")]
+    e = entry(method)
+    n = max(1, len(e.variant_fields))
+    if len(parts) > n:
+        raise InputError(None, f"{text!r} has too many ':' parts (expected {e.grammar})")
+    if parts and not e.variant_fields and parts[0] not in e.config_recipe.presets:
+        raise InputError(None, f"{text!r}: unknown {method} preset {parts[0]!r} "
+                               f"({', '.join(e.config_recipe.presets)})")
+    return MethodSpec(text.strip(), method, tuple(parts))
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """``"unet,morse:pointrend,metaseg"`` -> specs; names a method twice or none: an error."""
+    specs = [parse_spec(t) for t in text.split(",") if t.strip()]
+    if not specs:
+        raise InputError(None, "--methods: no method given")
+    if len({s.text for s in specs}) != len(specs):
+        raise InputError(None, f"--methods: {text!r} names a method twice")
+    return specs
+
+
+def resolve(spec: str | MethodSpec, spatial_ndim: int, *, preset: str | None = None,
+            config_file: Path | None = None, sets: Sequence[str] = (),
+            options: Mapping[str, Any] | None = None) -> tuple[MethodEntry, Any]:
+    """The config a user asked for, in one order of precedence (later wins):
+
+    1. the preset: ``preset``, else the override file's ``preset``, else a ``name:P`` spec's,
+       else the entry's default for ``spatial_ndim``;
+    2. the override file's fields (``--config FILE``);
+    3. the ``:`` parts of a spec whose entry has ``variant_fields`` (``morse:pointrend:unet3d``);
+    4. ``--set key=value`` items;
+    5. ``options``: the CLI's shorthand flags (``--steps``, ``--budget-minutes``, ``seed``...),
+       ``None`` values skipped. A flag the method's config has no field for is an error.
+
+    Returns ``(entry, config)``.
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    e = spec.entry
+    recipe = e.config_recipe
+    cls = recipe.config_class
+    file_preset, from_file = read_override_file(cls, config_file) if config_file is not None else (None, {})
+    spec_preset = spec.parts[0] if spec.parts and not e.variant_fields else None
+    chosen = preset or file_preset or spec_preset or recipe.default_preset(spatial_ndim)
+    overrides: dict[str, Any] = dict(from_file)
+    overrides.update(dict(zip(e.variant_fields, spec.parts)))
+    overrides.update(parse_set(cls, sets))
+    names = {f.name for f in fields(cls)}
+    for key, value in (options or {}).items():
+        if value is None:
+            continue
+        if key not in names:
+            raise InputError(None, f"--{key.replace('_', '-')}: {e.name} has no {key!r} setting "
+                                   f"(`inrseg config {e.name}` lists them)")
+        overrides[key] = value
+    cfg = recipe.make(chosen, spatial_ndim, overrides)
+    return e, cfg
+
+
+# ============================================================================================
+# checkpoints
+# ============================================================================================
+
+def load_segmenter(path: str | Path, method: str | None = None,
+                   device: str | torch.device = "cpu") -> Segmenter:
+    """Load any inrseg checkpoint onto ``device``; with ``method``, refuse a checkpoint of
+    another method. Checkpoints hold CPU tensors, so any checkpoint loads onto any device."""
+    path = Path(path)
+    meta = read_metadata(path)
+    found = meta.get("method")
+    if meta.get("kind") == "train-state":
+        raise InputError(path, "is a training-state file, not a model checkpoint")
+    if method is not None and found != method:
+        raise InputError(path, f"is a {found!r} checkpoint, not {method!r}")
+    cls = segmenter_class(found, path)
+    validate_model_header(path, meta)
+    try:
+        return cls.load(path, device=device)
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        # a header that is valid JSON but lies about the config, the classes or the channels
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(path, f"checkpoint header does not match its weights ({type(exc).__name__}: "
+                               f"{msg[:160]})") from None
+
