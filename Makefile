@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - creates .venv if missing, installs inrseg, runs the demo on embedded phantoms
-#   make test   - creates .venv if missing, installs inrseg with its dev extras, runs the tests
+#   make test   - creates .venv if missing, installs inrseg with its dev extras, checks the import
+#                 contracts (import-linter) and runs the tests
 # torch==2.13.0 is installed first only when the venv has no torch (a CPU build here; GPU users
 # who already have their own torch in the venv keep it).
 
@@ -24,6 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/inrseg demo --out demo-out
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 from inrseg.core.errors import InputError
 from inrseg.core.progress import status
 
-__all__ = ["apply_overrides", "config_from_dict", "config_to_dict", "describe", "field_help", "parse_set",
+__all__ = ["apply_overrides", "config_from_dict", "config_to_dict", "describe", "field_help", "field_types", "parse_set",
            "read_override_file"]
 
 
@@ -37,7 +37,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotation of every field of the config class ``cls``."""
     module = sys.modules.get(cls.__module__)
     return typing.get_type_hints(cls, vars(module) if module else None)
 
@@ -52,11 +53,14 @@ def _wants_tuple(hint: Any) -> bool:
 
 def _coerce(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` with JSON lists turned into tuples where the field of ``cls`` is a tuple."""
-    hints = _hints(cls)
+    hints = field_types(cls)
     out = {}
     for k, v in values.items():
-        if isinstance(v, list) and _wants_tuple(hints.get(k)):
+        hint = hints.get(k)
+        if isinstance(v, list) and _wants_tuple(hint):
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        elif isinstance(v, int) and not isinstance(v, bool) and (hint is float or hint == (float | None)):
+            v = float(v)
         out[k] = v
     return out
 
