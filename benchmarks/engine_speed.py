@@ -7,8 +7,11 @@ Steps per second are the median over the per-step times of the engine's metrics 
 first steps, which warm up allocators, are dropped). The two layouts of a method run back to
 back, one at a time, so they share the machine's state.
 
-    python benchmarks/engine_speed.py --data ../shared/data/brain2d-seg4 --steps 40
-    python benchmarks/engine_speed.py --methods unet,metaseg --device cuda   # on a GPU machine
+    python benchmarks/engine_speed.py --data DATA/brain2d-seg4 --steps 40
+    python benchmarks/engine_speed.py --data DATA/brain2d-seg4 --methods unet,metaseg --device cuda
+
+Each method is built by the registry (``inrseg.methods.registry.resolve``) with its default preset
+for the data, as ``inrseg train`` builds it, with the batch and step count set here.
 
 Writes ``benchmarks/results/<date>-engine-speed.md``.
 """
@@ -24,48 +27,44 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import datetime as _dt
 
-from harness import SHARED_DATA, markdown_table, write_results  # noqa: E402
+import torch
 
-METHODS = ("unet", "segresnet", "morse", "nisf", "metaseg")
+from inrseg.data.layouts import open_dataset
+from inrseg.engine import init_distributed, resolve_device, world
+from inrseg.methods.registry import ENTRIES, resolve
+
+METHODS = tuple(ENTRIES)
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build(method: str, ds, per_rank: int, steps: int, device: str):
-    """A CPU-default model of ``method`` whose per-rank batch is ``per_rank`` items."""
-    from inrseg.methods.metaseg import MetaSeg, MetaSegConfig
-    from inrseg.methods.morse import MORSE, morse_config
-    from inrseg.methods.nisf import NISF, config_from_preset
-    from inrseg.methods.supervised import (PRESETS, SegResNetSegmenter, SupervisedConfig,
-                                           SupervisedSegmenter)
+def build(method: str, ds, per_rank: int, steps: int, device):
+    """The default model of ``method`` for ``ds`` (the registry's), with a per-rank batch of
+    ``per_rank`` items (x the method's items per task) and no validation inside the timed steps."""
+    big = 10 ** 6
+    per_item = {"unet": 4, "segresnet": 2, "morse": 2}
+    sets = {"unet": ["val_every=%d" % big], "segresnet": ["val_every=%d" % big], "morse": ["val_every=%d" % big],
+            "nisf": [f"subjects_per_step={per_rank}", f"save_every={big}"],
+            "metaseg": [f"meta_batch={per_rank}", f"val_every={big}", "phase2_steps=0"]}[method]
+    options = {"steps": steps}
+    if method in per_item:
+        options["batch_size"] = per_item[method] * per_rank
+    e, cfg = resolve(method, ds.spatial_ndim, preset="nisf-cpu" if method == "nisf" else None, sets=sets,
+                     options=options)
+    return e.cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=device)
 
-    nd, c, names = ds.spatial_ndim, len(ds.channel_names), ds.label_names
-    big = 10 ** 6  # no validation inside the timed steps
-    if method == "unet":
-        cfg = SupervisedConfig(**PRESETS["unet-small"], batch_size=4 * per_rank, steps=steps, val_every=big)
-        return SupervisedSegmenter(names, nd, c, cfg, device=device)
-    if method == "segresnet":
-        cfg = SupervisedConfig(**PRESETS["segresnet"], batch_size=2 * per_rank, steps=steps, val_every=big)
-        return SegResNetSegmenter(names, nd, c, cfg, device=device)
-    if method == "morse":
-        cfg = morse_config("unet", "morse", nd, "cpu", batch_size=2 * per_rank, steps=steps, val_every=big)
-        return MORSE(names, nd, c, cfg, device=device)
-    if method == "nisf":
-        cfg = config_from_preset("nisf-cpu", subjects_per_step=per_rank, steps=steps, save_every=big)
-        return NISF(names, nd, c, cfg, device=device)
-    if method == "metaseg":
-        cfg = MetaSegConfig(meta_batch=per_rank, steps=steps, val_every=big, phase2_steps=0)
-        return MetaSeg(names, nd, c, cfg, device=device)
-    raise SystemExit(f"unknown method {method!r} ({', '.join(METHODS)})")
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of equal keys as a markdown table (floats to 4 significant digits)."""
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                     + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
 
 
 def worker(args: argparse.Namespace) -> None:
     """One training run (a torchrun rank, or the single process); metrics log to ``args.log``."""
-    import torch
-
-    from inrseg.data.layouts import open_dataset
-    from inrseg.engine import init_distributed, resolve_device, world
-
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     init_distributed(dev)
@@ -98,7 +97,7 @@ def run_layout(method: str, procs: int, threads: int, args: argparse.Namespace, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=SHARED_DATA / "brain2d-seg4")
+    ap.add_argument("--data", type=Path, required=True, help="a dataset folder (e.g. brain2d-seg4)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the median")
@@ -131,7 +130,8 @@ def main() -> None:
     notes = (f"Data `{args.data.name}`, {args.steps} steps per run, median step time after the first "
              f"{args.skip}; {args.repeats} runs per layout, alternating, median of the runs; the same global batch per step in both layouts (U-Net 8 slices, SegResNet 4, "
              f"MORSE 4, NISF 2 subjects x 8,192 voxels, MetaSeg 2 tasks). Device {args.device}.")
-    path = write_results("engine-speed", {"Steps per second": markdown_table(rows)}, notes)
+    path = RESULTS / f"{_dt.date.today():%Y-%m-%d}-engine-speed.md"
+    path.write_text(f"# Engine speed\n\n`{' '.join(sys.argv)}`\n\n{notes}\n\n{markdown_table(rows)}\n")
     print(f"wrote {path}")
 
 

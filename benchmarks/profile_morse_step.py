@@ -1,29 +1,70 @@
-"""Where a MORSE training step spends its time on the CPU (the cost behind docs/findings/morse.md).
+"""Where a MORSE training step spends its time on the CPU.
 
     python benchmarks/profile_morse_step.py [--moe-dim 32] [--variant smoe] [--threads 1]
 
-One AdamW step on 4 random 160 x 192 slices (brain2d-seg4's size), 5 classes, the ``cpu``
-backbone, after one warm-up step, under ``torch.profiler``; also the median seconds per step of
-the variant and of the plain backbone over 3 timed steps. Written to
-``benchmarks/results/<date>-morse-step-profile.md``.
+One training step of the ``cpu`` preset on the ``unet`` backbone (the step the budget timing
+measures: :meth:`~inrseg.methods.cnn.CNNSegmenter.timing_loss`, ``L_rend`` on where the variant
+has a point head, with the optimiser the method trains with) on 4 random 160 x 192 slices,
+5 classes, after one warm-up step, under ``torch.profiler``; also the median seconds per step of
+the variant and of ``baseline`` (the plain backbone) over 3 timed steps. Written to
+``benchmarks/results/<date>-morse-step-profile[-k].md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from harness import write_results
-from inrseg.methods.morse import MORSE, morse_config
+from inrseg.eval.provenance import git_state, machine_line, source_repo, utc_now
+from inrseg.methods.cnn import TrainBatch
+from inrseg.methods.registry import resolve
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAMES = ["bg", "a", "b", "c", "d"]
 
 
-def _model(variant: str, moe_dim: int) -> MORSE:
-    cfg = morse_config("unet", variant, 2, "cpu", moe_dim=moe_dim, gate_dim=moe_dim)
-    return MORSE(["bg", "a", "b", "c", "d"], 2, 1, cfg, device=torch.device("cpu"))
+def timed_step(variant: str, moe_dim: int, x: torch.Tensor, y: torch.Tensor):
+    """``(model, step)``: a MORSE model of ``variant`` and a function running one of its training
+    steps on ``(x, y)``."""
+    entry, cfg = resolve(f"morse:{variant}:unet", 2, preset="cpu", options=dict(moe_dim=moe_dim, gate_dim=moe_dim))
+    model = entry.cls(NAMES, 2, 1, cfg, device="cpu")
+    net = model.net.train()
+    opt = model.make_optimizer(net.parameters())
+    loss_fn = model.make_loss(ignore=False)
+    calls = iter(range(10 ** 6))
+
+    def step() -> None:
+        loss = model.timing_loss(net, TrainBatch(x, y, next(calls), range(len(x))), loss_fn)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return model, step
+
+
+def write(body: str, threads: int) -> Path:
+    """``benchmarks/results/<date>-morse-step-profile[-k].md`` with the date, commit, machine and command."""
+    now = utc_now()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path, k = RESULTS / f"{now:%Y-%m-%d}-morse-step-profile.md", 1
+    while path.exists():  # a second run the same day never overwrites the first
+        k += 1
+        path = RESULTS / f"{now:%Y-%m-%d}-morse-step-profile-{k}.md"
+    git = git_state(source_repo())
+    head = ["# morse-step-profile", "", f"- date: {now:%Y-%m-%d %H:%M} UTC",
+            f"- commit: {git['commit']}{' (dirty)' if git['dirty'] else ''}",
+            f"- machine: {machine_line(torch.device('cpu'))}",
+            f"- command: `{' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", "",
+            f"4 slices of 160 x 192, 5 classes, `cpu` preset, {threads} thread(s); random data "
+            "(the cost does not depend on the values).", ""]
+    path.write_text("\n".join(head + ["## Seconds per training step and profile", "", body, ""]))
+    return path
 
 
 def main() -> None:
@@ -35,20 +76,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 160, 192, generator=gen)
-    y = torch.randint(0, 5, (4, 160, 192), generator=gen)
-    rows = []
-    steps = {}
+    y = torch.randint(0, len(NAMES), (4, 1, 160, 192), generator=gen)
+    rows, steps = [], {}
     for variant in ("baseline", args.variant):
-        model = _model(variant, args.moe_dim)
-        net = model.net.train()
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-
-        def step() -> None:
-            loss = torch.nn.functional.cross_entropy(net(x).coarse, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        model, step = timed_step(variant, args.moe_dim, x, y)
         step()
         times = []
         for _ in range(3):
@@ -63,11 +94,8 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     body = ("| variant | D | s per step (median of 3) | params |\n|---|---|---|---|\n" + "\n".join(rows)
             + f"\n\nProfile of one `{args.variant}` step:\n\n```\n{table}\n```")
-    path = write_results("morse-step-profile", {"Seconds per training step and profile": body},
-                         f"4 slices of 160 x 192, 5 classes, `cpu` backbone, {args.threads} thread(s); random data "
-                         "(the cost does not depend on the values).")
     print(body)
-    print(f"wrote {path}")
+    print(f"wrote {write(body, args.threads)}")
 
 
 if __name__ == "__main__":

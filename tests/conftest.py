@@ -42,7 +42,8 @@ def cli(capsys):
 def write_nnunet(root: Path, n: int = 4, shape=(24, 20), channels: int = 1, seed: int = 0,
                  labels=None) -> Path:
     """A tiny nnU-Net raw dataset with random blobs: ``n`` cases in ``imagesTr`` / ``labelsTr``."""
-    from inrseg.data.io import Volume, save_image, save_labels
+    from inrseg.data.nifti import save_image, save_labels
+    from inrseg.data.volume import Volume
 
     rng = np.random.default_rng(seed)
     names = labels or {"background": 0, "a": 1, "b": 2}
@@ -63,7 +64,8 @@ def write_nnunet(root: Path, n: int = 4, shape=(24, 20), channels: int = 1, seed
 def write_blobs(root: Path, n: int = 6, shape=(32, 32), seed: int = 0, spacing=1.0) -> Path:
     """A learnable nnU-Net dataset: noisy images of a bright disk/ball (class 1) and a darker
     ring/shell around it (class 2). Cases ``subNN_x``, one subject each."""
-    from inrseg.data.io import Volume, save_image, save_labels
+    from inrseg.data.nifti import save_image, save_labels
+    from inrseg.data.volume import Volume
 
     rng = np.random.default_rng(seed)
     d = len(shape)

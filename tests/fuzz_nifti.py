@@ -1,8 +1,8 @@
 """Coverage-guided fuzzing of the NIfTI reader (issue 13): random bytes and mutated headers.
 
     pip install atheris
-    python benchmarks/fuzz_nifti.py --minutes 30
-    python benchmarks/fuzz_nifti.py --parse-log LOG    # the report of an earlier run's output
+    python tests/fuzz_nifti.py --minutes 30
+    python tests/fuzz_nifti.py --parse-log LOG    # the report of an earlier run's output
 
 Every input is written as a ``.nii`` or a ``.nii.gz`` (by its first byte) and read with
 ``load_image`` and ``load_labels``. The only acceptable failure is
@@ -13,17 +13,21 @@ NIfTI-2). Memory is capped with ``INRSEG_MAX_MEMORY_GB=1`` so that a header clai
 image must be refused by the size checks, not by the machine.
 
 The fuzzing runs in a child process (libFuzzer ends its process with ``exit()``); the parent
-writes ``<date>-fuzz-nifti.md`` with the number of inputs run, the coverage reached and the
-findings (crashing inputs are kept under the run's temporary folder).
+writes ``benchmarks/results/<date>-fuzz-nifti.md`` (``INRSEG_RESULTS=DIR``: into ``DIR``) with
+the number of inputs run, the coverage reached and the findings (crashing inputs are kept under
+the run's temporary folder). Not collected by pytest (no ``test_`` prefix): it runs for minutes
+and needs atheris.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import gzip
 import json
 import logging
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -39,10 +43,12 @@ import numpy as np  # noqa: E402  (not instrumented: coverage of our reader and 
 with atheris.instrument_imports(include=["inrseg", "nibabel"]):
     import nibabel as nib
 
-    from inrseg.data import io as inrseg_io
+    from inrseg.data import nifti as inrseg_nifti
     from inrseg.core.errors import InputError
 
 TMP = Path(tempfile.mkdtemp(prefix="inrseg-fuzz-"))
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("INRSEG_RESULTS", REPO / "benchmarks" / "results"))
 STATS = {"inputs": 0, "input_errors": 0, "accepted": 0}
 
 
@@ -69,7 +75,7 @@ def one_input(data: bytes) -> None:
     body = data[1:]
     path = TMP / ("x.nii.gz" if gz else "x.nii")
     path.write_bytes(gzip.compress(body, compresslevel=1) if gz and data[0] & 2 else body)
-    for reader in (inrseg_io.load_image, inrseg_io.load_labels):
+    for reader in (inrseg_nifti.load_image, inrseg_nifti.load_labels):
         try:
             reader(path)
             STATS["accepted"] += 1
@@ -137,10 +143,33 @@ def main() -> None:
     report(parse_log(log_path.read_text(errors="replace")), stats, args.minutes, "")
 
 
-def report(fz: dict, stats: dict, minutes: float, how: str) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from harness import write_results
+def write_results(name: str, sections: dict[str, str], notes: str = "") -> Path:
+    """Write ``RESULTS/<date>-<name>.md`` (a second run the same day gets ``-2``, ...) with the
+    date, commit, machine and command."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    path = RESULTS / f"{now:%Y-%m-%d}-{name}.md"
+    k = 1
+    while path.exists():
+        k += 1
+        path = RESULTS / f"{now:%Y-%m-%d}-{name}-{k}.md"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=REPO, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    machine = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
+    body = [f"# {name}", "", f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {commit}",
+            f"- machine: {machine}", f"- command: `{' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", ""]
+    if notes:
+        body += [notes, ""]
+    for title, table in sections.items():
+        body += [f"## {title}", "", table, ""]
+    path.write_text("\n".join(body))
+    return path
 
+
+def report(fz: dict, stats: dict, minutes: float, how: str) -> None:
     def cell(v):
         return "n/a" if v is None else v
 

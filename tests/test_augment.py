@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from inrseg.data.augment import augmented_pair, copy_seed
-from inrseg.data.io import Volume
-from inrseg.data.phantoms import brain_phantom
+from inrseg.data.volume import Volume
+from inrseg.data.phantoms.brain import brain_phantom
 from inrseg.methods.nisf import NISF, NISFConfig
 
 

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from conftest import write_nnunet
 from inrseg.engine.checkpoints import save_checkpoint
 from inrseg.core.errors import InputError
-from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
+from inrseg.methods.unet import UNetConfig, UNetSegmenter
 
 NAMES = ["background", "a", "b"]
 
@@ -76,7 +76,7 @@ def image(path: Path, arr: np.ndarray | None = None, affine=None) -> Path:
 
 
 def tiny_unet(path: Path, in_channels: int = 1, names=NAMES, ndim: int = 2) -> Path:
-    SupervisedSegmenter(list(names), ndim, in_channels, SupervisedConfig(channels=(4, 8), num_res_units=0)).save(path)
+    UNetSegmenter(list(names), ndim, in_channels, UNetConfig(channels=(4, 8), num_res_units=0)).save(path)
     return path
 
 
@@ -429,7 +429,7 @@ def k_disk_full_in_evaluate(env):
 
     return Scenario(["evaluate", "--pred", root / "labelsTr", "--gt", root / "labelsTr", "--out", env.tmp / "rep"],
                     ("no space left",), env.tmp / "rep", code=1,
-                    patch=lambda mp: mp.setattr("inrseg.data.io.os.replace", full))
+                    patch=lambda mp: mp.setattr("inrseg.core.files.os.replace", full))
 
 
 def k_disk_full_writing_checkpoint(env):
@@ -440,7 +440,7 @@ def k_disk_full_writing_checkpoint(env):
 
     return Scenario(["train", "unet", "--data", root, "--out", env.tmp / "m" / "u.safetensors", "--steps", "1"],
                     ("no space left",), None, code=1,
-                    patch=lambda mp: mp.setattr("inrseg.data.io.os.replace", full))
+                    patch=lambda mp: mp.setattr("inrseg.core.files.os.replace", full))
 
 
 def k_scale_too_large_for_memory(env):
@@ -623,7 +623,7 @@ def test_stale_temporaries_of_a_killed_write_are_removed_and_named(cli, tmp_path
 
 
 def test_concurrent_writers_are_refused(tmp_path):
-    from inrseg.data.io import atomic_dir, exclusive_lock
+    from inrseg.core.files import atomic_dir, exclusive_lock
 
     target = tmp_path / "m.safetensors"
     with exclusive_lock(target):
@@ -645,8 +645,10 @@ def test_concurrent_writers_are_refused(tmp_path):
 
 @pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
 def test_files_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
-    from inrseg.data.io import Volume, atomic_dir, save_labels
-    from inrseg.data.phantoms import write_phantom_dataset
+    from inrseg.core.files import atomic_dir
+    from inrseg.data.nifti import save_labels
+    from inrseg.data.volume import Volume
+    from inrseg.data.phantoms.datasets import write_phantom_dataset
     from inrseg.viz.figures import save_png
 
     old = os.umask(mask)

@@ -16,8 +16,12 @@ import pytest
 from scipy.stats import wilcoxon as scipy_wilcoxon
 
 import inrseg.eval.bench as bench
+from inrseg.core.errors import InputError
+from inrseg.eval.stats import wilcoxon
+from inrseg.methods.registry import ENTRIES, parse_methods, resolve, segmenter_class
 from inrseg.cli import main
-from inrseg.data.io import Volume, load_labels, save_labels
+from inrseg.data.nifti import load_labels, save_labels
+from inrseg.data.volume import Volume
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -190,9 +194,9 @@ def test_bench_refuses_torchrun(phantom, tmp_path, monkeypatch, capsys):
 
 def test_methods_refuse_data_they_cannot_segment_before_training(tmp_path, capsys):
     """A 3D+t cine: the U-Net is refused up front (bench and train), naming the data; NISF is not."""
-    from inrseg.methods.base import REGISTRY, check_spatial_ndim, segmenter_class
+    from inrseg.methods.base import check_spatial_ndim
 
-    assert {m: segmenter_class(m).spatial_ndims for m in REGISTRY} == {
+    assert {m: segmenter_class(m).spatial_ndims for m in ENTRIES} == {
         "unet": (2, 3), "segresnet": (2, 3), "morse": (2, 3), "nisf": (2, 3, 4), "metaseg": (2, 3)}
     cine = tmp_path / "cine"
     assert main(["-q", "data", "phantom", "--kind", "cardiac", "--n", "2", "--n-test", "1", "--shape", "16,16,4",
@@ -210,24 +214,26 @@ def test_methods_refuse_data_they_cannot_segment_before_training(tmp_path, capsy
 
 
 def test_parse_methods_refuses_unknown_names():
-    specs = bench.parse_methods("unet, morse:pointrend:unetr ,metaseg:2d-seg24")
-    assert [(s.method, s.variant, s.backbone) for s in specs] == [
-        ("unet", None, None), ("morse", "pointrend", "unetr"), ("metaseg", "2d-seg24", None)]
-    for bad, msg in [("unet,foo", "unknown method 'foo'"), ("morse:nope", "unknown morse variant"),
-                     ("nisf:x", "unknown nisf variant"), ("unet,unet", "twice"), ("", "no method"),
-                     ("morse:morse:vnet", "unknown backbone"), ("unet:unet-small:x", "too many")]:
-        with pytest.raises(ValueError, match=msg):
-            bench.parse_methods(bad)
+    specs = parse_methods("unet, morse:pointrend:unetr ,metaseg:2d-seg24")
+    assert [(s.method, s.parts) for s in specs] == [
+        ("unet", ()), ("morse", ("pointrend", "unetr")), ("metaseg", ("2d-seg24",))]
+    for bad, msg in [("unet,foo", "method 'foo' is not available"), ("nisf:x", "unknown nisf preset"),
+                     ("unet,unet", "twice"), ("", "no method"), ("unet:unet-small:x", "too many")]:
+        with pytest.raises(InputError, match=msg):
+            parse_methods(bad)
+    for bad, msg in [("morse:nope", "unknown variant"), ("morse:morse:vnet", "unknown backbone")]:
+        with pytest.raises(InputError, match=msg):
+            resolve(parse_methods(bad)[0], 2)
 
 
 def test_wilcoxon_matches_scipy_and_is_nan_where_undefined():
     rng = np.random.default_rng(0)
     a, b = rng.random(12), rng.random(12)
-    w = bench.wilcoxon(a, b)
+    w = wilcoxon(a, b)
     assert w["p"] == pytest.approx(scipy_wilcoxon(a, b).pvalue) and w["n"] == 12
     assert w["median_difference"] == pytest.approx(np.median(a - b))
-    assert math.isnan(bench.wilcoxon(a, a)["p"]) and math.isnan(bench.wilcoxon([0.5], [0.4])["p"])
-    assert bench.wilcoxon([0.5, math.nan, 0.2], [0.1, 0.3, 0.4])["n"] == 2
+    assert math.isnan(wilcoxon(a, a)["p"]) and math.isnan(wilcoxon([0.5], [0.4])["p"])
+    assert wilcoxon([0.5, math.nan, 0.2], [0.1, 0.3, 0.4])["n"] == 2
 
 
 def test_3d_case_panel_is_a_slider_over_the_labelled_slices():

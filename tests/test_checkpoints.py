@@ -10,7 +10,7 @@ import torch
 from inrseg.engine.checkpoints import (flatten_state, load_checkpoint, load_train_state, read_metadata,
                                 save_checkpoint, save_train_state, unflatten_state)
 from inrseg.core.errors import InputError
-from inrseg.methods.base import load_segmenter
+from inrseg.methods.registry import load_segmenter
 
 
 def test_nested_state_round_trip(tmp_path):

@@ -151,9 +151,9 @@ def test_nisf_cli_train_heldout_and_plane(cli, tmp_path):
     assert np.linalg.norm(plane.affine[:3, 0]) == pytest.approx(2.0)
     # a U-Net checkpoint cannot render planes: a clear error
     unet = tmp_path / "u.safetensors"
-    from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
+    from inrseg.methods.unet import UNetConfig, UNetSegmenter
 
-    SupervisedSegmenter(["bg", "a"], 4 - 1, 1, SupervisedConfig(channels=(4, 8), num_res_units=0)).save(unet)
+    UNetSegmenter(["bg", "a"], 4 - 1, 1, UNetConfig(channels=(4, 8), num_res_units=0)).save(unet)
     res = cli("segment", "--model", unet, "--input", sa, "--output", tmp_path / "x", "--plane", "lax")
     assert res.code == 2 and "--plane needs an implicit model" in res.err
 
@@ -273,14 +273,14 @@ def test_segment_save_probabilities(method, cli, tmp_path):
     import numpy as np
 
     from conftest import write_nnunet
-    from inrseg.methods.base import segmenter_class
+    from inrseg.methods.registry import segmenter_class
 
     root = write_nnunet(tmp_path / "ds", n=2, shape=(16, 20))
     names = ["background", "a", "b"]
     cls = segmenter_class(method)
     if method == "unet":
-        from inrseg.methods.supervised import SupervisedConfig
-        model = cls(names, 2, 1, SupervisedConfig(channels=(4, 8), num_res_units=0))
+        from inrseg.methods.unet import UNetConfig
+        model = cls(names, 2, 1, UNetConfig(channels=(4, 8), num_res_units=0))
     elif method == "metaseg":
         from inrseg.methods.metaseg import MetaSegConfig
         model = cls(names, 2, 1, MetaSegConfig(hidden=16, layers=3, tf_candidates=(3,)))

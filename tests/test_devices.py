@@ -40,11 +40,11 @@ def test_checkpoint_loads_onto_any_device(tmp_path, blobs):
     import torch
 
     from inrseg.data.layouts import open_dataset
-    from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
-    from inrseg.methods.base import load_segmenter
+    from inrseg.methods.unet import UNetConfig, UNetSegmenter
+    from inrseg.methods.registry import load_segmenter
 
     ds = open_dataset(blobs)
-    m = SupervisedSegmenter(ds.label_names, 2, 1, SupervisedConfig(channels=(4, 8, 16), num_res_units=0))
+    m = UNetSegmenter(ds.label_names, 2, 1, UNetConfig(channels=(4, 8, 16), num_res_units=0))
     m.save(tmp_path / "m.safetensors")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     preds = []

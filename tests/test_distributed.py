@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import write_blobs
 from inrseg.data.layouts import open_dataset
 from inrseg.methods.morse import MORSE, morse_config
-from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
+from inrseg.methods.unet import UNetConfig, UNetSegmenter
 
 DIST = Path(__file__).parent / "dist"
 
@@ -31,12 +31,12 @@ def torchrun(script: str | Path, *args, nproc: int = 2, timeout: int = 300) -> s
     return res
 
 
-def _null_gradient_params(model: SupervisedSegmenter, ds) -> set[str]:
+def _null_gradient_params(model: UNetSegmenter, ds) -> set[str]:
     """Names of the parameters whose gradient on a training batch is 0 up to rounding."""
     from monai.losses import DiceCELoss
 
     img, lab = ds.train[0].load()
-    x = model._prepare(img)[None]
+    x = model.prepare(img)[None]
     y = torch.from_numpy(lab.data.astype("int64"))[None, None]
     loss = DiceCELoss(to_onehot_y=True, softmax=True)(model.net(x), y)
     named = list(model.net.named_parameters())
@@ -53,9 +53,9 @@ def test_ddp_unet_equals_one_process_on_the_union_of_batches(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
     ds = open_dataset(data)
-    cfg = SupervisedConfig(channels=(4, 8, 16), num_res_units=1, batch_size=4, steps=3,
-                           val_every=1000, lr=1e-2, warmup=1)
-    single = SupervisedSegmenter(ds.label_names, 2, 1, cfg, device="cpu")
+    cfg = UNetConfig(channels=(4, 8, 16), num_res_units=1, batch_size=4, steps=3, val_every=1000, lr=1e-2,
+                     warmup=1)
+    single = UNetSegmenter(ds.label_names, 2, 1, cfg, device="cpu")
     init = {k: v.clone() for k, v in single.net.state_dict().items()}
     # A conv bias followed by instance norm has a gradient that is 0 up to rounding; Adam
     # divides it by its own size, so these biases move by +-lr in a rounding-dependent
@@ -89,7 +89,7 @@ def test_segment_under_two_ranks_writes_each_output_once_and_as_one_rank(tmp_pat
     names = [n for _, n in writes]
     assert sorted(names) == sorted(p.name for p in one.glob("*.nii.gz")) and len(names) == 5
     assert {r for r, _ in writes} == {0, 1}  # both ranks worked
-    from inrseg.data.io import load_labels
+    from inrseg.data.nifti import load_labels
 
     for name in names:
         assert (load_labels(one / name).data == load_labels(two / name).data).all()
@@ -102,9 +102,9 @@ def _morse_null_gradient_params(model: MORSE, ds) -> set[str]:
     from monai.losses import DiceCELoss
 
     img, lab = ds.train[0].load()
-    x = model._prepare(img)[None]
+    x = model.prepare(img)[None]
     y = torch.from_numpy(lab.data.astype("int64"))[None, None]
-    loss, _ = model._losses(model.net, x, y, 1.0, DiceCELoss(to_onehot_y=True, softmax=True))
+    loss, _ = model.losses(model.net, x, y, 1.0, DiceCELoss(to_onehot_y=True, softmax=True))
     named = list(model.net.named_parameters())
     grads = torch.autograd.grad(loss, [p for _, p in named])
     return {k for (k, _), g in zip(named, grads) if 0 < float(g.abs().max()) < 1e-6}

@@ -8,7 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from inrseg.data.io import Volume, atomic_path, load_image, load_labels, save_image, save_labels
+from inrseg.core.files import atomic_path
+from inrseg.data.nifti import load_image, load_labels, save_image, save_labels
+from inrseg.data.volume import Volume
 from inrseg.core.errors import InputError
 
 

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA, write_nnunet
-from inrseg.data.io import Volume, save_image, save_labels
-from inrseg.data.layouts import (Case, detect_layout, image_files, load_oasis, load_ukbb, open_dataset,
-                                 split_by_subject, subject_of)
+from inrseg.core.errors import InputError
+from inrseg.data.cases import Case
+from inrseg.data.layouts import case_id_of, detect_layout, image_files, load_oasis, load_ukbb, open_dataset
+from inrseg.data.nifti import save_image, save_labels
+from inrseg.data.splits import split_by_subject, subject_of
+from inrseg.data.volume import IGNORE, Volume, label_array
+from inrseg.metrics import annotation_stats
 
 
 def test_subject_rule():
@@ -144,14 +148,10 @@ def test_ignore_label_from_dataset_json(tmp_path, style):
     assert ds.info()["ignore_label"] == value and ds.train[0].ignore_label == value
     _, labels = ds.train[0].load()
     assert labels.meta["ignore_label"] == value and (labels.data == value).sum() == 100
-    from inrseg.data.io import IGNORE, label_array
-
     assert (label_array(labels) == IGNORE).sum() == 100 and label_array(labels).max() == 2
 
 
 def test_ignore_label_errors(tmp_path):
-    from inrseg.core.errors import InputError
-
     root = write_nnunet(tmp_path / "ds", n=1)
     meta = json.loads((root / "dataset.json").read_text())
     for bad in (1, -3, "x"):  # a class value, negative, not a number
@@ -167,8 +167,6 @@ def test_ignore_label_errors(tmp_path):
 
 
 def test_ukbb_train_test_folders_dataset_json_and_segment_inputs(tmp_path):
-    from inrseg.data.layouts import case_id_of
-
     rng = np.random.default_rng(2)
     like = Volume(np.zeros((8, 8, 3, 2), np.int64), np.diag([1.8, 1.8, 8.0, 1.0]), 4, time_step=0.04)
     for split, subjects in (("train", ["s1", "s2"]), ("test", ["s3"])):
@@ -197,8 +195,6 @@ def test_sunnybrook_cine_checks():
     root = SHARED_DATA / "cardiac-sunnybrook-cine"
     if not root.exists():
         pytest.skip(f"benchmark data not found at {root}")
-    from inrseg.metrics import annotation_stats
-
     ds = open_dataset(root / "train")
     assert ds.layout == "ukbb" and ds.ignore_label == 255 and ds.num_classes == 3 and len(ds.train) == 3
     _, lab = ds.train[0].load()

@@ -13,15 +13,18 @@ import pytest
 import torch
 
 from inrseg.data.grids import resampled_affine
-from inrseg.data.io import Volume, save_image, save_labels
-from inrseg.data.layouts import Case
-from inrseg.methods import metaseg
-from inrseg.methods.metaseg import (ADAM_BETAS, ADAM_EPS, MetaSeg, MetaSegConfig, Task, focal_loss, inner_adapt,
-                                    meta_loss, weighted_mse)
+from inrseg.data.nifti import save_image, save_labels
+from inrseg.data.volume import Volume
+from inrseg.data.cases import Case
+from inrseg.engine import Budget
+from inrseg.methods.base import FitDiagnostics, Segmenter, StepCurves
+from inrseg.methods.metaseg import PAPER_SETTINGS, PRESETS, RECIPE, MetaSeg, MetaSegConfig, fitting, inner, meta, phase2
+from inrseg.methods.metaseg.inner import (ADAM_BETAS, ADAM_EPS, Task, focal_loss, inner_adapt, meta_loss, task_loss,
+                                          weighted_mse)
+from inrseg.methods.metaseg.meta import MetaTrainingTask, planned_outer_steps, validation_dice
+from inrseg.methods.registry import load_segmenter
 from inrseg.metrics import case_metrics
 from inrseg.nn.siren import SirenSeg, full_forward, init_params, siren_forward
-from inrseg.methods.base import Segmenter, load_segmenter
-from inrseg.engine import Budget
 
 SHAPE = (32, 32)
 NAMES = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf"]
@@ -30,7 +33,7 @@ NAMES = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf
 def _images(n: int, seed0: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n`` (image, labels) pairs: brain phantoms, or nested blobs if phantoms are unavailable."""
     try:
-        from inrseg.data.phantoms import brain_phantom
+        from inrseg.data.phantoms.brain import brain_phantom
     except ImportError:  # pragma: no cover - fallback for a tree without phantoms
         brain_phantom = None
     out = []
@@ -136,8 +139,6 @@ def test_wider_deeper_head_option():
 
 
 def test_preset_parameter_counts():
-    from inrseg.methods.metaseg import PRESETS
-
     counts = {}
     for name, classes, nd in (("2d-seg4", 5, 2), ("2d-seg24", 25, 2), ("3d-seg4", 5, 3)):
         cfg = MetaSegConfig(**PRESETS[name], steps=0)
@@ -145,6 +146,19 @@ def test_preset_parameter_counts():
     assert 82_000 < counts["2d-seg4"] < 85_000          # paper: 83K
     assert 1_050_000 < counts["2d-seg24"] < 1_070_000   # paper: 1.06M
     assert 325_000 < counts["3d-seg4"] < 335_000        # paper: 330K
+
+
+def test_recipe_presets_and_default_preset():
+    """The registry's recipe: 3d-seg4 on 3D data, 2d-seg4 on 2D; each ``*-paper`` preset is its
+    network preset with the published settings on top; overrides win."""
+    assert RECIPE.config_class is MetaSegConfig
+    assert RECIPE.default_preset(3) == "3d-seg4" and RECIPE.default_preset(2) == "2d-seg4"
+    for name in ("2d-seg4", "2d-seg24", "3d-seg4"):
+        paper = RECIPE.make(f"{name}-paper", 2, {"seed": 4})
+        assert paper == dataclasses.replace(MetaSegConfig(**PRESETS[name]), **PAPER_SETTINGS, seed=4)
+        assert paper.hidden == PRESETS[name]["hidden"] and paper.points_per_task is None
+        assert paper.head_context == 0.0 and paper.outer_schedule == "constant" and paper.steps == 5000
+    assert RECIPE.make("3d-seg4", 3, {"steps": 7}) == MetaSegConfig(**PRESETS["3d-seg4"], steps=7)
 
 
 @pytest.mark.parametrize("inner_loss", ["pixels", "joint"])
@@ -239,7 +253,7 @@ def test_inner_adam_equals_torch_adam_step_for_step(monkeypatch):
 
     assert largest_gap() < 1e-12  # steps of lr 1e-2: equal up to float64 rounding
     # the comparison sees Adam's bias correction: without it the first step is ~3x too long
-    monkeypatch.setattr(metaseg, "adam_direction", lambda m, v, t: m / ((v + 1e-30).sqrt() + ADAM_EPS))
+    monkeypatch.setattr(inner, "adam_direction", lambda m, v, t: m / ((v + 1e-30).sqrt() + ADAM_EPS))
     assert largest_gap() > 1e-3
 
 
@@ -251,7 +265,7 @@ def test_test_time_adam_equals_torch_adam_step_for_step(monkeypatch):
     model = MetaSeg(["background", "a", "b"], 2, 1, cfg, device="cpu")
     rng = np.random.default_rng(0)
     image = Volume(rng.random((1, 12, 10)).astype(np.float32), np.eye(4), 2)
-    im = model._prepare(image)
+    im = model.prepare(image)
     theta = {k: model.params[k].detach().clone().requires_grad_(True) for k in model.theta_keys}
     opt = torch.optim.Adam(theta.values(), lr=cfg.inner_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     reference = {}
@@ -269,7 +283,7 @@ def test_test_time_adam_equals_torch_adam_step_for_step(monkeypatch):
         return gap
 
     assert largest_gap() < 2e-6
-    monkeypatch.setattr(metaseg, "adam_direction", lambda m, v, t: m / ((v + 1e-30).sqrt() + ADAM_EPS))
+    monkeypatch.setattr(fitting, "adam_direction", lambda m, v, t: m / ((v + 1e-30).sqrt() + ADAM_EPS))
     assert largest_gap() > 1e-4
 
 
@@ -282,6 +296,10 @@ def test_meta_training_beats_random_init(trained, data):
     print(f"meta-trained Dice {d_meta:.3f}, random init {d_rand:.3f}")
     assert d_meta > d_rand + 0.15, (d_meta, d_rand)
     assert trained.t_f == 10 and trained.best_step is not None
+    # without phase 2 the T_f curve is the meta-learned head's
+    assert isinstance(trained, StepCurves)
+    assert trained.steps_curve() == [(10, trained.tf_curve[0]["val_dice_meta_head"])]
+    assert trained.chosen_settings() == {"best_step": trained.best_step, "t_f": 10}
     assert [h["step"] for h in trained.history] == [100, 200, 300]
 
 
@@ -289,8 +307,8 @@ def test_phase2_head_retraining_and_tf_choice(trained, data):
     model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=0, phase2_steps=60,
                                                     phase2_val_every=20, tf_candidates=(0, 5, 10)))
     model.params = {k: v.clone() for k, v in trained.params.items()}
-    train_s = [model._prepare(*c.load()) for c in data["train"]]
-    val_s = [model._prepare(*c.load()) for c in data["val"]]
+    train_s = [model.prepare(*c.load()) for c in data["train"]]
+    val_s = [model.prepare(*c.load()) for c in data["val"]]
     model.select_tf_and_head(train_s, val_s)
     assert [e["t_f"] for e in model.tf_curve] == [0, 5, 10]
     assert model.t_f in (0, 5, 10)
@@ -298,6 +316,7 @@ def test_phase2_head_retraining_and_tf_choice(trained, data):
         assert e["val_dice_phase2"] >= e["val_dice_meta_head"] - 1e-9
     best = max(e["val_dice_phase2"] for e in model.tf_curve)
     assert [e["val_dice_phase2"] for e in model.tf_curve if e["t_f"] == model.t_f] == [best]
+    assert model.steps_curve() == [(e["t_f"], e["val_dice_phase2"]) for e in model.tf_curve]
     # only the head changed in phase 2
     for k in trained.params:
         if k.startswith("f."):
@@ -346,7 +365,7 @@ def test_only_theta_changes_at_test_time(trained, data):
     trained.predict(img)
     for k in before:  # the model itself is untouched by test-time fitting
         assert torch.equal(before[k], trained.params[k])
-    *_, (t, theta) = trained.fit_theta([trained._prepare(img)], 5)
+    *_, (t, theta) = trained.fit_theta([trained.prepare(img)], 5)
     assert t == 5 and set(theta) == {k for k in before if k.startswith("f.")}  # no head in the fit
     assert any(not torch.equal(theta[k][0], before[k]) for k in theta)
 
@@ -354,7 +373,7 @@ def test_only_theta_changes_at_test_time(trained, data):
 def test_batched_fitting_equals_one_at_a_time(trained, data):
     model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, fit_points=None))
     model.params = trained.params
-    ims = [model._prepare(c.load_image()) for c in data["test"]]
+    ims = [model.prepare(c.load_image()) for c in data["test"]]
     *_, (_, both) = model.fit_theta(ims, 8)
     for j, im in enumerate(ims):
         *_, (_, one) = model.fit_theta([im], 8)
@@ -401,17 +420,17 @@ def test_a_budget_fits_the_outer_lr_schedule_to_the_steps_it_allows(trained, dat
     step the budget allows instead of being cut off high."""
     model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=5000, outer_warmup=250,
                                                     outer_schedule="cosine", val_every=100))
-    train_s = [model._prepare(*c.load()) for c in data["train"][:2]]
-    val_s = [model._prepare(*c.load()) for c in data["val"]]
-    monkeypatch.setattr(metaseg, "seconds_per_call", lambda fn, device, calls=3: 0.01)
-    assert model._steps_within(train_s, val_s, Budget(None)) == 5000
-    assert model._steps_within(train_s, val_s, Budget(2.0)) == 5000          # 10,693 fit
-    total = model._steps_within(train_s, val_s, Budget(0.5))
+    train_s = [model.prepare(*c.load()) for c in data["train"][:2]]
+    val_s = [model.prepare(*c.load()) for c in data["val"]]
+    monkeypatch.setattr(meta, "seconds_per_call", lambda fn, device, calls=3: 0.01)
+    assert planned_outer_steps(model, train_s, val_s, Budget(None)) == 5000
+    assert planned_outer_steps(model, train_s, val_s, Budget(2.0)) == 5000          # 10,693 fit
+    total = planned_outer_steps(model, train_s, val_s, Budget(0.5))
     assert 2600 <= total <= int(0.9 * 30 / 0.0101)
-    factor = model._meta_task(train_s, val_s, total=1000).schedulers[0].lr_lambdas[0]
+    factor = MetaTrainingTask(model, train_s, val_s, total=1000).schedulers[0].lr_lambdas[0]
     assert factor(0) == pytest.approx(1 / 50) and factor(49) == pytest.approx(1.0)
     assert factor(525) == pytest.approx(0.5, abs=1e-3) and factor(999) < 1e-4
-    default = model._meta_task(train_s, val_s).schedulers[0].lr_lambdas[0]
+    default = MetaTrainingTask(model, train_s, val_s).schedulers[0].lr_lambdas[0]
     assert default(249) == pytest.approx(1.0) and default(2625) == pytest.approx(0.5, abs=1e-3)
 
 
@@ -419,8 +438,8 @@ def test_phase2_past_its_deadline_does_the_least(trained, data):
     model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=0, phase2_steps=50,
                                                     tf_candidates=(0, 5, 10)))
     model.params = {k: v.clone() for k, v in trained.params.items()}
-    train_s = [model._prepare(*c.load()) for c in data["train"]]
-    val_s = [model._prepare(*c.load()) for c in data["val"]]
+    train_s = [model.prepare(*c.load()) for c in data["train"]]
+    val_s = [model.prepare(*c.load()) for c in data["val"]]
     model.select_tf_and_head(train_s, val_s, Budget(1e-6))  # expired by the time it is used
     assert [e["t_f"] for e in model.tf_curve] == [0] and model.t_f == 0
     # the fits themselves stop at the first candidate: no 400-step fit after the deadline
@@ -443,7 +462,7 @@ def test_every_tensor_on_an_explicit_device(data, tmp_path):
     tensor and the first operation that needs its data fails: a small fit (validation, resume
     state, metrics log, Meta-SGD off and on), a resumed fit, predictions, the figures and a
     checkpoint round trip all run through on device="cpu"."""
-    from inrseg.viz.figures import feature_pca_png, metaseg_step_curve
+    from inrseg.viz.figures import feature_pca_png
 
     img, lab = data["test"][0].load()
     before = torch.get_default_device()
@@ -464,8 +483,10 @@ def test_every_tensor_on_an_explicit_device(data, tmp_path):
         assert resumed.predict(img).data.shape == SHAPE
         assert resumed.predict(img, scale=2.0).data.shape == (64, 64)
         assert resumed.predict_points(img, np.array([[0.0, 0.0], [0.5, -0.5]])).shape == (2,)
-        assert [c["step"] for c in metaseg_step_curve(resumed, img, lab, steps=(0, 2))] == [0, 2]
-        feature_pca_png(resumed, img, tmp_path / "pca.png", steps=2)
+        assert [c["step"] for c in resumed.step_curve(img, lab, steps=(0, 2))] == [0, 2]
+        rgb, labels = resumed.feature_components(img, steps=2)
+        assert rgb.shape == (*SHAPE, 3) and labels.shape == SHAPE
+        feature_pca_png(img, rgb, labels, tmp_path / "pca.png")
         resumed.save(tmp_path / "m.safetensors")
         loaded = MetaSeg.load(tmp_path / "m.safetensors", device="cpu")
         np.testing.assert_array_equal(loaded.predict(img).data, resumed.predict(img).data)
@@ -494,14 +515,13 @@ def test_inner_sgd_equals_torch_sgd_step_for_step():
 def test_meta_learned_init_beats_random_init_at_two_test_time_steps(trained, data):
     """The signature of a working meta-learned initialisation: after only 2 test-time steps its
     own (meta-learned) head already labels the validation images far better than a random one."""
-    from inrseg.viz.figures import metaseg_diagnostic
-
     pairs = [c.load() for c in data["val"]]
-    meta = metaseg_diagnostic(trained, pairs, (2,))
-    assert set(meta) == {"meta-learned", "phase 2"}
+    assert isinstance(trained, FitDiagnostics)
+    diag = trained.diagnostic(pairs, (2,))
+    assert set(diag) == {"meta-learned", "phase 2"}
     random_init = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, steps=0))
-    rand = metaseg_diagnostic(random_init, pairs, (2,))
-    d_meta, d_rand = meta["meta-learned"][0]["dice"], rand["phase 2"][0]["dice"]
+    rand = random_init.diagnostic(pairs, (2,))
+    d_meta, d_rand = diag["meta-learned"][0]["dice"], rand["phase 2"][0]["dice"]
     print(f"Dice at T = 2: meta-learned {d_meta:.3f}, random init {d_rand:.3f}")
     assert d_meta > d_rand + 0.2, (d_meta, d_rand)
 
@@ -511,7 +531,7 @@ def test_focal_loss_skips_unlabelled_pixels():
     """The focal loss over the labelled pixels equals the focal loss of the labelled subset; the
     logits (and the stored target) at unlabelled pixels change neither it nor its gradient. The
     task loss keeps the MSE on every pixel."""
-    from inrseg.data.io import IGNORE
+    from inrseg.data.volume import IGNORE
 
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(64, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
@@ -532,13 +552,13 @@ def test_focal_loss_skips_unlabelled_pixels():
     img, lab = _images(1, 7)[0]
     lab = lab.astype(np.int64)
     lab[:, :12] = 255
-    im = model._prepare(Volume(img[None], np.eye(4), 2), Volume(lab, np.eye(4), 2, meta={"ignore_label": 255}))
+    im = model.prepare(Volume(img[None], np.eye(4), 2), Volume(lab, np.eye(4), 2, meta={"ignore_label": 255}))
     assert im.labelled is not None and int((~im.labelled).sum()) == 32 * 12 and (im.labels[~im.labelled] == IGNORE).all()
     task = im.task()
     out, lg = full_forward(model.params, task.coords, cfg.w0)
     want = weighted_mse(out, task.pixels, task.weight) + cfg.seg_weight * focal_loss(
         lg[task.labelled], task.labels[task.labelled], cfg.focal_gamma)
-    torch.testing.assert_close(metaseg.task_loss(model.params, task, cfg), want)
+    torch.testing.assert_close(task_loss(model.params, task, cfg), want)
     sub = task.subset(100, np.random.default_rng(0))
     assert sub.labelled is not None and torch.equal(sub.labelled, sub.labels != IGNORE)
 
@@ -546,7 +566,7 @@ def test_focal_loss_skips_unlabelled_pixels():
 def test_sparse_labels_focal_phase2_and_validation(tmp_path):
     """MetaSeg on sparsely labelled images (left third 255, declared ignore): meta-training,
     phase 2 on labelled pixels only and the validation Dice over labelled pixels all run."""
-    from inrseg.data.io import IGNORE
+    from inrseg.data.volume import IGNORE
 
     pairs = []
     for img, lab in _images(4, 300):
@@ -559,8 +579,9 @@ def test_sparse_labels_focal_phase2_and_validation(tmp_path):
                                              tf_candidates=(0, 2), val_fit_steps=2))
     model.fit(cases[:3], cases[3:])
     assert model.t_f in (0, 2) and all(np.isfinite(e["val_dice_phase2"]) for e in model.tf_curve)
-    val = model._prepare(*cases[3].load())
-    feats, labels, n = model._snapshot_features([val], 64, [0], torch.Generator().manual_seed(0), Budget(None))
+    val = model.prepare(*cases[3].load())
+    feats, labels, n = phase2.snapshot_features(model, [val], 64, [0], torch.Generator().manual_seed(0),
+                                                Budget(None))
     assert n == 1 and labels.shape == (64,) and (labels != IGNORE).all()
 
 
@@ -573,7 +594,7 @@ def test_context_head_reads_the_neighbouring_voxels_features(trained, data):
     model = MetaSeg(NAMES, 2, 1, dataclasses.replace(trained.config, head_context=2.0))
     model.params = {k: v.clone() for k, v in trained.params.items()}
     img = Volume(np.random.default_rng(0).random((1, 12, 20)).astype(np.float32), np.diag([1.5, 1.0, 1.0, 1.0]), 2)
-    prep = model._prepare(img)
+    prep = model.prepare(img)
     theta = {k: v.unsqueeze(0) for k, v in model.params.items() if k.startswith("f.")}
     grid = model.features(theta, prep.coords)[0].reshape(12, 20, -1)           # (H, W, h)
     inputs = model.head_inputs(theta, prep.coords, prep.step, model.context_points)[0].reshape(12, 20, 5, -1)
@@ -591,8 +612,8 @@ def test_context_head_phase2_starts_at_phi_star_and_survives_save_load(trained, 
                               tf_candidates=(5, 10), head_context=2.0)
     model = MetaSeg(NAMES, 2, 1, cfg)
     model.params = {k: v.clone() for k, v in trained.params.items()}
-    train_s = [model._prepare(*c.load()) for c in data["train"]]
-    val_s = [model._prepare(*c.load()) for c in data["val"]]
+    train_s = [model.prepare(*c.load()) for c in data["train"]]
+    val_s = [model.prepare(*c.load()) for c in data["val"]]
     model.select_tf_and_head(train_s, val_s)
     for e in model.tf_curve:
         assert e["val_dice_phase2"] >= e["val_dice_meta_head"] - 1e-9
@@ -626,10 +647,10 @@ def test_image_logits_on_the_padded_grid_equal_the_pointwise_context_head(traine
     head["g.0.weight"] = torch.randn(h, P * h, generator=gen) / (P * h) ** 0.5
     img = Volume(np.random.default_rng(0).random((1, *shape)).astype(np.float32),
                  np.diag([*spacing, 1.0]), ndim)
-    prep = model._prepare(img)
+    prep = model.prepare(img)
     theta = {k_: torch.stack([v, v + 0.01 * torch.randn(v.shape, generator=gen)])
              for k_, v in model.params.items() if k_.startswith("f.")}
-    want = model.logits(theta, prep.coords, head, prep.step)                   # (2, N, C)
+    want = model.point_logits(theta, prep.coords, head, prep.step)                   # (2, N, C)
     got = model.image_logits(theta, prep, head)
     assert got.shape == want.shape == (2, int(np.prod(shape)), len(NAMES))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -640,20 +661,20 @@ def test_validation_of_large_images_scores_fixed_random_voxels(trained, data):
     """Meta-training's validation Dice: whole images up to ``val_max_voxels`` (the same figure
     as case_metrics on the full label map), beyond it a fixed random subset - the same voxels
     at every call, and close to the whole-image figure when the subset is large."""
-    val = [trained._prepare(*c.load()) for c in data["val"]]
+    val = [trained.prepare(*c.load()) for c in data["val"]]
     N = val[0].coords.shape[0]
-    whole = trained._val_dice(val, 10)
+    whole = validation_dice(trained, val, 10)
     theta = None
     for _, theta in trained.fit_theta(val[:1], 10):
         pass
-    pred = trained.logits(theta, val[0].coords).argmax(-1)[0].reshape(val[0].shape).numpy()
+    pred = trained.point_logits(theta, val[0].coords).argmax(-1)[0].reshape(val[0].shape).numpy()
     by_hand = case_metrics(pred, val[0].labels.reshape(val[0].shape).numpy(), len(NAMES), distances=False)
-    assert trained._val_dice(val[:1], 10) == pytest.approx(by_hand.mean_foreground_dice, abs=1e-9)
+    assert validation_dice(trained, val[:1], 10) == pytest.approx(by_hand.mean_foreground_dice, abs=1e-9)
     sub = dataclasses.replace(trained.config, val_max_voxels=N // 2)
     model = MetaSeg(NAMES, 2, 1, sub)
     model.params = trained.params
-    first, again = model._val_dice(val, 10), model._val_dice(val, 10)
+    first, again = validation_dice(model, val, 10), validation_dice(model, val, 10)
     assert first == again and first != whole and abs(first - whole) < 0.05, (first, whole)
     small = dataclasses.replace(sub, val_max_voxels=64)
     model.config = small
-    assert abs(model._val_dice(val, 10) - whole) > 1e-6
+    assert abs(validation_dice(model, val, 10) - whole) > 1e-6

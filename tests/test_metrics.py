@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
 import numpy as np
 import pytest
+import torch
+from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+from monai.networks.utils import one_hot
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from inrseg.metrics import CaseMetrics, case_metrics, image_diagonal_mm, summarize
+from conftest import write_nnunet
+from inrseg.data.volume import Volume
+from inrseg.metrics import (BRATS_REGIONS, CaseMetrics, annotation_stats, case_metrics, cine_metrics,
+                            image_diagonal_mm, region_metrics, score_case, summarize)
 
 
 def _no_warnings(fn, *args, **kwargs):
@@ -226,10 +233,6 @@ def test_distances_match_brute_force(shape, spacing, sigma):
 
 
 def test_shared_distance_computation_equals_monai_public_functions():
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
-    from monai.networks.utils import one_hot
-    import torch
-
     rng = np.random.default_rng(7)
     gt = _blobs(rng, (30, 26), 3, 2.5)
     pred = _blobs(rng, (30, 26), 3, 2.5)
@@ -384,8 +387,6 @@ def test_ignored_voxels_change_no_metric():
 
 
 def test_cine_metrics_mean_over_annotated_frames():
-    from inrseg.metrics import annotation_stats, cine_metrics, score_case
-
     frames = [_random_maps((16, 16, 4), seed=s) for s in range(4)]
     pred = np.stack([p for p, _ in frames], -1)
     gt = np.stack([g for _, g in frames], -1)
@@ -403,21 +404,14 @@ def test_cine_metrics_mean_over_annotated_frames():
     assert stats["annotated_slices"] == 11 and stats["slices"] == 16
 
 
-def test_one_4d_definition_evaluate_harness_nisf(tmp_path):
-    """The 4D metric is the same number through `inrseg evaluate`, the benchmark harness and
-    NISF's choice of inference steps (with some unannotated frames)."""
-    import sys
-    from pathlib import Path
-
+def test_one_4d_definition_evaluate_bench_nisf(tmp_path):
+    """The 4D metric is the same number through `inrseg evaluate`, the benchmark's scoring
+    (:func:`score_case`, what ``inrseg bench`` calls per test case) and NISF's choice of
+    inference steps (with some unannotated frames)."""
     import nibabel as nib
-    import torch
 
-    from inrseg.data.io import Volume
-    from inrseg.methods.nisf import NISF, NISFConfig
     from inrseg.eval.evaluate import evaluate_dirs
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from harness import frame_metrics
+    from inrseg.methods.nisf import NISF, NISFConfig
 
     frames = [_random_maps((12, 12, 3), seed=s) for s in range(5)]
     pred = np.stack([p for p, _ in frames], -1)
@@ -431,24 +425,24 @@ def test_one_4d_definition_evaluate_harness_nisf(tmp_path):
     (tmp_path / "dataset.json").write_text('{"labels": {"background": 0, "a": 1, "b": 2}, "ignore": 255}')
     per_case, summary, _ = evaluate_dirs(tmp_path / "pred", tmp_path / "gt", distances=False)
     via_evaluate = per_case[0][1].mean_foreground_dice
-    via_harness = frame_metrics(pred, gt, 3, distances=False, ignore_label=255)[0].mean_foreground_dice
+    via_bench = score_case(pred, gt, 3, (1.5, 1.5, 6.0), distances=False, ignore_label=255).mean_foreground_dice
 
     model = NISF(["bg", "a", "b"], 4, 1, NISFConfig(width=8, depth=1, infer_max_steps=1, curve_every=1,
                                                     infer_points=64))
     image = Volume(np.random.default_rng(0).random((1,) + gt.shape).astype(np.float32), aff, 4)
-    grid, flat = model._coords(gt.shape, image.spacing), torch.from_numpy(pred.reshape(-1))
+    grid, flat = model.grid_coords(gt.shape, image.spacing), torch.from_numpy(pred.reshape(-1))
 
-    def fixed_prediction(coords, latents, want_image=True, want_probs=False):  # `pred` wherever asked
+    def fixed_prediction(coords, latents, **wanted):  # `pred` wherever the field is queried
         return {"labels": flat[torch.cdist(coords[0], grid).argmin(1)][None]}
 
-    model._evaluate = fixed_prediction
+    model.query = fixed_prediction
     labels = Volume(gt, aff, 4, meta={"ignore_label": 255})
     _, curve = model.select_infer_steps([(image, labels)])
     via_nisf = curve[-1]["dice"]
     # whole-cine-as-one-volume (the old NISF number) differs: the definition matters
     whole = case_metrics(pred.reshape(12, 12, -1), gt.reshape(12, 12, -1), 3, distances=False,
                          ignore_label=255).mean_foreground_dice
-    assert via_evaluate == pytest.approx(via_harness, abs=1e-12)
+    assert via_evaluate == pytest.approx(via_bench, abs=1e-12)
     assert via_nisf == pytest.approx(via_evaluate, abs=1e-12)
     assert summary["mean_case_foreground_dice"] == pytest.approx(via_evaluate, abs=1e-12)
     assert abs(whole - via_evaluate) > 1e-4
@@ -463,8 +457,6 @@ def _binary_dice(p: np.ndarray, g: np.ndarray) -> float:
 def test_brats_regions_are_unions_of_labels_scored_as_one_structure():
     """Whole tumour = labels 1-4, tumour core = 1, 3, 4, enhancing = 4 (BraTS 2015 and 2017+),
     each scored as a binary map; ignored voxels stay out."""
-    from inrseg.metrics import BRATS_REGIONS, region_metrics
-
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 5, (20, 18, 6))
     pred = np.where(rng.random(gt.shape) < 0.7, gt, rng.integers(0, 5, gt.shape))
@@ -479,10 +471,6 @@ def test_brats_regions_are_unions_of_labels_scored_as_one_structure():
 
 
 def test_evaluate_regions_brats_cli(cli, tmp_path):
-    import json
-
-    from conftest import write_nnunet
-
     names = {"background": 0, "necrosis": 1, "edema": 2, "non-enhancing-tumour": 3, "enhancing-tumour": 4}
     root = write_nnunet(tmp_path / "ds", n=3, labels=names)
     res = cli("evaluate", "--pred", root / "labelsTr", "--gt", root / "labelsTr", "--out", tmp_path / "rep",
@@ -505,8 +493,7 @@ def test_overlay_has_a_legend_of_the_classes_shown():
     import matplotlib
     from matplotlib.colors import to_rgba
 
-    from inrseg.data.io import Volume
-    from inrseg.eval.evaluate import overlay_figure
+    from inrseg.viz.overlays import overlay_figure
 
     matplotlib.use("Agg")
     img = Volume(np.random.default_rng(0).random((1, 12, 10)).astype(np.float32), np.eye(4), 2)

@@ -10,17 +10,20 @@ import pytest
 import torch
 
 from conftest import write_blobs
-from inrseg.data.io import Volume
-from inrseg.data.layouts import open_dataset, split_by_subject
 from inrseg.core.errors import InputError
-from inrseg.methods.morse import VARIANTS, MORSE, MorseConfig, dropout_ramp, morse_config, rend_weight
+from inrseg.data.layouts import open_dataset
+from inrseg.data.splits import split_by_subject
+from inrseg.data.volume import Volume
+from inrseg.methods.base import Segmenter
+from inrseg.methods.morse import (MORSE, RECIPE, VARIANTS, MorseConfig, dropout_ramp, morse_config, morse_losses,
+                                  rend_weight)
+from inrseg.methods.registry import load_segmenter
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import build_backbone
 from inrseg.nn.fourier import GaussianFourierFeatures
 from inrseg.nn.morse import MorseNet, StochasticMoE
 from inrseg.nn.point_sampling import (grid_point_coords, most_uncertain_points, point_sample,
                                       sample_training_points, uncertainty)
-from inrseg.methods.base import Segmenter, load_segmenter
 
 TINY_UNET = {"channels": (8, 16, 32), "num_res_units": 1}
 TINY_TRANSUNET = dict(cnn_channels=(8, 8, 16, 16), hidden_size=16, num_layers=1, num_heads=2,
@@ -177,7 +180,7 @@ def test_dropout_warmup_scales_the_drop_rate():
 
 def test_fit_applies_the_warmup_at_every_step(blobs2d, monkeypatch):
     """``fit`` sets the SMoE's drop-rate scale from the ramp before each step's forward pass."""
-    import inrseg.methods.morse as morse_mod
+    import inrseg.methods.morse.segmenter as morse_mod
 
     seen: list[tuple[int, int]] = []
     real = morse_mod.dropout_ramp
@@ -230,7 +233,7 @@ def test_per_image_generators_make_draws_independent_of_the_batch():
     torch.testing.assert_close(moe.expert_mask(3, generators=gens(5, 6, 7))[1:],
                                moe.expert_mask(2, generators=gens(6, 7)))
     torch.manual_seed(0)
-    net = MorseNet(build_backbone("unet", 2, 1, 3, **TINY_UNET), 3, _tiny_cfg("unet", "iar")).train()
+    net = MorseNet(build_backbone("unet", 2, 1, 3, **TINY_UNET), 3, **_tiny_cfg("unet", "iar").network_args()).train()
     x = torch.randn(2, 1, 16, 16)
     both = net(x, 32, gens(1, 2))
     alone = net(x[1:], 32, gens(2))
@@ -239,7 +242,7 @@ def test_per_image_generators_make_draws_independent_of_the_batch():
     torch.testing.assert_close(both.points[1:], alone.points)
     assert net(x).coords is None                           # no points unless asked
     with pytest.raises(ValueError, match="no point head"):
-        MorseNet(build_backbone("unet", 2, 1, 3, **TINY_UNET), 3, _tiny_cfg("unet", "smoe"))(x, 8)
+        MorseNet(build_backbone("unet", 2, 1, 3, **TINY_UNET), 3, **_tiny_cfg("unet", "smoe").network_args())(x, 8)
 
 
 def test_rend_weight_schedule():
@@ -259,7 +262,7 @@ def test_every_backbone_and_variant_forward_backward(backbone, nd, size):
     for variant in VARIANTS:
         cfg = _tiny_cfg(backbone, variant, nd, patch_size=size)
         bb = build_backbone(backbone, nd, 1, 3, img_size=size, **cfg.backbone_overrides)
-        net = MorseNet(bb, 3, cfg).train()
+        net = MorseNet(bb, 3, **cfg.network_args()).train()
         x = torch.randn(2, 1, *size)
         out = net(x)
         assert out.coarse.shape == (2, 3, *size)
@@ -285,7 +288,7 @@ def test_every_backbone_and_variant_forward_backward(backbone, nd, size):
 def test_render_changes_only_the_uncertain_points():
     torch.manual_seed(0)
     cfg = _tiny_cfg("unet", "iar")
-    net = MorseNet(build_backbone("unet", 2, 1, 3, **TINY_UNET), 3, cfg).eval()
+    net = MorseNet(build_backbone("unet", 2, 1, 3, **TINY_UNET), 3, **cfg.network_args()).eval()
     with torch.no_grad():
         out = net(torch.randn(1, 1, 16, 16))
         refined = net.render(out, (16, 16), 20)
@@ -427,7 +430,7 @@ def test_rend_and_sup_loss_skip_ignored_points():
     coords = grid_point_coords((8, 8))[None].expand(2, -1, -1)    # the voxel centres
     points = torch.randn(2, 3, 64, generator=gen, requires_grad=True)
     fake = lambda x, n, g: SimpleNamespace(coarse=coarse, coords=coords, points=points)  # noqa: E731
-    loss, parts = model._losses(fake, None, y, 0.5, DiceCELoss(IGNORE))
+    loss, parts = model.losses(fake, None, y, 0.5, DiceCELoss(IGNORE))
     target = y[:, 0].reshape(2, -1)
     assert parts["loss_rend"] == pytest.approx(masked_cross_entropy(points, target, IGNORE).item(), rel=1e-6)
     keep = target != IGNORE
@@ -436,3 +439,39 @@ def test_rend_and_sup_loss_skip_ignored_points():
     loss.backward()
     assert (points.grad.transpose(1, 2)[~keep] == 0).all() and (points.grad.transpose(1, 2)[keep] != 0).any()
     assert (coarse.grad[:, :, :4][0] == 0).all()
+    # no training points drawn (L_rend off): the supervised loss alone, whatever the weight
+    sup, parts0 = morse_losses(SimpleNamespace(coarse=coarse, coords=None, points=None), y, 0.5, DiceCELoss(IGNORE))
+    assert "loss_rend" not in parts0 and sup.item() == pytest.approx(parts0["loss_sup"])
+    assert parts0["loss_sup"] == pytest.approx(parts["loss_sup"]) and parts0["lambda_rend"] == 0.5
+
+
+
+def test_budget_timing_uses_the_training_optimizer(blobs2d, monkeypatch):
+    """The step timed to fit the schedule to a budget runs the optimiser training runs (SGD here),
+    on a throwaway copy: one optimiser for the timing, one for training, both SGD."""
+    from inrseg.engine import Budget
+
+    made: list[torch.optim.Optimizer] = []
+    real = MORSE.make_optimizer
+    monkeypatch.setattr(MORSE, "make_optimizer", lambda self, params: made.append(real(self, params)) or made[-1])
+    cfg = _tiny_cfg("unet", "iar", steps=100_000, val_every=1000, batch_size=2, optimizer="sgd", lr=1e-2)
+    model = MORSE(blobs2d.label_names, 2, 1, cfg)
+    model.fit(blobs2d.train[:2], budget=Budget(0.05))
+    assert len(made) == 2 and all(type(o) is torch.optim.SGD for o in made)
+    assert made[0].param_groups[0]["params"][0] is not next(model.net.parameters())   # timed on a copy
+    assert made[1].param_groups[0]["params"][0] is next(model.net.parameters())
+    assert 1 <= model.schedule_steps < 100_000
+
+
+def test_recipe_presets_and_data_defaults():
+    """``morse`` in the registry: preset "cpu" by default, "paper" widths; the backbone follows
+    the data (3D: unet3d, 2D: unet) unless given; 3D batches of 2 crops; variant and backbone are
+    fields (``morse:VARIANT:BACKBONE``)."""
+    assert RECIPE.default_preset(2) == RECIPE.default_preset(3) == "cpu" and set(RECIPE.presets) == {"cpu", "paper"}
+    two, three = RECIPE.make("cpu", 2, {}), RECIPE.make("cpu", 3, {})
+    assert (two.backbone, two.variant, two.batch_size, two.moe_dim) == ("unet", "morse", 4, 16)
+    assert (three.backbone, three.batch_size) == ("unet3d", 2)
+    paper = RECIPE.make("paper", 3, {"variant": "pointrend", "backbone": "unetr"})
+    assert (paper.backbone, paper.variant, paper.backbone_preset, paper.moe_dim, paper.dropout_warmup_steps) == \
+        ("unetr", "pointrend", "paper", 256, 0)
+    assert morse_config(spatial_ndim=3) == three

@@ -6,22 +6,33 @@ whole file runs in well under a minute on two CPU cores.
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from inrseg.data.grids import resampled_affine
-from inrseg.data.io import Volume
-from inrseg.data.phantoms import BRAIN_LABELS, CARDIAC_LABELS, brain_phantom, cardiac_phantom
 from inrseg.core.errors import InputError
-from inrseg.methods.nisf import (NISF, NISFConfig, _dice, _point_weights, build_network,
-                                 config_from_preset, heldout_mask, plane_points, save_plane_png,
-                                 soft_dice_loss)
-from inrseg.nn.gabor import (GaborLayer, SineLayer, gabor_activation, make_layer,
-                             split_linear)
-from inrseg.engine import Budget
+from inrseg.data.grids import resampled_affine
+from inrseg.data.nifti import load_labels, save_labels
+from inrseg.data.phantoms.brain import BRAIN_LABELS, brain_phantom
+from inrseg.data.phantoms.cardiac import CARDIAC_LABELS, cardiac_phantom
+from inrseg.data.planes import heldout_mask, plane_points
+from inrseg.data.volume import IGNORE, Volume
+from inrseg.engine import OPEN_ENDED_STEPS, Budget, step_rng
+from inrseg.engine.checkpoints import read_metadata
+from inrseg.methods.base import BatchPrediction, FitDiagnostics, HeldOutSlices, PlaneRendering, Segmenter, StepCurves
+from inrseg.methods.configs import field_help
+from inrseg.methods.nisf import (NISF, RECIPE, NISFConfig, PriorTraining, annotated_frames, build_network,
+                                 config_from_preset, load_training_subjects, mean_dice, point_weights, prior_loss,
+                                 sample_points, seg_weights, soft_dice_loss)
+from inrseg.methods.registry import capabilities, load_segmenter, segmenter_class
+from inrseg.nn.gabor import GaborLayer, SineLayer, gabor_activation, make_layer, split_linear
+from inrseg.viz.overlays import save_plane_png
 
 BRAIN_NAMES = list(BRAIN_LABELS)
 CARDIAC_NAMES = list(CARDIAC_LABELS)
@@ -160,8 +171,8 @@ def test_padded_batch_loss_is_the_mean_of_per_image_losses():
     items = [(torch.randn(n, C, generator=g), torch.randn(n, 1, generator=g),
               torch.randint(0, C, (n,), generator=g), torch.rand(n, 1, generator=g)) for n in sizes]
     lat = torch.randn(2, 16, generator=g)
-    both, parts = model._training_loss(*(pad_sequence([it[k] for it in items], batch_first=True)
-                                         for k in range(4)), _point_weights(sizes), lat)
+    both, parts = prior_loss(*(pad_sequence([it[k] for it in items], batch_first=True) for k in range(4)),
+                             point_weights(sizes), lat, alpha=cfg.alpha, latent_reg=cfg.latent_reg)
     ones = []
     for b, (seg, rec, lab, inten) in enumerate(items):
         p = torch.softmax(seg, -1)
@@ -171,8 +182,8 @@ def test_padded_batch_loss_is_the_mean_of_per_image_losses():
                 + 1.0 - ((2 * inter + 1.0) / (p.sum(0) + onehot.sum(0) + 1.0)).mean()
                 + cfg.alpha * F.binary_cross_entropy_with_logits(rec, inten)
                 + cfg.latent_reg * lat[b].pow(2).mean())
-        one, _ = model._training_loss(seg[None], rec[None], lab[None], inten[None],
-                                      _point_weights([sizes[b]]), lat[b: b + 1])
+        one, _ = prior_loss(seg[None], rec[None], lab[None], inten[None], point_weights([sizes[b]]),
+                            lat[b: b + 1], alpha=cfg.alpha, latent_reg=cfg.latent_reg)
         torch.testing.assert_close(one, want)
         ones.append(one)
     torch.testing.assert_close(both, (ones[0] + ones[1]) / 2)
@@ -198,8 +209,8 @@ def test_trained_prior_beats_untrained(trained2d, brain_data):
     untrained = NISF(BRAIN_NAMES, 2, 1, NISFConfig(**TINY_2D))
     untrained.infer_steps = trained2d.infer_steps
     images = [img for img, _ in test]
-    d_trained = [_dice(p.data, lab.data, 5)[1] for p, (_, lab) in zip(trained2d.predict_many(images), test)]
-    d_untrained = [_dice(p.data, lab.data, 5)[1] for p, (_, lab) in zip(untrained.predict_many(images), test)]
+    d_trained = [mean_dice(p.data, lab.data, 5)[1] for p, (_, lab) in zip(trained2d.predict_batch(images), test)]
+    d_untrained = [mean_dice(p.data, lab.data, 5)[1] for p, (_, lab) in zip(untrained.predict_batch(images), test)]
     assert np.mean(d_trained) > 0.5
     assert np.mean(d_trained) > np.mean(d_untrained) + 0.25
 
@@ -218,9 +229,9 @@ def test_inference_changes_only_the_latent(trained2d, brain_data):
     img = brain_data[2][0][0]
     before = {k: v.clone() for k, v in trained2d.net.state_dict().items()}
     flags = []
-    coords = trained2d._prepare(img).coords
-    target = trained2d._prepare(img).intensity
-    lat = trained2d._optimise_latents(
+    coords = trained2d.prepare(img).coords
+    target = trained2d.prepare(img).intensity
+    lat = trained2d.optimise_latents(
         [coords], [target], 5,
         callback=lambda step, h: flags.append(any(p.requires_grad for p in trained2d.net.parameters())))
     assert flags and not any(flags)                        # frozen during inference
@@ -267,9 +278,6 @@ def test_resume_continues_from_saved_step(tmp_path, brain_data):
 def test_cosine_lr_schedule(tmp_path, brain_data):
     """``lr_schedule="cosine"``: the logged lr after step s is lr * (1 + cos(pi s / steps)) / 2,
     reaching 0 at the last step; the constant schedule keeps lr."""
-    import json
-    import math
-
     for schedule in ("cosine", "constant"):
         log = tmp_path / f"{schedule}.jsonl"
         model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2, steps=8, lr=2e-3, infer_steps=1,
@@ -302,13 +310,13 @@ def test_budget_bounds_prior_and_steps_curve(brain_data):
 
 def test_prior_share_leaves_time_for_the_steps_curve(brain_data, monkeypatch):
     model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2))
-    subs = [model._prepare(*brain_data[1][0])]
-    monkeypatch.setattr(model, "_curve_seconds", lambda s: 12.0)
-    assert model._prior_share(subs, Budget(None)) == 1.0           # no deadline
-    assert model._prior_share([], Budget(1.0)) == 1.0              # no steps curve
-    assert model._prior_share(subs, Budget(1.0)) == pytest.approx(1 - 1.5 * 12 / 60, abs=0.01)
-    monkeypatch.setattr(model, "_curve_seconds", lambda s: 40.0)
-    assert model._prior_share(subs, Budget(1.0)) == 0.5            # at least half for the prior
+    subs = [model.prepare(*brain_data[1][0])]
+    monkeypatch.setattr(model, "curve_seconds", lambda s: 12.0)
+    assert model.prior_share(subs, Budget(None)) == 1.0           # no deadline
+    assert model.prior_share([], Budget(1.0)) == 1.0              # no steps curve
+    assert model.prior_share(subs, Budget(1.0)) == pytest.approx(1 - 1.5 * 12 / 60, abs=0.01)
+    monkeypatch.setattr(model, "curve_seconds", lambda s: 40.0)
+    assert model.prior_share(subs, Budget(1.0)) == 0.5            # at least half for the prior
 
 
 def test_every_tensor_on_an_explicit_device(tmp_path, brain_data, cardiac_data):
@@ -376,6 +384,7 @@ def test_cardiac_4d_prediction_shapes(trained4d, cardiac_data):
     rec = trained4d.reconstruct(fit, 1.0)
     assert rec.data.shape == (1, 24, 24, 4, 4) and 0 <= rec.data.min() and rec.data.max() <= 1
     assert trained4d.segment(fit, (1, 1, 1, 2)).time_step == pytest.approx(0.025)
+    assert trained4d.predict(img, 2).time_step == pytest.approx(0.025)   # twice the frames
 
 
 def test_heldout_slices(trained4d, cardiac_data):
@@ -430,9 +439,6 @@ def test_render_plane_matches_grid_and_long_axis(trained4d, cardiac_data, tmp_pa
 
 
 def test_save_load_identical_predictions(trained4d, cardiac_data, tmp_path):
-    from inrseg.engine.checkpoints import read_metadata
-    from inrseg.methods.base import load_segmenter
-
     img, _ = cardiac_data[2]
     path = tmp_path / "nisf.safetensors"
     trained4d.save(path)
@@ -446,9 +452,6 @@ def test_save_load_identical_predictions(trained4d, cardiac_data, tmp_path):
 
 
 def test_protocol_and_nifti_output(trained4d, cardiac_data, tmp_path):
-    from inrseg.data.io import load_labels, save_labels
-    from inrseg.methods.base import Segmenter, segmenter_class
-
     assert isinstance(trained4d, Segmenter) and segmenter_class("nisf") is NISF
     img, _ = cardiac_data[2]
     fit = trained4d.fit_latents([img], steps=2)[0]
@@ -472,14 +475,92 @@ def test_bad_inputs(trained2d, cardiac_data):
 
 
 def test_a_budget_without_a_step_count_trains_until_the_budget_ends():
-    from inrseg.engine import OPEN_ENDED_STEPS
-
     for preset in ("nisf-cpu", "nisf-cpu-small"):
         assert config_from_preset(preset).steps == 3000
         assert config_from_preset(preset, budget_minutes=5).steps == OPEN_ENDED_STEPS
         assert config_from_preset(preset, budget_minutes=5, steps=10).steps == 10
         assert config_from_preset(preset, budget_minutes=5, lr_schedule="cosine").steps == 3000
     assert config_from_preset("nisf-paper", budget_minutes=5).steps == NISFConfig().steps
+
+
+def test_capabilities_curve_and_chosen_settings(trained2d):
+    """NISF has the held-out, plane, step-curve and batch capabilities (not MetaSeg's fit
+    diagnostics); its steps curve is the validation curve it chose ``infer_steps`` on."""
+    for proto in (HeldOutSlices, PlaneRendering, StepCurves, BatchPrediction):
+        assert isinstance(trained2d, proto), proto
+    assert not isinstance(trained2d, FitDiagnostics)
+    assert NISF.continuous_scale and "--scale on the continuous field" in capabilities(NISF)
+    curve = trained2d.steps_curve()
+    assert curve == [(c["step"], c["dice"]) for c in trained2d.val_curve] and len(curve) == 7
+    assert all(isinstance(k, int) and isinstance(d, float) for k, d in curve)
+    assert trained2d.chosen_settings() == {"infer_steps": trained2d.infer_steps}
+    assert NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2)).steps_curve() == []
+
+
+def test_logits_probabilities_and_labels_agree(trained2d, brain_data):
+    """``logits`` (the base interface) are the field's class scores on the grid of ``scale``:
+    their argmax is ``predict``'s labels and their softmax ``predict_probabilities``."""
+    img = brain_data[2][0][0]
+    logits, affine = trained2d.logits(img, 2)
+    assert logits.shape == (5, 64, 64) and logits.dtype == torch.float32
+    labels = trained2d.predict(img, 2)
+    np.testing.assert_array_equal(logits.argmax(0).numpy(), labels.data)
+    np.testing.assert_array_equal(affine, labels.affine)
+    probs = trained2d.predict_probabilities(img, 2)
+    assert probs.data.shape == (5, 64, 64) and probs.data.dtype == np.float32
+    torch.testing.assert_close(torch.from_numpy(probs.data), torch.softmax(logits, 0), rtol=0, atol=1e-6)
+
+
+def test_render_plane_of_fits_the_latent_once_and_renders(trained4d, cardiac_data):
+    img, _ = cardiac_data[2]
+    centre = img.affine[:3, :3] @ np.array([11.5, 11.5, 1.5]) + img.affine[:3, 3]
+    args = (centre, [1, 0, 0], [0, 0.2, 1], (9, 7), 2.0, 1.5)
+    via = trained4d.render_plane_of(img, *args)
+    direct = trained4d.render_plane(trained4d.fit_latents([img])[0], *args)
+    np.testing.assert_array_equal(via.labels, direct.labels)
+    np.testing.assert_array_equal(via.image, direct.image)
+    np.testing.assert_array_equal(via.affine, direct.affine)
+    assert via.frame == 1.5 and via.labels.shape == (9, 7)
+
+
+def test_one_prior_step_alone(brain_data):
+    """The prior's task: a step draws from (seed, step, rank) alone (the same step twice gives
+    the same loss), only the drawn cases' latents get a gradient, and its weights round-trip."""
+    model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2, points_per_step=100, subjects_per_step=2))
+    task = PriorTraining(model, load_training_subjects(model, brain_data[0][:3]), 3)
+    assert task.latents.shape == (3, 16) and bool(task.own.all())
+    torch.testing.assert_close(task.latents.detach(), model.initial_train_latents(3), rtol=0, atol=0)
+    loss, parts = task.step(4)
+    assert loss.requires_grad and set(parts) == {"bce", "dice", "rec"}
+    loss.backward()
+    moved = task.latents.grad.abs().amax(1) > 0
+    assert int(moved.sum()) == 2                          # subjects_per_step of the 3 rows
+    again, _ = task.step(4)
+    assert torch.equal(again.detach(), loss.detach())
+    other, _ = task.step(5)
+    assert not torch.equal(other.detach(), loss.detach())
+    saved = {k: v.clone() for k, v in task.weights().items()}
+    with torch.no_grad():
+        task.latents.add_(1.0)
+    task.load_weights(saved)
+    torch.testing.assert_close(task.latents.detach(), saved["latents"], rtol=0, atol=0)
+    with pytest.raises(InputError, match="latents"):
+        task.load_weights({**saved, "latents": saved["latents"][:2]})
+
+
+def test_recipe_presets_and_field_meanings():
+    """The registry's recipe: nisf-cpu-small for 2D, 3D and 3D+t data; config_from_preset's
+    rule for budgets; every config field has a one-line meaning (``inrseg config nisf``)."""
+    assert [RECIPE.default_preset(nd) for nd in (2, 3, 4)] == ["nisf-cpu-small"] * 3
+    cfg = RECIPE.make("nisf-cpu-small", 3, {"budget_minutes": 5.0, "augment": 2})
+    assert (cfg.width, cfg.depth, cfg.augment, cfg.steps) == (64, 4, 2, OPEN_ENDED_STEPS)
+    assert RECIPE.make("nisf-cpu", 2, {"budget_minutes": 5.0, "steps": 10}).steps == 10
+    assert RECIPE.make("nisf-paper", 4, {}) == NISFConfig()
+    helps = field_help(NISFConfig)
+    assert set(helps) == {f.name for f in fields(NISFConfig)}
+    assert all(helps.values()), [k for k, v in helps.items() if not v]
+    with pytest.raises(InputError):
+        RECIPE.make("nisf-cpu", 2, {"activation": "tanh"})
 
 
 # ------------------------------------------------------------------------------ ignore label
@@ -489,9 +570,6 @@ def test_sparse_labels_segmentation_loss_only_where_labelled():
     """With unlabelled points (IGNORE): the segmentation terms are each image's formula on its
     labelled points alone, the reconstruction term covers every point, and the seg logits at
     unlabelled points change neither the loss nor its gradient."""
-    from inrseg.data.io import IGNORE
-    from inrseg.methods.nisf import _seg_weights
-
     model = NISF(BRAIN_NAMES, 2, 1, NISFConfig(width=16, depth=2))
     cfg, C = model.config, len(BRAIN_NAMES)
     g = torch.Generator().manual_seed(1)
@@ -504,11 +582,12 @@ def test_sparse_labels_segmentation_loss_only_where_labelled():
                       torch.rand(n, 1, generator=g)))
     lat = torch.randn(2, 16, generator=g)
     seg, rec, lab, inten = (pad_sequence([it[k] for it in items], batch_first=True) for k in range(4))
-    w = _point_weights(sizes)
+    w = point_weights(sizes)
 
     def run(seg_logits):
         s = seg_logits.clone().requires_grad_(True)
-        loss, parts = model._training_loss(s, rec, lab, inten, w, lat, _seg_weights(lab, w))
+        loss, parts = prior_loss(s, rec, lab, inten, w, lat, seg_weights(lab, w), alpha=cfg.alpha,
+                                 latent_reg=cfg.latent_reg)
         loss.backward()
         return loss.detach(), parts, s.grad
 
@@ -531,15 +610,14 @@ def test_sparse_labels_segmentation_loss_only_where_labelled():
     torch.testing.assert_close(loss, (wants[0] + wants[1]) / 2)
     # an image with no labelled point: segmentation terms 0, no NaN
     none = torch.full_like(lab, IGNORE)
-    loss0, parts0 = model._training_loss(seg, rec, none, inten, w, lat, _seg_weights(none, w))
+    loss0, parts0 = prior_loss(seg, rec, none, inten, w, lat, seg_weights(none, w), alpha=cfg.alpha,
+                               latent_reg=cfg.latent_reg)
     assert torch.isfinite(loss0) and parts0["bce"] == 0.0 and parts0["dice"] == 0.0
 
 
 def test_sparse_cine_trains_and_scores_annotated_frames_only():
     """A 3D+t cine labelled in one frame (the rest 255, declared ignore): prior training runs,
     and the steps curve's Dice is the mean over annotated frames (unannotated ones skipped)."""
-    from inrseg.data.io import IGNORE
-
     pairs = []
     for s in range(3):
         img, lab = cardiac_pair(s)
@@ -548,7 +626,7 @@ def test_sparse_cine_trains_and_scores_annotated_frames_only():
         pairs.append((img, Volume(sparse, lab.affine, 4, time_step=0.05, meta={"ignore_label": 255})))
     model = NISF(CARDIAC_NAMES, 4, 1, NISFConfig(**{**TINY_4D, "steps": 6, "infer_max_steps": 2,
                                                     "curve_every": 1}))
-    sub = model._prepare(*pairs[0])
+    sub = model.prepare(*pairs[0])
     assert (sub.labels == IGNORE).sum() == 24 * 24 * 4 * 3
     model.fit(pairs[:2], pairs[2:])
     assert all(np.isfinite(h["loss"]) for h in model.history if "loss" in h)
@@ -559,9 +637,6 @@ def test_sparse_cine_draws_annotated_frames_more_often():
     """A cine labelled in one frame of 4: with ``annotated_frame_fraction`` f the annotated frame
     is drawn with probability f + (1 - f) / T; the draws are a pure function of (seed, step,
     rank); a fully labelled case (and f = 0) draws exactly as uniform sampling always did."""
-    from inrseg.data.io import IGNORE
-    from inrseg.engine import step_rng
-
     img, lab = cardiac_pair(0)
     sparse = lab.data.copy()
     sparse[..., [0, 1, 3]] = 255
@@ -570,9 +645,9 @@ def test_sparse_cine_draws_annotated_frames_more_often():
 
     def draws(fraction, labels, steps=range(400)):
         model = NISF(CARDIAC_NAMES, 4, 1, NISFConfig(**cfg, annotated_frame_fraction=fraction))
-        sub = model._prepare(img, labels)
-        frames = model._annotated_frames(sub)
-        return frames, [model._sample_points(sub, step_rng(0, i, 0), frames) for i in steps]
+        sub = model.prepare(img, labels)
+        frames = annotated_frames(sub)
+        return frames, [sample_points(sub, step_rng(0, i, 0), model.config, frames) for i in steps]
 
     frames, half = draws(0.5, sparse_lab)
     assert frames.tolist() == [2]
@@ -595,6 +670,6 @@ def test_sparse_cine_draws_annotated_frames_more_often():
     t = int(rng.integers(4))
     pick = rng.choice(24 * 24 * 4, size=64, replace=False)
     model = NISF(CARDIAC_NAMES, 4, 1, NISFConfig(**cfg))
-    sub = model._prepare(img, lab)
+    sub = model.prepare(img, lab)
     want = sub.coords[torch.arange(t, sub.coords.shape[0], 4)[torch.from_numpy(pick)]]
     torch.testing.assert_close(dense[7][0], want, rtol=0, atol=1e-3)   # up to the coordinate jitter

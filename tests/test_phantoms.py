@@ -7,7 +7,8 @@ import pytest
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull
 
-from inrseg.data.phantoms import BRAIN_LABELS, CARDIAC_LABELS, brain_phantom, cardiac_phantom
+from inrseg.data.phantoms.brain import BRAIN_LABELS, brain_phantom
+from inrseg.data.phantoms.cardiac import CARDIAC_LABELS, cardiac_phantom
 
 B = BRAIN_LABELS
 C = CARDIAC_LABELS

@@ -1,4 +1,4 @@
-"""The supervised U-Net / SegResNet baseline behind the Segmenter protocol."""
+"""The U-Net / SegResNet baselines on the shared CNN trainer, and its training crops."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import torch
 
 from conftest import write_blobs
 from inrseg.data.grids import resampled_affine
-from inrseg.data.layouts import open_dataset, split_by_subject
+from inrseg.data.layouts import open_dataset
 from inrseg.data.sampling import PatchSampler, training_patch
-from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
+from inrseg.data.splits import split_by_subject
+from inrseg.methods.base import Segmenter
+from inrseg.methods.registry import load_segmenter
+from inrseg.methods.unet import SegResNetSegmenter, UNetConfig, UNetSegmenter
 from inrseg.metrics import case_metrics
-from inrseg.methods.base import Segmenter, load_segmenter
 
 TINY = dict(channels=(8, 16, 32), num_res_units=1, batch_size=4, val_every=20, lr=3e-3, warmup=5)
 
@@ -30,7 +32,7 @@ def _dice(model, cases):
 def test_protocol_training_and_save_load(blobs2d, tmp_path):
     torch.manual_seed(0)
     train, val = split_by_subject(blobs2d.train, 0.25)
-    model = SupervisedSegmenter(blobs2d.label_names, 2, 1, SupervisedConfig(**TINY, steps=60))
+    model = UNetSegmenter(blobs2d.label_names, 2, 1, UNetConfig(**TINY, steps=60))
     assert isinstance(model, Segmenter)
     before = _dice(model, val)
     model.fit(train, val)
@@ -46,16 +48,16 @@ def test_protocol_training_and_save_load(blobs2d, tmp_path):
 def test_resume_continues_from_saved_step(blobs2d, tmp_path):
     state = tmp_path / "m.train-state"
     train, val = split_by_subject(blobs2d.train, 0.25)
-    first = SupervisedSegmenter(blobs2d.label_names, 2, 1, SupervisedConfig(**TINY, steps=20))
+    first = UNetSegmenter(blobs2d.label_names, 2, 1, UNetConfig(**TINY, steps=20))
     first.fit(train, val, state_path=state)  # "killed" after 20 of 40 steps: the state remains
     assert [h["step"] for h in first.history] == [20]
-    second = SupervisedSegmenter(blobs2d.label_names, 2, 1, SupervisedConfig(**TINY, steps=40))
+    second = UNetSegmenter(blobs2d.label_names, 2, 1, UNetConfig(**TINY, steps=40))
     second.fit(train, val, state_path=state)
     assert [h["step"] for h in second.history] == [20, 40]
 
 
 def test_2x_prediction_shape_and_affine(blobs2d):
-    model = SupervisedSegmenter(blobs2d.label_names, 2, 1, SupervisedConfig(**TINY))
+    model = UNetSegmenter(blobs2d.label_names, 2, 1, UNetConfig(**TINY))
     img = blobs2d.train[0].load_image()
     out = model.predict(img, scale=2.0)
     assert out.shape == (64, 64)
@@ -65,18 +67,16 @@ def test_2x_prediction_shape_and_affine(blobs2d):
 
 def test_3d_sliding_window_and_segresnet(tmp_path):
     ds = open_dataset(write_blobs(tmp_path / "b3", n=3, shape=(20, 24, 28), spacing=2.0))
-    cfg = SupervisedConfig(channels=(4, 8, 16), num_res_units=0, batch_size=1, patch_size=(16, 16, 16),
-                           steps=2, val_every=2)
-    model = SupervisedSegmenter(ds.label_names, 3, 1, cfg)
+    cfg = UNetConfig(channels=(4, 8, 16), num_res_units=0, batch_size=1, patch_size=(16, 16, 16),
+                     steps=2, val_every=2)
+    model = UNetSegmenter(ds.label_names, 3, 1, cfg)
     model.fit(ds.train[:2], ds.train[2:])
     img = ds.train[0].load_image()
     out = model.predict(img)  # larger than the 16^3 patch -> sliding window
     assert out.shape == (20, 24, 28) and out.data.max() < 3
     np.testing.assert_allclose(out.affine, img.affine)
-    from inrseg.methods.supervised import SegResNetSegmenter
-
-    seg = SegResNetSegmenter(ds.label_names, 3, 1, SupervisedConfig(arch="segresnet", init_filters=8,
-                                                                     patch_size=(16, 16, 16)))
+    seg = SegResNetSegmenter(ds.label_names, 3, 1, UNetConfig(arch="segresnet", init_filters=8,
+                                                               patch_size=(16, 16, 16)))
     assert seg.predict(img).shape == (20, 24, 28)
 
 
@@ -210,11 +210,11 @@ def test_every_tensor_on_an_explicit_device(tmp_path, arch):
     and the run fails: fit (3D crops, validation, resume state, metrics log) and predict (sliding
     window, scale 2) with device="cpu" must not make one."""
     ds = open_dataset(write_blobs(tmp_path / "b3", n=3, shape=(20, 24, 28), spacing=2.0))
-    cfg = SupervisedConfig(arch=arch, channels=(4, 8, 16), num_res_units=0, init_filters=8, batch_size=1,
-                           patch_size=(16, 16, 16), steps=2, val_every=2)
+    cfg = UNetConfig(arch=arch, channels=(4, 8, 16), num_res_units=0, init_filters=8, batch_size=1,
+                     patch_size=(16, 16, 16), steps=2, val_every=2)
     torch.set_default_device("meta")
     try:
-        model = SupervisedSegmenter(ds.label_names, 3, 1, cfg, device="cpu")
+        model = UNetSegmenter(ds.label_names, 3, 1, cfg, device="cpu")
         model.fit(ds.train[:2], ds.train[2:], state_path=tmp_path / "m.train-state",
                   log_path=tmp_path / "m.metrics.jsonl")
         img = ds.train[0].load_image()
@@ -227,7 +227,7 @@ def test_every_tensor_on_an_explicit_device(tmp_path, arch):
 
 def test_schedule_fits_the_budget(blobs2d, tmp_path):
     """A budget that ends training long before ``steps``: the warm-up and cosine decay run over
-    the T that fits it (timed; recorded in the checkpoint), so the lr reaches 0 by the end;
+    the T that fits it (timed; recorded in the checkpoint) and training stops there;
     without a budget, or with ``fit_schedule_to_budget=False``, T stays ``steps``."""
     import json
     import math
@@ -235,8 +235,8 @@ def test_schedule_fits_the_budget(blobs2d, tmp_path):
     from inrseg.engine import Budget
 
     train, val = split_by_subject(blobs2d.train, 0.25)
-    cfg = SupervisedConfig(**{**TINY, "val_every": 10}, steps=100_000)
-    model = SupervisedSegmenter(blobs2d.label_names, 2, 1, cfg)
+    cfg = UNetConfig(**{**TINY, "val_every": 10}, steps=100_000)
+    model = UNetSegmenter(blobs2d.label_names, 2, 1, cfg)
     log = tmp_path / "log.jsonl"
     model.fit(train, val, budget=Budget(0.1), log_path=log)
     T = model.schedule_steps
@@ -246,12 +246,31 @@ def test_schedule_fits_the_budget(blobs2d, tmp_path):
         s = e["step"]
         want = cfg.lr * min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, T) / T))
         assert e["lr"] == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert entries[-1]["step"] <= T                      # training stops at the fitted T
     model.save(tmp_path / "m.safetensors")
     assert load_segmenter(tmp_path / "m.safetensors").schedule_steps == T
-    plain = SupervisedSegmenter(blobs2d.label_names, 2, 1, SupervisedConfig(**TINY, steps=7))
+    plain = UNetSegmenter(blobs2d.label_names, 2, 1, UNetConfig(**TINY, steps=7))
     plain.fit(train[:2])
     assert plain.schedule_steps == 7
-    off = SupervisedSegmenter(blobs2d.label_names, 2, 1, SupervisedConfig(**TINY, steps=100_000,
-                                                                          fit_schedule_to_budget=False))
+    off = UNetSegmenter(blobs2d.label_names, 2, 1, UNetConfig(**TINY, steps=100_000,
+                                                              fit_schedule_to_budget=False))
     off.fit(train[:2], budget=Budget(0.02))
     assert off.schedule_steps == 100_000
+
+
+def test_recipes_presets_and_data_defaults():
+    """The registry's recipes: the default preset, 3D batches of 2 crops, an explicit ``steps``
+    caps ``val_every``; unet and segresnet presets are their own."""
+    from inrseg.methods.unet import PRESETS, SEGRESNET_RECIPE, UNET_RECIPE
+
+    assert UNET_RECIPE.default_preset(2) == UNET_RECIPE.default_preset(3) == "unet-small"
+    assert SEGRESNET_RECIPE.default_preset(3) == "segresnet"
+    assert set(UNET_RECIPE.presets) == {"unet-small", "unet-paper"} and set(SEGRESNET_RECIPE.presets) == {"segresnet"}
+    two = UNET_RECIPE.make("unet-small", 2, {})
+    assert two == UNetConfig(channels=PRESETS["unet-small"]["channels"])
+    three = UNET_RECIPE.make("unet-paper", 3, {"steps": 30})
+    assert (three.batch_size, three.val_every, three.channels) == (2, 30, (32, 64, 128, 256, 512))
+    assert UNET_RECIPE.make("unet-small", 3, {"batch_size": 5, "steps": 30, "val_every": 50}).val_every == 50
+    seg = SEGRESNET_RECIPE.make("segresnet", 3, {})
+    assert (seg.arch, seg.batch_size) == ("segresnet", 2)
+    assert SegResNetSegmenter(["bg", "a"], 2, 1).config.arch == "segresnet"

@@ -12,34 +12,47 @@ import torch
 from conftest import write_blobs
 from inrseg.data.layouts import open_dataset
 from inrseg.core.errors import InputError
-from inrseg.methods.supervised import SupervisedConfig, SupervisedSegmenter
+from inrseg.methods.unet import UNetConfig, UNetSegmenter
 from inrseg.engine import (Budget, LoopSettings, TrainTask, resolve_device, run_training, step_rng,
                              use_bf16)
 
 CPU = torch.device("cpu")
 
 
-def _regression_task(scores: list[float] | None = None, sleep: float = 0.0):
+class _Regression(TrainTask):
     """w -> 3 by SGD on (w - 3)^2; ``validate`` replays ``scores`` one per validation."""
-    w = torch.zeros(1, device=CPU, requires_grad=True)
-    opt = torch.optim.SGD([w], lr=0.1)
-    replay = list(scores or [])
 
-    def step(i: int):
-        time.sleep(sleep)
-        return ((w - 3.0) ** 2).sum(), {"w": float(w.detach())}
+    def __init__(self, scores: list[float] | None = None, sleep: float = 0.0) -> None:
+        self.w = torch.zeros(1, device=CPU, requires_grad=True)
+        super().__init__(name="toy", method="toy", optimizers=[torch.optim.SGD([self.w], lr=0.1)], params=[self.w],
+                         grad_sync="none", validates=scores is not None)
+        self.replay, self.sleep = list(scores or []), sleep
 
-    def validate():
-        return {"val_dice": replay.pop(0), "w": float(w.detach())}
+    def step(self, i: int):
+        time.sleep(self.sleep)
+        return ((self.w - 3.0) ** 2).sum(), {"w": float(self.w.detach())}
 
-    def load(d):
+    def validate(self):
+        return {"val_dice": self.replay.pop(0), "w": float(self.w.detach())}
+
+    def weights(self):
+        return {"w": self.w}
+
+    def load_weights(self, d):
         with torch.no_grad():
-            w.copy_(d["w"])
+            self.w.copy_(d["w"])
 
-    task = TrainTask(name="toy", method="toy", step=step, optimizers=[opt], params=[w],
-                     weights=lambda: {"w": w}, load_weights=load,
-                     validate=validate if scores is not None else None, grad_sync="none")
-    return w, opt, task
+
+def _regression_task(scores: list[float] | None = None, sleep: float = 0.0):
+    task = _Regression(scores, sleep)
+    return task.w, task.optimizers[0], task
+
+
+def test_one_step_runs_alone():
+    """A hook can be called without the loop: one step's loss and parts."""
+    task = _Regression()
+    loss, parts = task.step(0)
+    assert float(loss.detach()) == pytest.approx(9.0) and parts == {"w": 0.0}
 
 
 def test_best_on_validation_is_restored_and_history_kept():
@@ -102,14 +115,14 @@ def test_resumed_unet_equals_uninterrupted(tmp_path):
     from inrseg.engine.checkpoints import load_train_state
 
     ds = open_dataset(write_blobs(tmp_path / "ds", n=4, shape=(24, 24)))
-    cfg = SupervisedConfig(channels=(4, 8, 16), num_res_units=1, batch_size=2, val_every=4, lr=3e-3,
+    cfg = UNetConfig(channels=(4, 8, 16), num_res_units=1, batch_size=2, val_every=4, lr=3e-3,
                            warmup=2, steps=8)
     full_state, state = tmp_path / "full.train-state", tmp_path / "m.train-state"
-    SupervisedSegmenter(ds.label_names, 2, 1, cfg).fit(ds.train[:3], ds.train[3:], state_path=full_state)
-    first = SupervisedSegmenter(ds.label_names, 2, 1, cfg)
+    UNetSegmenter(ds.label_names, 2, 1, cfg).fit(ds.train[:3], ds.train[3:], state_path=full_state)
+    first = UNetSegmenter(ds.label_names, 2, 1, cfg)
     first.fit(ds.train[:3], ds.train[3:], state_path=state, budget=_StepBudget(4))
     assert [h["step"] for h in first.history] == [4]
-    second = SupervisedSegmenter(ds.label_names, 2, 1, cfg)
+    second = UNetSegmenter(ds.label_names, 2, 1, cfg)
     second.fit(ds.train[:3], ds.train[3:], state_path=state)
     assert [h["step"] for h in second.history] == [4, 8]
     a, b = load_train_state(full_state, "unet"), load_train_state(state, "unet")

@@ -1,8 +1,8 @@
 """Segmentation losses that skip unlabelled voxels (the ignore label).
 
-Inside the trainers an unlabelled voxel carries :data:`~inrseg.data.io.IGNORE` (-1; a dataset's
+Inside the trainers an unlabelled voxel carries :data:`~inrseg.data.volume.IGNORE` (-1; a dataset's
 own ignore value, e.g. 255, is mapped to it when the labels are loaded, see
-:func:`inrseg.data.io.label_array`). Such a voxel contributes nothing to a loss: neither its
+:func:`inrseg.data.volume.label_array`). Such a voxel contributes nothing to a loss: neither its
 value nor its gradient (the gradient of the loss with respect to the logits at an ignored
 voxel is exactly 0).
 
@@ -12,12 +12,11 @@ entropy, equal weights) with a mask:
 * Dice: the softmax probabilities and the one-hot labels are both zeroed at ignored voxels,
   then MONAI's :class:`~monai.losses.DiceLoss` (per image and class, background included,
   smooth 1e-5) is applied. A zeroed voxel adds 0 to the intersection and to both sums, so this
-  *is* the soft Dice over the annotated voxels alone (tested against the Dice of the gathered
-  annotated voxels). An image with no annotated voxel has Dice loss 0 for every class.
+  *is* the soft Dice over the annotated voxels alone. An image with no annotated voxel has Dice
+  loss 0 for every class.
 * Cross entropy: the mean over the annotated voxels of the batch (0 if there is none).
 
-With ``ignore_index=None`` (a dataset without an ignore label) it is MONAI's loss itself,
-numerically identical to what the trainers used before.
+With ``ignore_index=None`` (a dataset without an ignore label) it is MONAI's loss itself.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from monai.losses import DiceLoss
 from monai.networks.utils import one_hot
 from torch import nn
 
-from inrseg.data.io import IGNORE
+from inrseg.data.volume import IGNORE
 
 __all__ = ["DiceCELoss", "masked_cross_entropy", "IGNORE"]
 

@@ -23,7 +23,7 @@ HD95 / ASD in millimetres (MONAI's edge extraction and surface distances,
     * exactly one empty -> the diagonal of the image extent in mm,
       ``sqrt(sum_i (shape[i] * spacing[i])**2)``, an upper bound on any distance inside the field
       of view, so a missed or hallucinated structure is penalised instead of silently dropped.
-      (MONAI 1.6.1 returns NaN for HD95 and ``inf`` for the surface distance here, with warnings.)
+      (MONAI returns NaN for HD95 and ``inf`` for the surface distance here, with warnings.)
     * both present -> MONAI's value.  Boundary voxels are ``mask & ~binary_erosion(mask)``
       (scipy, cross-shaped structuring element, outside of the image counts as background);
       HD95 is the maximum of the two directed 95th percentiles (``torch.quantile``, linear
@@ -275,7 +275,7 @@ def case_metrics(
     if distances:
         diag = image_diagonal_mm(gt.shape, spacing)
         with warnings.catch_warnings():
-            # MONAI 1.6.1 emits a deprecation warning (always_return_as_numpy) on every call.
+            # MONAI warns of a deprecation (always_return_as_numpy) on every call
             warnings.simplefilter("ignore")
             for c in range(C):
                 if both_empty[c]:

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from inrseg.data.layouts import open_dataset
-from inrseg.methods.morse import MORSE, morse_config
 from inrseg.engine import init_distributed, leave_distributed, world
+from inrseg.methods.morse import MORSE, morse_config
 
 torch.set_num_threads(1)
 data, out, steps, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

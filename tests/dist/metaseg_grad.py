@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from inrseg.data.layouts import open_dataset
 from inrseg.methods.metaseg import MetaSeg, MetaSegConfig
+from inrseg.methods.metaseg.meta import MetaTrainingTask
 from inrseg.engine import LoopSettings, init_distributed, leave_distributed, run_training, world
 
 
@@ -30,9 +31,9 @@ def meta_gradients(data: Path, meta_batch: int) -> dict[str, torch.Tensor]:
     model = MetaSeg(ds.label_names, 2, 1, cfg, device="cpu")
     model.params = {k: v.double() for k, v in model.params.items()}
     model.lrs = {k: v.double() for k, v in model.lrs.items()}
-    images = [model._prepare(*c.load()) for c in ds.train]
+    images = [model.prepare(*c.load()) for c in ds.train]
     train_s = [dataclasses.replace(im, coords=im.coords.double(), pixels=im.pixels.double()) for im in images]
-    run_training(model._meta_task(train_s, []), LoopSettings(steps=1, val_every=1))
+    run_training(MetaTrainingTask(model, train_s, []), LoopSettings(steps=1, val_every=1))
     grads = {k: v.grad for k, v in model.params.items()}
     grads.update({f"lr.{k}": v.grad for k, v in model.lrs.items() if v.grad is not None})
     return grads

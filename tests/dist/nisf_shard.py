@@ -1,7 +1,8 @@
 """Run under torchrun: NISF's prior with the training cases (their latents) sharded over the
 ranks. Trains STEPS steps in one go, then STEPS / 2 steps into a training state and resumes
 it to STEPS. Each rank saves its latent table as it holds it (spied on the gather) and its
-network; rank 0 saves both models.
+network; rank 0 saves both models. The spy replaces
+inrseg.methods.nisf.training.gather_rows, through which every gather of the table goes.
 
     torchrun --standalone --nproc-per-node 2 nisf_shard.py DATA OUT_DIR STEPS [AUGMENT]
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import inrseg.methods.nisf as nisf
+import inrseg.methods.nisf.training as training
 from inrseg.data.layouts import open_dataset
 from inrseg.engine import init_distributed, leave_distributed, world
+from inrseg.methods.nisf import NISF, NISFConfig
 
 torch.set_num_threads(1)
 data, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -26,7 +28,7 @@ rank, size = world()
 ds = open_dataset(data)
 
 held: list[tuple[torch.Tensor, torch.Tensor]] = []   # (table as this rank holds it, own rows)
-gather = nisf._gather_rows
+gather = training.gather_rows
 
 
 def spy(table: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -34,13 +36,13 @@ def spy(table: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     return gather(table, own)
 
 
-nisf._gather_rows = spy
+training.gather_rows = spy
 
 
-def model(n_steps: int) -> nisf.NISF:
-    cfg = nisf.NISFConfig(width=32, depth=3, steps=n_steps, lr=3e-3, subjects_per_step=2,
-                          points_per_step=256, save_every=steps // 2, infer_steps=5, augment=augment)
-    return nisf.NISF(ds.label_names, 2, 1, cfg, device="cpu")
+def model(n_steps: int) -> NISF:
+    cfg = NISFConfig(width=32, depth=3, steps=n_steps, lr=3e-3, subjects_per_step=2,
+                     points_per_step=256, save_every=steps // 2, infer_steps=5, augment=augment)
+    return NISF(ds.label_names, 2, 1, cfg, device="cpu")
 
 
 full = model(steps)

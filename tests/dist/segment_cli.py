@@ -6,13 +6,13 @@
 import sys
 from pathlib import Path
 
-import inrseg.data.io as io
+import inrseg.cli.segment as segment_command
 from inrseg.cli import main
 from inrseg.engine import local_rank
 
 record = Path(sys.argv[1]) / f"writes-rank{local_rank()}.txt"
 args = sys.argv[sys.argv.index("--") + 1:]
-original = io.save_labels
+original = segment_command.save_labels
 
 
 def recording_save_labels(data, path, *a, **kw):
@@ -21,5 +21,5 @@ def recording_save_labels(data, path, *a, **kw):
     return original(data, path, *a, **kw)
 
 
-io.save_labels = recording_save_labels
+segment_command.save_labels = recording_save_labels
 sys.exit(main(["segment", *args]))

@@ -11,9 +11,9 @@ import typer
 from inrseg.cli.app import DEVICE_HELP, app, check_output_dir, command_line, fraction, positive
 from inrseg.cli.train import train_model
 from inrseg.core.progress import progress, status
-from inrseg.data.io import save_labels
+from inrseg.data.nifti import save_labels
 from inrseg.data.layouts import open_dataset
-from inrseg.data.phantoms import write_phantom_dataset
+from inrseg.data.phantoms.datasets import write_phantom_dataset
 from inrseg.engine import resolve_device
 from inrseg.eval.bench import run_bench
 from inrseg.eval.evaluate import evaluate_dirs, format_table, write_report

@@ -13,9 +13,9 @@ import typer
 from inrseg.cli.app import app, check_output_dir, command_line, data_app, parse_shape
 from inrseg.core.errors import InputError
 from inrseg.core.progress import progress, status
-from inrseg.data.io import atomic_dir
+from inrseg.core.files import atomic_dir
 from inrseg.data.layouts import open_dataset
-from inrseg.data.phantoms import write_phantom_dataset
+from inrseg.data.phantoms.datasets import write_phantom_dataset
 from inrseg.eval.evaluate import evaluate_dirs, find_images, find_label_info, format_table, label_files, write_report
 from inrseg.eval.provenance import library_versions
 from inrseg.metrics import REGION_SETS, annotation_stats

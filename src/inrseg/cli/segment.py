@@ -18,7 +18,10 @@ import typer
 from inrseg.cli.app import DEVICE_HELP, app, check_output_dir, parse_shape, positive, run_on
 from inrseg.core.errors import InputError
 from inrseg.core.progress import progress, status
-from inrseg.data.io import Volume, atomic_dir, atomic_path, check_memory, load_image, save_image, save_labels
+from inrseg.core.files import atomic_dir, atomic_path
+from inrseg.core.memory import check_memory
+from inrseg.data.nifti import load_image, save_image, save_labels
+from inrseg.data.volume import Volume
 from inrseg.data.layouts import case_id_of, image_files, open_dataset
 from inrseg.engine import barrier, broadcast_object, is_main, resolve_device, shard
 from inrseg.engine.checkpoints import read_metadata

@@ -21,12 +21,13 @@ import typer
 from inrseg.core.errors import InputError, InrsegError
 from inrseg.core.progress import set_budget, status
 from inrseg.cli.app import DEVICE_HELP, app, fraction, positive, run_on
-from inrseg.data.io import check_writable, exclusive_lock, remove_stale_temporaries
-from inrseg.data.layouts import open_dataset, split_by_subject
+from inrseg.core.files import check_writable, exclusive_lock, remove_stale_temporaries
+from inrseg.data.layouts import open_dataset
+from inrseg.data.splits import split_by_subject
 from inrseg.engine import Budget, barrier, is_main, resolve_device
 from inrseg.methods.base import check_spatial_ndim
-from inrseg.methods.configs import describe, field_types
-from inrseg.methods.registry import ENTRIES, capabilities, entry, resolve
+from inrseg.methods.configs import describe, field_types, read_override_file
+from inrseg.methods.registry import ENTRIES, capabilities, chosen_preset, entry, parse_spec, resolve
 
 __all__ = ["field_flags", "fit_and_save", "open_train_data", "train_config", "train_model"]
 
@@ -257,7 +258,8 @@ def config_cmd(method: str = typer.Argument(..., help="A method (`inrseg methods
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return
     recipe = e.config_recipe
-    chosen = preset or recipe.default_preset(ndim)
+    file_preset = read_override_file(recipe.config_class, config)[0] if config is not None else None
+    chosen = chosen_preset(parse_spec(method), ndim, preset, file_preset)
     print(f"{method} ({e.config_recipe.config_class.__name__}), preset {chosen} for {ndim}D data "
           f"(presets: {', '.join(recipe.presets)})")
     rows = describe(cfg)

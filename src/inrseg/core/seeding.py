@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+__all__ = ["step_rng", "torch_generator"]
+
+
 def step_rng(seed: int, step: int, *index: int) -> np.random.Generator:
     """The NumPy generator of the random draws of optimiser step ``step`` (item ``index``).
 
@@ -17,4 +20,3 @@ def step_rng(seed: int, step: int, *index: int) -> np.random.Generator:
 def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A seeded :class:`torch.Generator` on an explicit device."""
     return torch.Generator(device=device).manual_seed(int(seed) % (2 ** 63))
-

@@ -31,8 +31,9 @@ import dataclasses
 
 import numpy as np
 import torch
+from monai.transforms import Rand2DElastic, Rand3DElastic, RandAdjustContrast, RandAffine, RandScaleIntensity
 
-from inrseg.data.io import Volume
+from inrseg.data.volume import Volume
 
 __all__ = ["augmented_pair", "copy_seed"]
 
@@ -84,8 +85,6 @@ def _elastic_2d(img: np.ndarray, lab: np.ndarray, seed: int, axes: tuple[int, in
                 rotate: float, scale: float, translate: float, elastic: float) -> tuple[np.ndarray, np.ndarray]:
     """``Rand2DElastic`` in the plane of spatial ``axes`` of ``img (C, *S)`` / ``lab (1, *S)``,
     the same field for every position along the other spatial axes (thick slices, frames)."""
-    from monai.transforms import Rand2DElastic
-
     S = img.shape[1:]
     rest = [a for a in range(len(S)) if a not in axes]
     perm = rest + list(axes)                       # spatial axes: others first, the plane last
@@ -122,8 +121,6 @@ def augmented_pair(image: Volume, labels: Volume, seed: int, rotate: float = 0.1
     (in plane for thick slices; 0: affine only). Returns new Volumes (float32 image, labels in
     their own dtype) whose ``meta`` is a copy of the inputs' (the ignore value included).
     """
-    from monai.transforms import Rand3DElastic, RandAdjustContrast, RandAffine, RandScaleIntensity
-
     if labels.shape != image.shape:
         raise ValueError(f"label shape {labels.shape} != image shape {image.shape}")
     if elastic < 0:

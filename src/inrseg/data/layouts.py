@@ -1,7 +1,7 @@
-"""Dataset layouts: nnU-Net raw, neurite-OASIS and UK Biobank cine; subject-wise splits.
+"""Dataset layouts: nnU-Net raw, neurite-OASIS and UK Biobank cine; the inputs of ``segment``.
 
-A dataset is a list of :class:`Case` objects (paths only; nothing is read until asked) plus
-its label names and channel names. Three layouts are understood:
+A reader returns a :class:`~inrseg.data.cases.Dataset` (paths only; nothing is read until
+asked). Three layouts are understood:
 
 * **nnU-Net raw** (the layout of ``shared/data``)::
 
@@ -19,6 +19,9 @@ its label names and channel names. Three layouts are understood:
   ``train/`` and ``test/`` folders. A ``dataset.json`` in the directory (or in its parent, for
   ``DIR/train``) may give the ``labels`` and the ``ignore`` value.
 
+Every reader takes an optional splits JSON (:mod:`inrseg.data.splits`): its ``"subjects"`` map
+and ``"test"`` subjects.
+
 Ignore label
 ------------
 Voxels without a label (e.g. the unannotated slices and frames of a sparsely labelled cine)
@@ -26,34 +29,28 @@ carry an *ignore* value, declared in ``dataset.json`` either at the top level,
 ``"ignore": 255``, or, as nnU-Net v2 does, as a label named ``"ignore"`` in ``"labels"``
 (``{"background": 0, "lv": 1, "ignore": 2}``; it is not a class). Cases carry it as
 ``Case.ignore_label``; label validation accepts it; no trainer takes a loss on such a voxel and
-no metric counts it (:func:`inrseg.data.io.label_array` maps it to ``IGNORE = -1`` for the
+no metric counts it (:func:`inrseg.data.volume.label_array` maps it to ``IGNORE = -1`` for the
 trainers).
-
-Subjects
---------
-Splits are always by **subject**, never by case, so slices of one subject never straddle
-train and validation. The subject id of a case is, by default, **the case id up to its first
-underscore** (``sub01_cor+00`` -> ``sub01``, ``pat0003_z060`` -> ``pat0003``,
-``sub01`` -> ``sub01``). A splits JSON overrides both the rule and the split::
-
-    {"subjects": {"case_id": "subject_id", ...},      # optional: case -> subject map
-     "train": ["sub01", ...], "val": ["sub02", ...],  # optional: explicit subject lists
-     "test": [...]}
 """
 
 from __future__ import annotations
 
-import json
-import math
-import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
+import nibabel as nib
 
-from inrseg.data.io import Volume, check_same_grid, is_nifti, load_image, load_labels, strip_nifti_suffix
 from inrseg.core.errors import InputError
+from inrseg.core.files import read_json
+from inrseg.data.cases import Case, Dataset
+from inrseg.data.nifti import NIFTI_SUFFIXES, is_nifti, strip_nifti_suffix
+from inrseg.data.splits import apply_test_split, subject_map, subject_of
+
+__all__ = ["CARDIAC_LABEL_NAMES", "IGNORE_KEY", "OASIS_SEG24", "OASIS_SEG35", "OASIS_SEG4", "UKBB_IMAGE",
+           "UKBB_LABELS", "case_id_of", "detect_layout", "find_nifti", "ignore_label_from_json",
+           "image_files", "label_names_from_json", "load_nnunet", "load_oasis", "load_ukbb", "open_dataset",
+           "ukbb_subject_dirs"]
 
 CARDIAC_LABEL_NAMES = ["background", "lv-blood-pool", "lv-myocardium", "rv-blood-pool"]
 OASIS_SEG4 = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf"]
@@ -74,97 +71,11 @@ OASIS_SEG35 = [
     "R-pallidum", "R-hippocampus", "R-amygdala", "R-accumbens", "R-ventral-DC", "R-vessel",
     "R-choroid-plexus",
 ]
-
-
-def subject_of(case_id: str) -> str:
-    """Default subject id of a case: the case id up to its first underscore."""
-    return case_id.split("_", 1)[0]
-
-
-@dataclass(frozen=True)
-class Case:
-    """One image (all channels) and, when known, its label map. Paths only.
-
-    Attributes:
-        case_id: e.g. ``sub01_cor+00``.
-        subject_id: the subject the case belongs to (the split unit).
-        image_paths: one NIfTI file per channel, in channel order.
-        label_path: the label map, or ``None`` for unlabelled cases.
-        spatial_ndim: expected grid axes (2, 3 or 4), or ``None`` to accept what is found.
-        label_values: the values a label map may hold (from ``dataset.json``), or ``None``.
-        ignore_label: the value of unlabelled voxels (``dataset.json`` ``"ignore"``), or ``None``.
-    """
-
-    case_id: str
-    subject_id: str
-    image_paths: tuple[Path, ...]
-    label_path: Path | None = None
-    spatial_ndim: int | None = None
-    label_values: tuple[int, ...] | None = None
-    ignore_label: int | None = None
-
-    def load_image(self) -> Volume:
-        """The image as a ``(C, *S)`` float32 :class:`Volume`."""
-        return load_image(self.image_paths, expect_ndim=self.spatial_ndim)
-
-    def load_labels(self) -> Volume:
-        """The label map as an integer ``(*S,)`` :class:`Volume` (values as stored; the ignore
-        value, if any, in ``meta["ignore_label"]``)."""
-        if self.label_path is None:
-            raise InputError(self.image_paths[0], f"case {self.case_id} has no label map")
-        return load_labels(self.label_path, expect_ndim=self.spatial_ndim, allowed=self.label_values,
-                           ignore_label=self.ignore_label)
-
-    def load(self) -> tuple[Volume, Volume | None]:
-        """Image and label map (``None`` if unlabelled), checked to share one grid."""
-        image = self.load_image()
-        if self.label_path is None:
-            return image, None
-        labels = self.load_labels()
-        check_same_grid(image, labels)
-        return image, labels
-
-
-@dataclass
-class Dataset:
-    """A labelled dataset: training and test cases, label and channel names.
-
-    Attributes:
-        root: the dataset directory.
-        name: dataset name.
-        layout: ``"nnunet"``, ``"oasis"`` or ``"ukbb"``.
-        label_names: class names indexed by label value (``label_names[0]`` is background).
-        channel_names: image channel names in channel order.
-        train: training cases (``imagesTr`` / all subjects when no test split exists).
-        test: held-out test cases (``imagesTs``), possibly empty.
-        spatial_ndim: grid axes of every case (2, 3 or 4).
-        ignore_label: the value of unlabelled voxels, or ``None`` (see the module doc).
-    """
-
-    root: Path
-    name: str
-    layout: str
-    label_names: list[str]
-    channel_names: list[str]
-    train: list[Case]
-    test: list[Case] = field(default_factory=list)
-    spatial_ndim: int | None = None
-    ignore_label: int | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-    def info(self) -> dict:
-        out = {"name": self.name, "layout": self.layout, "root": str(self.root),
-               "labels": self.label_names, "channels": self.channel_names,
-               "spatial_ndim": self.spatial_ndim, "n_train": len(self.train),
-               "n_test": len(self.test),
-               "n_train_subjects": len({c.subject_id for c in self.train}),
-               "n_test_subjects": len({c.subject_id for c in self.test})}
-        if self.ignore_label is not None:
-            out["ignore_label"] = self.ignore_label
-        return out
+#: UK Biobank file names (without the NIfTI suffix): the short-axis cine and its labels
+UKBB_IMAGE = "sa"
+UKBB_LABELS = "seg_sa"
+#: the ``dataset.json`` key (top level, or a name in ``labels``) of the ignore value
+IGNORE_KEY = "ignore"
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,19 +92,6 @@ def _require_dir(path: Path, what: str) -> None:
         raise InputError(path, f"{what} is not a directory")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(obj, dict):
-        raise InputError(path, "expected a JSON object")
-    return obj
-
-
 def label_names_from_json(labels: dict, path: Path) -> list[str]:
     """nnU-Net ``labels`` ({name: value}) -> names indexed by value; values must be 0..C-1.
     An entry named ``"ignore"`` (nnU-Net v2's ignore label) is not a class and is left out."""
@@ -207,10 +105,6 @@ def label_names_from_json(labels: dict, path: Path) -> list[str]:
     if sorted(by_value) != list(range(len(by_value))) or 0 not in by_value:
         raise InputError(path, f"label values {sorted(by_value)} must be consecutive from 0")
     return [by_value[i] for i in range(len(by_value))]
-
-
-#: the ``dataset.json`` key (top level, or a name in ``labels``) of the ignore value
-IGNORE_KEY = "ignore"
 
 
 def ignore_label_from_json(meta: dict, path: Path, num_classes: int | None = None) -> int | None:
@@ -232,14 +126,6 @@ def ignore_label_from_json(meta: dict, path: Path, num_classes: int | None = Non
     if num_classes is not None and found[0] < num_classes:
         raise InputError(path, f"the ignore value {found[0]} is also a class value (0..{num_classes - 1})")
     return found[0]
-
-
-def ignore_label_of(cases: Sequence[Case]) -> int | None:
-    """The ignore value shared by ``cases`` (``None`` if none has one); an error if they differ."""
-    values = {c.ignore_label for c in cases if getattr(c, "ignore_label", None) is not None}
-    if len(values) > 1:
-        raise ValueError(f"cases with different ignore labels {sorted(values)}")
-    return values.pop() if values else None
 
 
 def _nnunet_cases(images_dir: Path, labels_dir: Path | None, n_channels: int,
@@ -285,7 +171,7 @@ def load_nnunet(root: str | Path, splits_file: str | Path | None = None) -> Data
     meta_path = root / "dataset.json"
     if not meta_path.exists():
         raise InputError(meta_path, "missing: an nnU-Net dataset needs dataset.json")
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     if "labels" not in meta or "channel_names" not in meta:
         raise InputError(meta_path, "needs 'labels' and 'channel_names'")
     label_names = label_names_from_json(meta["labels"], meta_path)
@@ -293,20 +179,18 @@ def load_nnunet(root: str | Path, splits_file: str | Path | None = None) -> Data
     channel_names = [str(meta["channel_names"][k]) for k in sorted(meta["channel_names"], key=int)]
     ending = meta.get("file_ending", ".nii.gz")
     values = tuple(range(len(label_names)))
-    subject_map = {}
-    if splits_file is not None:
-        subject_map = {str(k): str(v) for k, v in _read_json(Path(splits_file)).get("subjects", {}).items()}
+    subjects = subject_map(splits_file)
     _require_dir(root / "imagesTr", "imagesTr")
     _require_dir(root / "labelsTr", "labelsTr")
     train = _nnunet_cases(root / "imagesTr", root / "labelsTr", len(channel_names), values,
-                          subject_map, ending, ignore)
+                          subjects, ending, ignore)
     if not train:
         raise InputError(root / "imagesTr", f"empty: no *{ending} images")
     test: list[Case] = []
     if (root / "imagesTs").is_dir():
         labels_ts = root / "labelsTs" if (root / "labelsTs").is_dir() else None
         test = _nnunet_cases(root / "imagesTs", labels_ts, len(channel_names), values,
-                             subject_map, ending, ignore)
+                             subjects, ending, ignore)
     nd = _peek_ndim(train[0].image_paths[0])
     if nd == 4:
         nd_ok = bool(meta.get("time_axis", False))
@@ -326,8 +210,6 @@ def _with_ndim(case: Case, nd: int) -> Case:
 
 def _peek_ndim(path: Path) -> int:
     """Grid axes of a NIfTI file from its header only (cheap)."""
-    import nibabel as nib
-
     try:
         shape = nib.load(str(path)).shape
     except Exception as exc:  # noqa: BLE001 - any reader failure is reported as a bad file
@@ -342,8 +224,9 @@ def _peek_ndim(path: Path) -> int:
 # neurite-OASIS
 # --------------------------------------------------------------------------------------------
 
-def _find(folder: Path, stem: str) -> Path | None:
-    for suf in (".nii.gz", ".nii"):
+def find_nifti(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.nii.gz`` or ``folder/stem.nii``, whichever exists first, else ``None``."""
+    for suf in NIFTI_SUFFIXES:
         if (folder / f"{stem}{suf}").exists():
             return folder / f"{stem}{suf}"
     return None
@@ -364,17 +247,17 @@ def load_oasis(root: str | Path, dim: int = 2, seg: str = "seg4",
     names = {"seg4": OASIS_SEG4, "seg24": OASIS_SEG24, "seg35": OASIS_SEG35}.get(seg)
     if names is None or (dim == 2 and seg == "seg35") or (dim == 3 and seg == "seg24"):
         raise ValueError(f"neurite-OASIS has no {dim}D {seg} labels")
-    subject_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _find(p, f"{prefix}_norm"))
+    subject_dirs = sorted(p for p in root.iterdir() if p.is_dir() and find_nifti(p, f"{prefix}_norm"))
     if not subject_dirs:
         raise InputError(root, f"empty: no subject folders with {prefix}_norm.nii.gz")
     values = tuple(range(len(names)))
     cases = []
     for d in subject_dirs:
-        seg_path = _find(d, f"{prefix}_{seg}")
+        seg_path = find_nifti(d, f"{prefix}_{seg}")
         if seg_path is None:
             raise InputError(d / f"{prefix}_{seg}.nii.gz", "missing label map")
-        cases.append(Case(d.name, d.name, (_find(d, f"{prefix}_norm"),), seg_path, dim, values))
-    return _apply_splits(Dataset(root, root.name, "oasis", list(names), ["T1"], cases, [], dim),
+        cases.append(Case(d.name, d.name, (find_nifti(d, f"{prefix}_norm"),), seg_path, dim, values))
+    return apply_test_split(Dataset(root, root.name, "oasis", list(names), ["T1"], cases, [], dim),
                          splits_file)
 
 
@@ -382,16 +265,16 @@ def load_oasis(root: str | Path, dim: int = 2, seg: str = "seg4",
 # UK Biobank cine
 # --------------------------------------------------------------------------------------------
 
-def _ukbb_subject_dirs(folder: Path) -> list[Path]:
+def ukbb_subject_dirs(folder: Path) -> list[Path]:
     """Subject folders (those holding ``sa.nii.gz``) directly inside ``folder``, sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _find(p, UKBB_IMAGE))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and find_nifti(p, UKBB_IMAGE))
 
 
 def _ukbb_meta(root: Path) -> tuple[dict, Path] | None:
     """The ``dataset.json`` of a UK Biobank directory: in it, or in its parent (``DIR/train``)."""
     for c in (root / "dataset.json", root.parent / "dataset.json"):
         if c.is_file():
-            return _read_json(c), c
+            return read_json(c), c
     return None
 
 
@@ -406,9 +289,9 @@ def load_ukbb(root: str | Path, splits_file: str | Path | None = None) -> Datase
     root = Path(root)
     _require_dir(root, "dataset directory")
     split_dirs = {}
-    if not _ukbb_subject_dirs(root):
+    if not ukbb_subject_dirs(root):
         split_dirs = {k: root / k for k in ("train", "test")
-                      if (root / k).is_dir() and _ukbb_subject_dirs(root / k)}
+                      if (root / k).is_dir() and ukbb_subject_dirs(root / k)}
         if "train" not in split_dirs:
             raise InputError(root, "empty: no subject folders with sa.nii.gz")
     names, ignore, name = list(CARDIAC_LABEL_NAMES), None, root.name
@@ -423,11 +306,11 @@ def load_ukbb(root: str | Path, splits_file: str | Path | None = None) -> Datase
 
     def cases_in(folder: Path) -> list[Case]:
         cases = []
-        for d in _ukbb_subject_dirs(folder):
-            seg_path = _find(d, UKBB_LABELS)
+        for d in ukbb_subject_dirs(folder):
+            seg_path = find_nifti(d, UKBB_LABELS)
             if seg_path is None:
                 raise InputError(d / f"{UKBB_LABELS}.nii.gz", "missing label map")
-            cases.append(Case(d.name, d.name, (_find(d, UKBB_IMAGE),), seg_path, 4, values, ignore))
+            cases.append(Case(d.name, d.name, (find_nifti(d, UKBB_IMAGE),), seg_path, 4, values, ignore))
         return cases
 
     if split_dirs:
@@ -435,25 +318,12 @@ def load_ukbb(root: str | Path, splits_file: str | Path | None = None) -> Datase
         test = cases_in(split_dirs["test"]) if "test" in split_dirs else []
     else:
         train, test = cases_in(root), []
-    return _apply_splits(Dataset(root, name, "ukbb", names, ["cine"], train, test, 4, ignore),
+    return apply_test_split(Dataset(root, name, "ukbb", names, ["cine"], train, test, 4, ignore),
                          splits_file)
 
 
-def _apply_splits(ds: Dataset, splits_file: str | Path | None) -> Dataset:
-    """Move the subjects a splits JSON lists under "test" into ``ds.test``."""
-    if splits_file is None:
-        return ds
-    spec = _read_json(Path(splits_file))
-    test_subjects = set(map(str, spec.get("test", [])))
-    if test_subjects:
-        everything = ds.train + ds.test
-        ds.train = [c for c in everything if c.subject_id not in test_subjects]
-        ds.test = [c for c in everything if c.subject_id in test_subjects]
-    return ds
-
-
 # --------------------------------------------------------------------------------------------
-# Dispatch and splitting
+# Dispatch, and the inputs of ``inrseg segment``
 # --------------------------------------------------------------------------------------------
 
 def detect_layout(root: str | Path) -> str:
@@ -464,15 +334,15 @@ def detect_layout(root: str | Path) -> str:
     _require_dir(root, "dataset directory")
     if (root / "imagesTr").is_dir():
         return "nnunet"
-    if _ukbb_subject_dirs(root) or ((root / "train").is_dir() and _ukbb_subject_dirs(root / "train")):
+    if ukbb_subject_dirs(root) or ((root / "train").is_dir() and ukbb_subject_dirs(root / "train")):
         return "ukbb"
     if (root / "dataset.json").exists():
         return "nnunet"
     for d in sorted(root.iterdir()):
         if d.is_dir():
-            if _find(d, "sa"):
+            if find_nifti(d, "sa"):
                 return "ukbb"
-            if _find(d, "slice_norm") or _find(d, "aligned_norm"):
+            if find_nifti(d, "slice_norm") or find_nifti(d, "aligned_norm"):
                 return "oasis"
     raise InputError(root, "not a dataset: no dataset.json (nnU-Net), no subject folders with "
                            "sa.nii.gz (UK Biobank) or slice_norm/aligned_norm (neurite-OASIS)")
@@ -484,49 +354,12 @@ def open_dataset(root: str | Path, layout: str = "auto", splits_file: str | Path
     layout = detect_layout(root) if layout == "auto" else layout
     if layout == "nnunet":
         ds = load_nnunet(root, splits_file)
-        return _apply_splits(ds, splits_file)
+        return apply_test_split(ds, splits_file)
     if layout == "oasis":
         return load_oasis(root, oasis_dim, oasis_seg, splits_file)
     if layout == "ukbb":
         return load_ukbb(root, splits_file)
     raise ValueError(f"unknown layout {layout!r} (nnunet, oasis, ukbb)")
-
-
-def split_by_subject(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0,
-                     splits_file: str | Path | None = None) -> tuple[list[Case], list[Case]]:
-    """Carve a validation split out of training cases, by subject.
-
-    With a splits JSON that lists ``"val"`` (and optionally ``"train"``) subjects, those are
-    used. Otherwise ``ceil(val_fraction * n_subjects)`` subjects (at least 1 when there are 2 or
-    more subjects and ``val_fraction > 0``) are drawn with a seeded shuffle of the sorted subject
-    ids, so the split is deterministic.
-
-    Returns:
-        ``(train_cases, val_cases)``; no subject appears in both.
-    """
-    subjects = sorted({c.subject_id for c in cases})
-    if splits_file is not None:
-        spec = _read_json(Path(splits_file))
-        if "val" in spec:
-            val_s = set(map(str, spec["val"]))
-            train_s = set(map(str, spec.get("train", []))) or (set(subjects) - val_s)
-            unknown = (val_s | train_s) - set(subjects)
-            if unknown:
-                raise InputError(Path(splits_file), f"subjects {sorted(unknown)[:5]} are not in the dataset")
-            return ([c for c in cases if c.subject_id in train_s],
-                    [c for c in cases if c.subject_id in val_s])
-    n_val = 0
-    if val_fraction > 0 and len(subjects) >= 2:
-        n_val = min(len(subjects) - 1, max(1, math.ceil(val_fraction * len(subjects))))
-    order = list(subjects)
-    random.Random(seed).shuffle(order)
-    val_s = set(order[:n_val])
-    return ([c for c in cases if c.subject_id not in val_s], [c for c in cases if c.subject_id in val_s])
-
-
-#: UK Biobank file names (without the NIfTI suffix): the short-axis cine and its labels
-UKBB_IMAGE = "sa"
-UKBB_LABELS = "seg_sa"
 
 
 def image_files(path: str | Path) -> list[list[Path]]:
@@ -544,14 +377,14 @@ def image_files(path: str | Path) -> list[list[Path]]:
         raise InputError(path, "no such file or directory")
     if path.is_file():
         return [[path]]
-    sa = _find(path, UKBB_IMAGE)
+    sa = find_nifti(path, UKBB_IMAGE)
     if sa is not None:
         return [[sa]]
     files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
     if not files:
-        subjects = _ukbb_subject_dirs(path)
+        subjects = ukbb_subject_dirs(path)
         if subjects:
-            return [[_find(d, UKBB_IMAGE)] for d in subjects]
+            return [[find_nifti(d, UKBB_IMAGE)] for d in subjects]
         raise InputError(path, "empty: no .nii or .nii.gz files (nor subject folders with sa.nii.gz)")
     groups: dict[str, list[Path]] = {}
     for p in files:
@@ -570,4 +403,3 @@ def case_id_of(files: Iterable[Path]) -> str:
         return first.absolute().parent.name
     m = _CHANNEL_RE.match(stem)
     return m["case"] if m else stem
-

@@ -3,7 +3,7 @@
 :func:`heldout_mask` marks the voxels a model may see when whole slices are held out (NISF fits
 a latent without them and segments them anyway); :func:`plane_points` gives the world points
 of an oblique plane's pixels and the plane's affine, and :class:`PlaneView` is an image and a
-label map rendered on such a plane (drawn by :func:`inrseg.eval.evaluate.save_plane_png`).
+label map rendered on such a plane (drawn by :func:`inrseg.viz.overlays.save_plane_png`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from inrseg.data.io import Volume
+from inrseg.data.volume import Volume
 
 __all__ = ["PlaneView", "heldout_mask", "plane_points"]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from inrseg.core.errors import InputError
+
 
 def normalize(image: np.ndarray, mode: str = "zscore") -> np.ndarray:
     """Normalise each channel of an image ``(C, *S)`` independently; returns float32.
@@ -37,9 +39,7 @@ def normalize(image: np.ndarray, mode: str = "zscore") -> np.ndarray:
 
 def check_input(image, in_channels: int, spatial_ndim: int) -> None:
     """Raise :class:`~inrseg.core.errors.InputError` (naming the image's file) unless ``image`` (a
-    :class:`~inrseg.data.io.Volume`) has the channel count and dimensionality a model expects."""
-    from inrseg.core.errors import InputError
-
+    :class:`~inrseg.data.volume.Volume`) has the channel count and dimensionality a model expects."""
     if image.data.shape[0] != in_channels:
         raise InputError(image.path, f"has {image.data.shape[0]} channels, the model expects {in_channels}")
     if image.spatial_ndim != spatial_ndim:

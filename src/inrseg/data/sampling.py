@@ -18,8 +18,8 @@ from monai.data import MetaTensor
 from monai.transforms import (Compose, DivisiblePad, RandCropByPosNegLabeld, RandScaleIntensityd,
                               RandShiftIntensityd, SpatialPadd)
 
-from inrseg.data.io import IGNORE, Volume, label_array
-from inrseg.data.layouts import Case
+from inrseg.data.volume import IGNORE, Volume, label_array
+from inrseg.data.cases import Case
 from inrseg.core.progress import progress
 from inrseg.core.seeding import step_rng
 
@@ -39,7 +39,7 @@ def plain(t: torch.Tensor) -> torch.Tensor:
 def load_training_tensors(cases: Sequence[Case], prepare: Callable[[Volume], torch.Tensor]
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Load every case: images through ``prepare`` (``Volume -> (C, *S)`` float tensor) and
-    label maps as int64 ``(*S,)`` tensors, ignored voxels as :data:`~inrseg.data.io.IGNORE`
+    label maps as int64 ``(*S,)`` tensors, ignored voxels as :data:`~inrseg.data.volume.IGNORE`
     (-1), all in host memory (batches move to the device)."""
     images, labels = [], []
     for case in progress(cases, desc="loading training cases"):
@@ -101,7 +101,7 @@ class PatchSampler:
     probability ``foreground_fraction`` (nnU-Net oversamples 1/3), else on a background voxel -
     then, with ``augment``, a random intensity scale ``1 +- 0.1`` and shift ``+- 0.1``.
 
-    With ``ignore=True`` (labels holding :data:`~inrseg.data.io.IGNORE`), crops are centred on
+    With ``ignore=True`` (labels holding :data:`~inrseg.data.volume.IGNORE`), crops are centred on
     *annotated* voxels only: foreground = label > 0, background = label 0 (the zero padding
     counts as background, as without ignore), given to MONAI as precomputed indices (its own
     rule, label != 0, would take ignored voxels for foreground); a case with no annotated voxel

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from inrseg import __version__
-from inrseg.data.io import atomic_path
+from inrseg.core.files import atomic_path
 from inrseg.core.errors import InputError
 
 FORMAT_VERSION = 1

@@ -39,7 +39,9 @@ import torch
 
 from inrseg.core.errors import InputError
 from inrseg.core.progress import status
-from inrseg.data.layouts import Case, Dataset, open_dataset, split_by_subject
+from inrseg.data.cases import Case, Dataset
+from inrseg.data.layouts import open_dataset
+from inrseg.data.splits import split_by_subject
 from inrseg.engine import Budget, resolve_device
 from inrseg.eval.evaluate import json_safe
 from inrseg.eval.provenance import git_state, library_versions, machine_line, source_repo, utc_now
@@ -142,8 +144,9 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     if threads is not None:
         torch.set_num_threads(threads)
     ds = open_dataset(data)
-    for spec in specs:  # before any training: a method that cannot segment this data
+    for spec in specs:  # before any training: a method that cannot segment this data, a bad variant
         check_spatial_ndim(spec.entry.cls, ds.spatial_ndim, data)
+        resolve(spec, ds.spatial_ndim)
     train, val = split_by_subject(ds.train, val_fraction, split_seed)
     test = list(ds.test)
     if not test or any(c.label_path is None for c in test):

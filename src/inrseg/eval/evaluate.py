@@ -11,9 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from inrseg.data.io import atomic_path, load_labels, strip_nifti_suffix, is_nifti
-from inrseg.data.layouts import (UKBB_IMAGE, UKBB_LABELS, _find, _read_json, _ukbb_subject_dirs, ignore_label_from_json,
-                                 label_names_from_json)
+from inrseg.core.files import atomic_path, read_json
+from inrseg.data.nifti import load_labels, strip_nifti_suffix, is_nifti
+from inrseg.data.layouts import (UKBB_IMAGE, UKBB_LABELS, find_nifti, ukbb_subject_dirs,
+                                 ignore_label_from_json, label_names_from_json)
 from inrseg.core.errors import InputError
 from inrseg.metrics import CaseMetrics, region_metrics, score_case, summarize, summarize_regions
 from inrseg.core.progress import progress
@@ -30,7 +31,7 @@ def label_files(folder: Path, what: str) -> dict[str, Path]:
     files = {strip_nifti_suffix(p.name): p for p in sorted(folder.iterdir())
              if p.is_file() and is_nifti(p)}
     if not files and what == "ground-truth":
-        files = {d.name: _find(d, UKBB_LABELS) for d in _ukbb_subject_dirs(folder) if _find(d, UKBB_LABELS)}
+        files = {d.name: find_nifti(d, UKBB_LABELS) for d in ukbb_subject_dirs(folder) if find_nifti(d, UKBB_LABELS)}
     if not files:
         raise InputError(folder, f"empty: no .nii or .nii.gz {what} files")
     return files
@@ -50,11 +51,11 @@ def find_images(gt_dir: Path, case_ids: Sequence[str], images_dir: Path | None =
     for cid in case_ids:
         found = None
         if folder is not None and folder.is_dir():
-            channels = [_find(folder, f"{cid}_{k:04d}") for k in range(16)]
+            channels = [find_nifti(folder, f"{cid}_{k:04d}") for k in range(16)]
             channels = channels[:channels.index(None)] if None in channels else channels
-            found = channels or ([_find(folder, cid)] if _find(folder, cid) else None)
-        if found is None and (gt_dir / cid).is_dir() and _find(gt_dir / cid, UKBB_IMAGE):
-            found = [_find(gt_dir / cid, UKBB_IMAGE)]
+            found = channels or ([find_nifti(folder, cid)] if find_nifti(folder, cid) else None)
+        if found is None and (gt_dir / cid).is_dir() and find_nifti(gt_dir / cid, UKBB_IMAGE):
+            found = [find_nifti(gt_dir / cid, UKBB_IMAGE)]
         out[cid] = found
     return out
 
@@ -66,7 +67,7 @@ def find_label_info(gt_dir: Path, labels_json: Path | None) -> tuple[list[str] |
     candidates = [labels_json] if labels_json else [gt_dir / "dataset.json", gt_dir.parent / "dataset.json"]
     for c in candidates:
         if c is not None and c.exists():
-            meta = _read_json(c)
+            meta = read_json(c)
             if "labels" not in meta:
                 raise InputError(c, "has no 'labels'")
             names = label_names_from_json(meta["labels"], c)

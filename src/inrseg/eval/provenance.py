@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+from importlib import metadata
 import os
 import platform
 import subprocess
@@ -36,8 +37,6 @@ def git_state(repo: Path) -> dict:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour the figures depend on."""
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for name in ("inrseg", "torch", "monai", "numpy", "scipy", "nibabel", "safetensors"):
         try:

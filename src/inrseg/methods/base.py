@@ -8,7 +8,7 @@ with one config policy, and ``predict`` / ``predict_probabilities`` built on the
 (:class:`HeldOutSlices`, :class:`PlaneRendering`, :class:`StepCurves`, :class:`BatchPrediction`):
 the CLI asks ``isinstance(model, HeldOutSlices)``, never for a method name.
 
-Shapes: an image is a :class:`~inrseg.data.io.Volume` of ``(C, *S)``; a label map ``(*S,)``;
+Shapes: an image is a :class:`~inrseg.data.volume.Volume` of ``(C, *S)``; a label map ``(*S,)``;
 logits and probabilities ``(K, *S')`` with ``K`` classes and ``S' = round(S * scale)``.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from inrseg.core.errors import InputError
-from inrseg.data.io import Volume
-from inrseg.data.layouts import Case
+from inrseg.data.volume import Volume
+from inrseg.data.cases import Case
 from inrseg.engine import Budget, resolve_device
 from inrseg.engine.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.methods.configs import config_from_dict, config_to_dict
@@ -179,7 +179,8 @@ class Segmenter:
         try:
             obj.load_state_tensors({k: v.to(obj.device) for k, v in tensors.items()}, Path(path))
         except RuntimeError as exc:  # torch's load_state_dict on mismatched shapes or names
-            raise InputError(path, f"weights do not match the stored config ({str(exc).splitlines()[0][:160]})") from None
+            raise InputError(path, f"checkpoint header does not match its weights "
+                                   f"({str(exc).splitlines()[0][:160]})") from None
         obj.best_step, obj.history = meta.get("best_step"), list(meta.get("history", []))
         for key, default in cls.saved_attributes.items():
             setattr(obj, key, meta.get(key, default(obj) if callable(default) else default))

@@ -23,12 +23,12 @@ import sys
 import textwrap
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from inrseg.core.errors import InputError
 from inrseg.core.progress import status
 
-__all__ = ["apply_overrides", "config_from_dict", "config_to_dict", "describe", "field_help", "field_types", "parse_set",
+__all__ = ["Recipe", "apply_overrides", "config_from_dict", "config_to_dict", "describe", "field_help", "field_types", "parse_set",
            "read_override_file"]
 
 
@@ -212,3 +212,32 @@ def describe(cfg: Any) -> list[tuple[str, str, str]]:
         value = getattr(cfg, f.name)
         rows.append((f.name, json.dumps(value, default=str), helps.get(f.name, "")))
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a method's config is made.
+
+    Args:
+        config_class: the config dataclass.
+        presets: preset name -> field values.
+        default_preset: ``spatial_ndim -> preset`` (2, 3, or 4 for 3D + t).
+        build: ``(preset, spatial_ndim, overrides) -> config``: the preset's fields, the defaults
+            that depend on the data (a 3D batch of 2 crops, ...), then ``overrides``; default
+            :func:`build_plain`.
+    """
+
+    config_class: type
+    presets: Mapping[str, Mapping[str, Any]]
+    default_preset: Callable[[int], str]
+    build: Callable[..., Any] | None = None
+
+    def make(self, preset: str, spatial_ndim: int, overrides: Mapping[str, Any]) -> Any:
+        if preset not in self.presets:
+            raise InputError(None, f"unknown preset {preset!r} ({', '.join(self.presets)})")
+        try:
+            if self.build is not None:
+                return self.build(preset, spatial_ndim, dict(overrides))
+            return self.config_class(**{**self.presets[preset], **overrides})
+        except (TypeError, ValueError) as exc:
+            raise InputError(None, f"{self.config_class.__name__}: {str(exc).splitlines()[0][:200]}") from None

@@ -16,46 +16,17 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from inrseg.core.errors import InputError
 from inrseg.engine.checkpoints import read_metadata, validate_model_header
 from inrseg.methods.base import BatchPrediction, FitDiagnostics, HeldOutSlices, PlaneRendering, Segmenter, StepCurves
-from inrseg.methods.configs import parse_set, read_override_file
+from inrseg.methods.configs import Recipe, parse_set, read_override_file
 
-__all__ = ["ENTRIES", "MethodEntry", "MethodSpec", "Recipe", "capabilities", "entry", "load_segmenter",
+__all__ = ["ENTRIES", "MethodEntry", "MethodSpec", "Recipe", "capabilities", "chosen_preset", "entry", "load_segmenter",
            "parse_methods", "resolve", "segmenter_class"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a method's config is made.
-
-    Args:
-        config_class: the config dataclass.
-        presets: preset name -> field values.
-        default_preset: ``spatial_ndim -> preset`` (2, 3, or 4 for 3D + t).
-        build: ``(preset, spatial_ndim, overrides) -> config``: the preset's fields, the defaults
-            that depend on the data (a 3D batch of 2 crops, ...), then ``overrides``; default
-            :func:`build_plain`.
-    """
-
-    config_class: type
-    presets: Mapping[str, Mapping[str, Any]]
-    default_preset: Callable[[int], str]
-    build: Callable[..., Any] | None = None
-
-    def make(self, preset: str, spatial_ndim: int, overrides: Mapping[str, Any]) -> Any:
-        if preset not in self.presets:
-            raise InputError(None, f"unknown preset {preset!r} ({', '.join(self.presets)})")
-        try:
-            if self.build is not None:
-                return self.build(preset, spatial_ndim, dict(overrides))
-            return self.config_class(**{**self.presets[preset], **overrides})
-        except (TypeError, ValueError) as exc:
-            raise InputError(None, f"{self.config_class.__name__}: {str(exc).splitlines()[0][:200]}") from None
 
 
 @dataclass(frozen=True)
@@ -191,6 +162,13 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return specs
 
 
+def chosen_preset(spec: MethodSpec, spatial_ndim: int, preset: str | None = None,
+                  file_preset: str | None = None) -> str:
+    """The preset :func:`resolve` starts from (its step 1)."""
+    spec_preset = spec.parts[0] if spec.parts and not spec.entry.variant_fields else None
+    return preset or file_preset or spec_preset or spec.entry.config_recipe.default_preset(spatial_ndim)
+
+
 def resolve(spec: str | MethodSpec, spatial_ndim: int, *, preset: str | None = None,
             config_file: Path | None = None, sets: Sequence[str] = (),
             options: Mapping[str, Any] | None = None) -> tuple[MethodEntry, Any]:
@@ -211,8 +189,7 @@ def resolve(spec: str | MethodSpec, spatial_ndim: int, *, preset: str | None = N
     recipe = e.config_recipe
     cls = recipe.config_class
     file_preset, from_file = read_override_file(cls, config_file) if config_file is not None else (None, {})
-    spec_preset = spec.parts[0] if spec.parts and not e.variant_fields else None
-    chosen = preset or file_preset or spec_preset or recipe.default_preset(spatial_ndim)
+    chosen = chosen_preset(spec, spatial_ndim, preset, file_preset)
     overrides: dict[str, Any] = dict(from_file)
     overrides.update(dict(zip(e.variant_fields, spec.parts)))
     overrides.update(parse_set(cls, sets))

@@ -37,6 +37,9 @@ from monai.networks.blocks import Convolution, ResidualUnit, TransformerBlock
 from monai.networks.nets import UNETR
 from torch import nn
 
+__all__ = ["BACKBONES", "BACKBONE_PRESETS", "SegBackbone", "TransUNetBackbone", "UNETRBackbone", "UNetBackbone",
+           "build_backbone", "upsample"]
+
 BACKBONES = ("unet", "unet3d", "transunet", "unetr")
 
 
@@ -62,7 +65,11 @@ class SegBackbone(nn.Module):
         raise NotImplementedError
 
 
-def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(B, C, *S)`` maps resampled (bi/trilinear, ``align_corners=False``) to ``(B, C, *size)``;
+    ``x`` itself where ``S == size``."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
     mode = "bilinear" if x.dim() == 4 else "trilinear"
     return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
 
@@ -176,7 +183,7 @@ class TransUNetBackbone(SegBackbone):
             skips.append(h)
         t = self.proj(h)                                          # (B, hidden, *S/16)
         grid = t.shape[2:]
-        pos = self.pos if tuple(self.pos.shape[2:]) == tuple(grid) else _upsample(self.pos, grid)
+        pos = self.pos if tuple(self.pos.shape[2:]) == tuple(grid) else upsample(self.pos, grid)
         tokens = (t + pos).flatten(2).transpose(1, 2)            # (B, prod(S/16), hidden)
         for blk in self.blocks:
             tokens = blk(tokens)
@@ -185,7 +192,7 @@ class TransUNetBackbone(SegBackbone):
         h = self.conv_more(h)
         feats = []
         for i, block in enumerate(self.decoder):
-            h = _upsample(h, [2 * n for n in h.shape[2:]])
+            h = upsample(h, [2 * n for n in h.shape[2:]])
             if i < 3:
                 h = torch.cat([h, skips[2 - i]], dim=1)
             h = block(h)

@@ -1,6 +1,5 @@
 """MORSE's networks: the stochastic mixture of experts, the point head and the model around a
-backbone (You et al., MICCAI 2023; the method, its training and inference are
-:mod:`inrseg.methods.morse`).
+backbone (You et al., MICCAI 2023).
 
 Shapes: images ``(B, C_in, *S)`` with ``S = (H, W)`` or ``(D, H, W)``; point coordinates
 ``(B, P, d)`` in ``[-1, 1]``, cell-centred, in the order of the spatial axes
@@ -14,29 +13,21 @@ on the rank of a distributed run that holds it).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inrseg.nn.backbones import SegBackbone
+from inrseg.nn.backbones import SegBackbone, upsample
 from inrseg.nn.fourier import GaussianFourierFeatures
 from inrseg.nn.point_sampling import most_uncertain_points, point_sample, sample_training_points
 
-if TYPE_CHECKING:
-    from inrseg.methods.morse import MorseConfig
+__all__ = ["MorseNet", "MorseOutput", "PointHead", "StochasticMoE"]
 
 
 def _conv(nd: int) -> type[nn.Module]:
     return nn.Conv2d if nd == 2 else nn.Conv3d
-
-
-def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    mode = "bilinear" if x.dim() == 4 else "trilinear"
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
 
 
 class StochasticMoE(nn.Module):
@@ -111,7 +102,7 @@ class StochasticMoE(nn.Module):
             ``x_out`` ``(B, D, *S)`` and the gate weights ``W`` ``(B, N, *S)`` (sum 1 over N).
         """
         size = features[-1].shape[2:]
-        experts = [_upsample(mlp(f), size) for mlp, f in zip(self.experts, features)]
+        experts = [upsample(mlp(f), size) for mlp, f in zip(self.experts, features)]
         scores = self.gate(torch.cat(experts, dim=1))                      # (B, N, *S)
         mask = self.expert_mask(scores.shape[0], scores.device, generators)
         mask = mask.reshape(*mask.shape, *([1] * (scores.dim() - 2)))
@@ -171,31 +162,56 @@ class MorseOutput(NamedTuple):
 
 
 class MorseNet(nn.Module):
-    """Backbone + optional SMoE + optional point head (the variant decides; see
-    :mod:`inrseg.methods.morse`)."""
+    """Backbone + optional SMoE + optional point head (with optional Fourier features of the
+    point's coordinate).
 
-    def __init__(self, backbone: SegBackbone, num_classes: int, cfg: MorseConfig) -> None:
+    Args:
+        backbone: the encoder-decoder (:mod:`inrseg.nn.backbones`).
+        num_classes: ``C``.
+        use_smoe: fuse the decoder features with a :class:`StochasticMoE`; its fused features
+            ``(B, moe_dim, *S)`` make the coarse logits through a 1x1 head (else the backbone's
+            own head does).
+        use_points: a :class:`PointHead` on the fine features (the fused ones, else the finest
+            decoder block's) and the coarse logits at points.
+        use_fourier: the point head also reads Gaussian Fourier features of the point's coordinate.
+        num_experts: the ``N`` finest decoder blocks the SMoE mixes (``None``: the backbone's
+            ``default_experts``).
+        moe_dim, gate_dim, expert_dropout, alpha, renormalize: the :class:`StochasticMoE`'s.
+        point_width, point_layers, point_identity_init: the :class:`PointHead`'s.
+        fourier_frequencies, fourier_sigma, fourier_trainable: ``L``, the frequencies' std (cycles
+            per coordinate unit) and whether they train (:class:`~inrseg.nn.fourier.GaussianFourierFeatures`).
+        oversample, importance: ``k`` and ``rho`` of the training points
+            (:func:`~inrseg.nn.point_sampling.sample_training_points`).
+        seed: seeds the Fourier frequencies.
+    """
+
+    def __init__(self, backbone: SegBackbone, num_classes: int, *, use_smoe: bool = True,
+                 use_points: bool = True, use_fourier: bool = True, num_experts: int | None = None,
+                 moe_dim: int = 256, gate_dim: int = 256, expert_dropout: str = "bernoulli",
+                 alpha: float = 0.7, renormalize: bool = True, point_width: int = 512,
+                 point_layers: int = 3, point_identity_init: bool = True, fourier_frequencies: int = 128,
+                 fourier_sigma: float = 1.0, fourier_trainable: bool = True, oversample: float = 3.0,
+                 importance: float = 0.75, seed: int = 0) -> None:
         super().__init__()
-        self.backbone, self.num_classes, self.variant = backbone, num_classes, cfg.variant
+        self.backbone, self.num_classes = backbone, num_classes
         nd = backbone.spatial_dims
         self.smoe: StochasticMoE | None = None
         self.seg_head: nn.Module | None = None
-        if cfg.uses_smoe:
-            n = min(cfg.num_experts or backbone.default_experts, len(backbone.feature_channels))
-            self.smoe = StochasticMoE(nd, backbone.feature_channels[-n:], cfg.moe_dim, cfg.gate_dim,
-                                      cfg.expert_dropout, cfg.alpha, cfg.renormalize)
-            self.seg_head = _conv(nd)(cfg.moe_dim, num_classes, 1)
+        if use_smoe:
+            n = min(num_experts or backbone.default_experts, len(backbone.feature_channels))
+            self.smoe = StochasticMoE(nd, backbone.feature_channels[-n:], moe_dim, gate_dim,
+                                      expert_dropout, alpha, renormalize)
+            self.seg_head = _conv(nd)(moe_dim, num_classes, 1)
         self.fourier: GaussianFourierFeatures | None = None
         self.point_head: PointHead | None = None
-        if cfg.uses_points:
-            fine = cfg.moe_dim if cfg.uses_smoe else backbone.feature_channels[-1]
-            if cfg.uses_fourier:
-                self.fourier = GaussianFourierFeatures(nd, cfg.fourier_frequencies, cfg.fourier_sigma,
-                                                       cfg.fourier_trainable, seed=cfg.seed)
+        if use_points:
+            fine = moe_dim if use_smoe else backbone.feature_channels[-1]
+            if use_fourier:
+                self.fourier = GaussianFourierFeatures(nd, fourier_frequencies, fourier_sigma,
+                                                       fourier_trainable, seed=seed)
                 fine += self.fourier.out_dim
-            self.point_head = PointHead(fine, num_classes, cfg.point_width, cfg.point_layers,
-                                        cfg.point_identity_init)
-        self.oversample, self.importance = cfg.oversample, cfg.importance
+            self.point_head = PointHead(fine, num_classes, point_width, point_layers, point_identity_init)
+        self.oversample, self.importance = oversample, importance
 
     def forward(self, x: torch.Tensor, num_points: int = 0,
                 generators: Sequence[torch.Generator] | None = None) -> MorseOutput:
@@ -213,11 +229,11 @@ class MorseNet(nn.Module):
         else:
             n = self.smoe.num_experts
             fused, gates = self.smoe(feats[-n:], generators)
-            out = MorseOutput(_upsample(self.seg_head(fused), x.shape[2:]), fused, gates)
+            out = MorseOutput(upsample(self.seg_head(fused), x.shape[2:]), fused, gates)
         if num_points <= 0:
             return out
         if self.point_head is None:
-            raise ValueError(f"the {self.variant} variant has no point head")
+            raise ValueError("this network has no point head")
         if generators is None:
             coords = sample_training_points(out.coarse, num_points, self.oversample, self.importance)
         else:
@@ -253,14 +269,14 @@ class MorseNet(nn.Module):
         shape = tuple(int(n) for n in shape)
         logits = out.coarse
         if self.point_head is None:
-            return _upsample(logits, shape)
+            return upsample(logits, shape)
         src = logits.shape[2:]
         steps = max(0, math.ceil(math.log2(max(t / s for t, s in zip(shape, src)) - 1e-9)))
         plan = [tuple(min(s * 2 ** k, t) for s, t in zip(src, shape)) for k in range(1, steps)]
         plan.append(shape)
         b, c = logits.shape[:2]
         for size in plan:
-            logits = _upsample(logits, size).clone()
+            logits = upsample(logits, size).clone()
             idx, coords = most_uncertain_points(logits, num_points)
             pe = coords
             if coord_scale is not None:

@@ -1,6 +1,6 @@
 """SIREN coordinate network with a segmentation head, as a purely functional forward.
 
-The network of MetaSeg (``shared/METHODS.md``):
+The network of MetaSeg:
 
 * ``f_theta``: ``L`` linear layers; the first ``L - 1`` are followed by ``sin(w0 * .)``
   (w0 = 30), the last is linear to the ``out_features`` intensities. SIREN init: first layer

@@ -23,7 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
-from inrseg.data.io import Volume
+from inrseg.data.nifti import load_image, load_labels
+from inrseg.data.volume import Volume
+from inrseg.viz.figures import plt
+from inrseg.viz.overlays import overlay_figure
 
 #: 3D cases: at most this many slices in a slider (evenly spaced among those with labels)
 MAX_SLIDER_SLICES = 12
@@ -51,8 +54,6 @@ document.querySelectorAll('.slider').forEach(function(box){
 
 def png_uri(fig, dpi: int = 90) -> str:
     """A matplotlib figure as a ``data:image/png;base64,...`` URI (the figure is closed)."""
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
@@ -75,19 +76,9 @@ def _fmt(mean: float, sd: float = math.nan, nd: int = 3) -> str:
     return f"{mean:.{nd}f} ± {sd:.{nd}f}" if sd is not None and math.isfinite(sd) else f"{mean:.{nd}f}"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ----------------------------------------------------------------------------- figures
 def class_bars(per_method: dict[str, dict[str, tuple[float, float]]], names: Sequence[str]) -> str:
     """Grouped bars: per-class Dice (mean, sd error bars) of each method."""
-    plt = _pyplot()
     methods = list(per_method)
     x = np.arange(len(names))
     width = 0.8 / max(len(methods), 1)
@@ -111,7 +102,6 @@ def class_bars(per_method: dict[str, dict[str, tuple[float, float]]], names: Seq
 def curves_figure(series: dict[str, list[list[tuple[float, float]]]], xlabel: str, ylabel: str,
                   log_y: bool = False) -> str:
     """One line per (method, seed), one colour per method."""
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     colours = plt.get_cmap("tab10")
     for i, (m, lines) in enumerate(series.items()):
@@ -160,8 +150,6 @@ def case_panel(image: Volume, pred: np.ndarray, gt: np.ndarray, names: Sequence[
                ignore_label: int | None = None) -> str:
     """An overlay (image | prediction | ground truth, with a legend); for 3D, a slider over the
     slices that hold labels. Ignored ground-truth voxels are drawn as background."""
-    from inrseg.eval.evaluate import overlay_figure
-
     gt = np.asarray(gt)
     if ignore_label is not None:
         gt = np.where(gt == ignore_label, 0, gt)
@@ -285,8 +273,6 @@ def evaluation_report(per_case, summary: dict, names: Sequence[str], preds: dict
                       ignore_label: int | None = None) -> str:
     """The report of ``inrseg evaluate --html``: the metrics table, per-class Dice bars and the
     best, median and worst case (overlays on the image where one was found, else on black)."""
-    from inrseg.data.io import load_image, load_labels
-
     rows = [[n, _fmt(m["dice"]), _fmt(m["jaccard"]), _fmt(m["hd95_mm"], nd=2), _fmt(m["asd_mm"], nd=2),
              str(m["n_cases"])] for n, m in summary["per_class"].items()]
     rows.append(["mean foreground", _fmt(summary["mean_foreground_dice"]), _fmt(summary["jaccard"]),

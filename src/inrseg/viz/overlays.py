@@ -7,8 +7,13 @@ from typing import Sequence
 
 import numpy as np
 
-from inrseg.data.io import Volume
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
+
 from inrseg.data.planes import PlaneView
+from inrseg.data.volume import Volume
+from inrseg.viz.figures import plt, save_png
+
 
 def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarray | None = None,
                  title: str = "", names: Sequence[str] | None = None) -> Path:
@@ -17,8 +22,6 @@ def save_overlay(image: Volume, pred: np.ndarray, path: str | Path, gt: np.ndarr
 
     ``pred`` and ``gt`` are label maps on the image grid ``S``. Atomic write.
     """
-    from inrseg.viz.figures import save_png
-
     return save_png(overlay_figure(image, pred, gt, title, names), path, dpi=90)
 
 
@@ -26,12 +29,6 @@ def overlay_figure(image: Volume, pred: np.ndarray, gt: np.ndarray | None = None
                    names: Sequence[str] | None = None, index: int | None = None):
     """The matplotlib figure of :func:`save_overlay`; ``index``: the slice along the last
     spatial axis of a 3D (or 3D + t, frame 0) case (default: the middle one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
     def mid(a: np.ndarray) -> np.ndarray:
         while a.ndim > 2:
             a = a[..., a.shape[-1] // 2 if index is None else index] if a.ndim == 3 else a[..., 0]
@@ -52,8 +49,6 @@ def overlay_figure(image: Volume, pred: np.ndarray, gt: np.ndarray | None = None
                       alpha=0.5, origin="lower", interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    from matplotlib.patches import Patch
-
     shown = [c for c in range(1, n_classes) if (pred == c).any() or (gt is not None and (gt == c).any())]
     label = (lambda c: names[c] if names is not None and c < len(names) else f"class {c}")
     if shown:
@@ -72,11 +67,6 @@ def save_plane_png(view: PlaneView, path: str | Path, alpha: float = 0.45,
     ``view``: ``(nu, nv)`` image and labels. Pixel ``(i, j)`` is drawn with ``i`` horizontal and
     ``j`` vertical (upwards). Atomic.
     """
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
     img, lab = view.image.T, view.labels.T
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.2 * img.shape[0] / max(img.shape[1], 1) + 0.6))
     for ax in axes:
@@ -90,6 +80,4 @@ def save_plane_png(view: PlaneView, path: str | Path, alpha: float = 0.45,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    from inrseg.viz.figures import save_png
-
     return save_png(fig, path, dpi=100)

@@ -2,14 +2,16 @@
 
 Conventions
 -----------
-* A :class:`Volume` holds an image as ``(C, *S)`` float32 (channels first) or a label map as
-  ``(*S,)`` integers, where ``S`` is the grid shape in the file's voxel order.
+* Images are read into ``(C, *S)`` float32 :class:`~inrseg.data.volume.Volume` objects, one file
+  per channel; label maps into ``(*S,)`` int64 ones.
 * ``H x W x 1`` files are 2D images: ``S = (H, W)``; they are written back as ``H x W x 1``.
 * 4D files ``X x Y x Z x T`` (cine MRI) have ``S = (X, Y, Z, T)``; they are accepted only where
   a caller allows time (``expect_ndim=4``), otherwise "4D where 3D is expected" is an error.
-* ``affine`` is the 4 x 4 voxel-index -> world (mm) matrix of the NIfTI header. A label map
-  written by inrseg carries its source image's affine, so it overlays in 3D Slicer / ITK-SNAP.
-* All writes are atomic: a temporary file in the target directory, renamed on success.
+* Reading is hardened: the header's claimed size is checked against the file and the available
+  memory before anything large is allocated, and a ``.nii.gz`` is inflated to its end so that
+  gzip's CRC-32 is verified.
+* All writes are atomic (:func:`inrseg.core.files.atomic_path`): a temporary file in the target
+  directory, renamed on success.
 
 Every problem with a file raises :class:`~inrseg.core.errors.InputError` naming the file.
 """
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import os
-import tempfile
+import io
+import logging
+import struct
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,55 +31,14 @@ import nibabel as nib
 import numpy as np
 
 from inrseg.core.errors import InputError
+from inrseg.core.files import atomic_path
+from inrseg.core.memory import check_memory
+from inrseg.data.volume import Volume
+
+__all__ = ["NIFTI_SUFFIXES", "is_nifti", "load_image", "load_labels", "save_image", "save_labels",
+           "strip_nifti_suffix"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-#: label of voxels without a label inside the trainers (a dataset's own ignore value, e.g.
-#: 255, is mapped to it by :func:`label_array`); no loss or metric counts such a voxel
-IGNORE = -1
-
-
-@dataclass
-class Volume:
-    """An image or a label map on a voxel grid.
-
-    Attributes:
-        data: image ``(C, *S)`` float32, or label map ``(*S,)`` integer.
-        affine: ``(4, 4)`` float64, voxel index -> world coordinates in mm.
-        spatial_ndim: number of grid axes ``len(S)``: 2 (slice), 3 (volume) or 4 (3D + time).
-        time_step: seconds (or the file's time unit) between frames for 4D data, else ``None``.
-        dtype: the on-disk data type, reused when the volume is written back.
-        path: the file it was read from (the first channel's for multi-channel images).
-    """
-
-    data: np.ndarray
-    affine: np.ndarray
-    spatial_ndim: int
-    time_step: float | None = None
-    dtype: np.dtype | None = None
-    path: Path | None = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Grid shape ``S`` (no channel axis)."""
-        return tuple(self.data.shape[-self.spatial_ndim:])
-
-    @property
-    def spacing(self) -> tuple[float, ...]:
-        """Voxel size in mm along each spatial grid axis (time excluded), from the affine."""
-        n = min(self.spatial_ndim, 3)
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :n], axis=0))
-
-    @property
-    def is_label(self) -> bool:
-        return self.data.ndim == self.spatial_ndim
-
-    def with_data(self, data: np.ndarray, affine: np.ndarray | None = None) -> "Volume":
-        """A copy carrying ``data`` (and optionally a new affine) with the same metadata."""
-        grid_ndim = self.spatial_ndim
-        return Volume(data=data, affine=self.affine.copy() if affine is None else affine,
-                      spatial_ndim=grid_ndim, time_step=self.time_step, dtype=None, path=self.path,
-                      meta=dict(self.meta))
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -99,46 +60,11 @@ _MAX_HEADER_BYTES = 64 * 2**20
 _MAX_TRAILING_BYTES = 64 * 2**20
 
 
-def available_memory() -> int:
-    """Bytes of memory this process may still allocate: ``MemAvailable`` of ``/proc/meminfo``
-    (Linux), else the free physical pages; environment ``INRSEG_MAX_MEMORY_GB`` caps it."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 2**62
-    cap = os.environ.get("INRSEG_MAX_MEMORY_GB")
-    if cap:
-        avail = min(avail, int(float(cap) * 2**30))
-    return avail
-
-
-def check_memory(path: Path | None, nbytes: float, what: str) -> None:
-    """Raise :class:`InputError` if allocating ``nbytes`` for ``what`` would exceed
-    :func:`available_memory` (checked before anything is allocated)."""
-    avail = available_memory()
-    if nbytes > avail:
-        raise InputError(path, f"{what} needs {nbytes / 2**30:.1f} GiB of memory, only "
-                               f"{avail / 2**30:.1f} GiB is available")
-
-
 def _parse_header(path: Path, head: bytes) -> nib.Nifti1Header:
     """The NIfTI-1 or NIfTI-2 header at the start of ``head`` (at least 540 bytes if the file
     has them), checked for a sane shape and voxel type."""
     if len(head) < 348:
         raise InputError(path, f"not a NIfTI file (only {len(head)} bytes, a header needs 348)")
-    import io
-    import struct
-
     size_le, size_be = struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]
     klass = nib.Nifti2Header if 540 in (size_le, size_be) else nib.Nifti1Header
     try:
@@ -165,8 +91,6 @@ def _nibabel_quiet() -> Iterator[None]:
     """Silence nibabel's logger while we read: it logs fix-ups and header problems to stderr
     itself ("data code ... not recognized"), around our one-line error, which already says what
     is wrong with the file."""
-    import logging
-
     logger = logging.getLogger("nibabel")
     level = logger.level
     logger.setLevel(logging.CRITICAL + 1)
@@ -333,7 +257,8 @@ def load_labels(path: str | Path, expect_ndim: int | None = None,
         allowed: the label values permitted (e.g. those of ``dataset.json``); ``None`` = any.
         ignore_label: the value marking voxels without a label (``dataset.json`` ``"ignore"``);
             it is accepted on top of ``allowed`` and recorded as ``meta["ignore_label"]``.
-            The data keep the value as stored; :func:`label_array` maps it to :data:`IGNORE`.
+            The data keep the value as stored; :func:`~inrseg.data.volume.label_array` maps it to
+            :data:`~inrseg.data.volume.IGNORE`.
 
     Raises:
         InputError: unreadable file, non-integer values, values outside ``allowed``.
@@ -366,68 +291,6 @@ def load_labels(path: str | Path, expect_ndim: int | None = None,
                   time_step=float(zooms[3]) if nd == 4 and len(zooms) > 3 else None,
                   dtype=img.get_data_dtype(), path=path, meta=meta)
 
-
-def label_array(labels: Volume) -> np.ndarray:
-    """The int64 label array of a label :class:`Volume` with its ignored voxels (value
-    ``labels.meta["ignore_label"]``, if any) set to :data:`IGNORE` (-1): the form every trainer
-    works with. A copy."""
-    data = np.asarray(labels.data).astype(np.int64)
-    ignore = labels.meta.get("ignore_label") if labels.meta else None
-    if ignore is not None:
-        data[data == int(ignore)] = IGNORE
-    return data
-
-
-def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:
-    """Raise :class:`InputError` (naming the label file) if the grids of image and labels differ."""
-    if image.shape != labels.shape:
-        raise InputError(labels.path, f"label shape {labels.shape} does not match image "
-                                      f"{image.path.name if image.path else ''} shape {image.shape}")
-    if not np.allclose(image.affine, labels.affine, atol=atol):
-        raise InputError(labels.path, "label affine does not match image "
-                                      f"{image.path.name if image.path else ''} affine")
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_dir_public(path: Path) -> None:
-    """Give a directory made by :func:`tempfile.mkdtemp` (mode 0700) the umask's mode."""
-    os.chmod(path, 0o777 & ~current_umask())
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
-
-    The temporary name keeps the suffix (``.nii.gz``, ``.json``...) so writers that choose the
-    format from the extension behave. On error the temporary file is removed: nothing
-    half-written is ever left at ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp creates 0600 (and some writers recreate the file): give it the umask's mode,
-        # so colleagues can read results as with any other file
-        os.chmod(tmp_path, 0o666 & ~current_umask())
-        os.replace(tmp_path, path)
-    except OSError as exc:  # name the file the user asked for, not our temporary one
-        if exc.errno is not None and exc.filename in (None, str(tmp_path), tmp):
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def _to_file_array(data: np.ndarray, spatial_ndim: int) -> np.ndarray:
@@ -496,107 +359,3 @@ def save_image(image: Volume | np.ndarray, path: str | Path, like: Volume | None
         data = data[0]
     _save(_to_file_array(np.asarray(data, dtype=np.float32), nd), affine, Path(path), dtype, ts)
     return Path(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Output folders written whole, locks against concurrent writers, stale temporary files
-# --------------------------------------------------------------------------------------------
-
-def check_writable(path: str | Path, what: str = "output") -> None:
-    """Raise :class:`InputError` unless ``path``'s nearest existing ancestor directory is
-    writable: called before training, so a bad ``--out`` is found in seconds, not hours."""
-    path = Path(path).absolute()
-    probe = path.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(path, f"cannot write the {what}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(path, f"cannot write the {what}: {probe} is not writable")
-
-
-def stale_temporaries(path: str | Path) -> list[Path]:
-    """Hidden temporary siblings ``.NAME.*.tmp*`` that :func:`atomic_path` / :func:`atomic_dir`
-    left behind for ``path`` when a process was killed mid-write."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    return sorted(p for p in path.parent.glob(f".{path.name}.*") if ".tmp" in p.name[len(path.name) + 2:])
-
-
-def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Delete :func:`stale_temporaries` of ``path`` (call it holding :func:`exclusive_lock`, so
-    that no live writer's file is taken); returns what was removed, for the caller to report."""
-    import shutil
-
-    removed = stale_temporaries(path)
-    for p in removed:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return removed
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str | Path) -> Iterator[Path]:
-    """Hold ``PATH.lock`` (an advisory ``flock``, released by the kernel even on SIGKILL) for the
-    block; a second inrseg process writing ``path`` fails at once with :class:`InputError`."""
-    import fcntl
-
-    path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(path, "another inrseg process is writing it (wait for it to finish)") from None
-        yield lock
-    finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            lock.unlink()
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``path``; when the block succeeds it becomes
-    ``path`` in one rename, so ``path`` is either written whole or left as it was.
-
-    ``path`` must not exist or be empty, unless ``force`` (then it is replaced). The check runs
-    before the block (fail early) and again at the rename (another writer may have finished
-    meanwhile: its folder is never mixed with ours).
-    """
-    import shutil
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(path, "exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise InputError(path, "exists and is not empty (use --force to replace it)")
-    check_writable(path, "output folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    make_dir_public(tmp)
-    try:
-        yield tmp
-        old = None
-        if path.is_dir():
-            if any(path.iterdir()):
-                if not force:
-                    raise InputError(path, "was written by another process meanwhile; nothing was changed")
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old.tmp", dir=path.parent))
-                os.replace(path, old / "x")
-            else:
-                path.rmdir()
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            raise InputError(path, "was written by another process meanwhile; nothing was changed") from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

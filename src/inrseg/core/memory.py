@@ -1,0 +1,42 @@
+"""How much memory this process may still allocate, checked before a large allocation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from inrseg.core.errors import InputError
+
+__all__ = ["available_memory", "check_memory"]
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may still allocate: ``MemAvailable`` of ``/proc/meminfo``
+    (Linux), else the free physical pages; environment ``INRSEG_MAX_MEMORY_GB`` caps it."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 2**62
+    cap = os.environ.get("INRSEG_MAX_MEMORY_GB")
+    if cap:
+        avail = min(avail, int(float(cap) * 2**30))
+    return avail
+
+
+def check_memory(path: Path | None, nbytes: float, what: str) -> None:
+    """Raise :class:`~inrseg.core.errors.InputError` if allocating ``nbytes`` for ``what`` would
+    exceed :func:`available_memory` (checked before anything is allocated)."""
+    avail = available_memory()
+    if nbytes > avail:
+        raise InputError(path, f"{what} needs {nbytes / 2**30:.1f} GiB of memory, only "
+                               f"{avail / 2**30:.1f} GiB is available")
