@@ -27,12 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import datetime as _dt
-
 import torch
 
 from inrseg.data.layouts import open_dataset
 from inrseg.engine import init_distributed, resolve_device, world
+from inrseg.eval.provenance import write_result_file
 from inrseg.methods.registry import ENTRIES, resolve
 
 METHODS = tuple(ENTRIES)
@@ -130,8 +129,7 @@ def main() -> None:
     notes = (f"Data `{args.data.name}`, {args.steps} steps per run, median step time after the first "
              f"{args.skip}; {args.repeats} runs per layout, alternating, median of the runs; the same global batch per step in both layouts (U-Net 8 slices, SegResNet 4, "
              f"MORSE 4, NISF 2 subjects x 8,192 voxels, MetaSeg 2 tasks). Device {args.device}.")
-    path = RESULTS / f"{_dt.date.today():%Y-%m-%d}-engine-speed.md"
-    path.write_text(f"# Engine speed\n\n`{' '.join(sys.argv)}`\n\n{notes}\n\n{markdown_table(rows)}\n")
+    path = write_result_file(RESULTS, "engine-speed", notes, {"Steps per second": markdown_table(rows)})
     print(f"wrote {path}")
 
 

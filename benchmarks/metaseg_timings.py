@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 
 from inrseg.data.layouts import open_dataset
 from inrseg.data.splits import split_by_subject
-from inrseg.eval.provenance import git_state, machine_line, source_repo, utc_now
+from inrseg.eval.provenance import write_result_file
 from inrseg.methods.metaseg import MetaSeg
 from inrseg.methods.metaseg.meta import validation_dice
 from inrseg.methods.registry import resolve
@@ -53,25 +52,6 @@ def table(rows: list[dict]) -> str:
     fmt = (lambda v: ("nan" if not np.isfinite(v) else f"{v:.4f}") if isinstance(v, float) else str(v))
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                      + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
-
-
-def write(name: str, sections: dict[str, str], notes: str) -> Path:
-    """``benchmarks/results/<date>-<name>[-k].md`` with the date, commit, machine and command."""
-    now = utc_now()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path, k = RESULTS / f"{now:%Y-%m-%d}-{name}.md", 1
-    while path.exists():  # a second run the same day never overwrites the first
-        k += 1
-        path = RESULTS / f"{now:%Y-%m-%d}-{name}-{k}.md"
-    git = git_state(source_repo())
-    body = [f"# {name}", "", f"- date: {now:%Y-%m-%d %H:%M} UTC",
-            f"- commit: {git['commit']}{' (dirty)' if git['dirty'] else ''}",
-            f"- machine: {machine_line(torch.device('cpu'))}, {torch.get_num_threads()} torch threads",
-            f"- command: `{' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", "", notes, ""]
-    for title, text in sections.items():
-        body += [f"## {title}", "", text, ""]
-    path.write_text("\n".join(body))
-    return path
 
 
 def test_time(model: MetaSeg, data: Path, cases: int) -> tuple[dict[str, str], str]:
@@ -137,7 +117,7 @@ def main() -> None:
         part, note = validation(args.val, args.val_preset)
         sections.update(part)
         notes.append(note)
-    path = write("metaseg-timings" + (f"-{args.tag}" if args.tag else ""), sections, " ".join(notes))
+    path = write_result_file(RESULTS, "metaseg-timings" + (f"-{args.tag}" if args.tag else ""), " ".join(notes), sections)
     print(path.read_text())
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from inrseg.eval.provenance import git_state, machine_line, source_repo, utc_now
+from inrseg.eval.provenance import write_result_file
 from inrseg.methods.cnn import TrainBatch
 from inrseg.methods.registry import resolve
 
@@ -46,25 +45,6 @@ def timed_step(variant: str, moe_dim: int, x: torch.Tensor, y: torch.Tensor):
         opt.step()
 
     return model, step
-
-
-def write(body: str, threads: int) -> Path:
-    """``benchmarks/results/<date>-morse-step-profile[-k].md`` with the date, commit, machine and command."""
-    now = utc_now()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path, k = RESULTS / f"{now:%Y-%m-%d}-morse-step-profile.md", 1
-    while path.exists():  # a second run the same day never overwrites the first
-        k += 1
-        path = RESULTS / f"{now:%Y-%m-%d}-morse-step-profile-{k}.md"
-    git = git_state(source_repo())
-    head = ["# morse-step-profile", "", f"- date: {now:%Y-%m-%d %H:%M} UTC",
-            f"- commit: {git['commit']}{' (dirty)' if git['dirty'] else ''}",
-            f"- machine: {machine_line(torch.device('cpu'))}",
-            f"- command: `{' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", "",
-            f"4 slices of 160 x 192, 5 classes, `cpu` preset, {threads} thread(s); random data "
-            "(the cost does not depend on the values).", ""]
-    path.write_text("\n".join(head + ["## Seconds per training step and profile", "", body, ""]))
-    return path
 
 
 def main() -> None:
@@ -95,7 +75,9 @@ def main() -> None:
     body = ("| variant | D | s per step (median of 3) | params |\n|---|---|---|---|\n" + "\n".join(rows)
             + f"\n\nProfile of one `{args.variant}` step:\n\n```\n{table}\n```")
     print(body)
-    print(f"wrote {write(body, args.threads)}")
+    notes = (f"4 slices of 160 x 192, 5 classes, `cpu` preset, {args.threads} thread(s); random data "
+             "(the cost does not depend on the values).")
+    print(f"wrote {write_result_file(RESULTS, 'morse-step-profile', notes, {'Seconds per training step and profile': body})}")
 
 
 if __name__ == "__main__":

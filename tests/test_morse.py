@@ -420,7 +420,8 @@ def test_rend_and_sup_loss_skip_ignored_points():
     entropy over the points whose (nearest) label is annotated; ignored ones get no gradient."""
     from types import SimpleNamespace
 
-    from inrseg.losses import IGNORE, DiceCELoss, masked_cross_entropy
+    from inrseg.data.volume import IGNORE
+    from inrseg.losses import DiceCELoss, masked_cross_entropy
 
     model = MORSE(["bg", "a", "b"], 2, 1, _tiny_cfg("unet", "morse"))
     gen = torch.Generator().manual_seed(0)

@@ -153,7 +153,8 @@ def test_masked_dicece_loss_skips_ignored_voxels():
     annotated voxels alone; without an ignore label it is MONAI's DiceCELoss exactly."""
     from monai.losses import DiceCELoss as MonaiDiceCE
 
-    from inrseg.losses import IGNORE, DiceCELoss
+    from inrseg.data.volume import IGNORE
+    from inrseg.losses import DiceCELoss
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 6, 5, 4, generator=gen, dtype=torch.float64)
@@ -188,7 +189,7 @@ def test_masked_dicece_loss_skips_ignored_voxels():
 def test_sampler_with_ignore_crops_annotated_regions():
     """With ignored voxels the crop centres lie on annotated voxels (foreground = label > 0,
     never the ignore value), so every crop holds annotation; a case with none still crops."""
-    from inrseg.losses import IGNORE
+    from inrseg.data.volume import IGNORE
 
     image = torch.randn(1, 40, 40, 30)
     label = torch.full((40, 40, 30), IGNORE, dtype=torch.int64)

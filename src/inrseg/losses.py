@@ -30,7 +30,7 @@ from torch import nn
 
 from inrseg.data.volume import IGNORE
 
-__all__ = ["DiceCELoss", "masked_cross_entropy", "IGNORE"]
+__all__ = ["DiceCELoss", "masked_cross_entropy"]
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor,

@@ -210,14 +210,8 @@ def _annotated(gt: np.ndarray, ignore_label: int | None) -> np.ndarray | None:
     return ~ignored if ignored.any() else None
 
 
-def case_metrics(
-    pred: np.ndarray,
-    gt: np.ndarray,
-    num_classes: int,
-    spacing: Sequence[float] | None = None,
-    distances: bool = True,
-    ignore_label: int | None = None,
-) -> CaseMetrics:
+def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None,
+                 distances: bool = True, ignore_label: int | None = None) -> CaseMetrics:
     """Per-class metrics of one predicted label map against its ground truth (see module docstring).
 
     ``spacing`` is mm per voxel along each array axis (default 1.0); with ``distances=False``
@@ -309,14 +303,8 @@ def _empty_metrics(num_classes: int, frames: tuple[int, ...] | None = None) -> C
                        none, none.copy(), frames)
 
 
-def cine_metrics(
-    pred: np.ndarray,
-    gt: np.ndarray,
-    num_classes: int,
-    spacing: Sequence[float] | None = None,
-    distances: bool = True,
-    ignore_label: int | None = None,
-) -> CaseMetrics:
+def cine_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None,
+                 distances: bool = True, ignore_label: int | None = None) -> CaseMetrics:
     """Metrics of one 3D + t case ``(X, Y, Z, T)``: the mean over its annotated frames of the
     3D per-frame metrics (module docstring; frames without an annotated voxel are skipped).
 
@@ -347,14 +335,8 @@ def cine_metrics(
                        frames)
 
 
-def score_case(
-    pred: np.ndarray,
-    gt: np.ndarray,
-    num_classes: int,
-    spacing: Sequence[float] | None = None,
-    distances: bool = True,
-    ignore_label: int | None = None,
-) -> CaseMetrics:
+def score_case(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None,
+               distances: bool = True, ignore_label: int | None = None) -> CaseMetrics:
     """Metrics of one case of any kind: :func:`cine_metrics` for 3D + t ``(X, Y, Z, T)`` maps
     (one case per subject, the mean over its annotated frames), :func:`case_metrics` for 2D and
     3D maps. The one definition used by ``inrseg evaluate``, the benchmarks and NISF's choice of

@@ -7,11 +7,13 @@ from importlib import metadata
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_model", "git_state", "library_versions", "machine_line", "source_repo", "utc_now"]
+__all__ = ["cpu_model", "git_state", "library_versions", "machine_line", "source_repo", "utc_now",
+           "write_result_file"]
 
 
 def source_repo() -> Path:
@@ -65,3 +67,24 @@ def machine_line(device: torch.device) -> str:
 
 def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
+
+
+def write_result_file(folder: Path, name: str, notes: str, sections: dict[str, str]) -> Path:
+    """``folder/<date>-<name>.md`` (``-2``, ``-3``... where that exists: a run never overwrites an
+    earlier one): a header with the date, commit, machine, torch threads and command, then
+    ``notes``, then one ``## title`` section per entry of ``sections``. Returns the path."""
+    now = utc_now()
+    folder.mkdir(parents=True, exist_ok=True)
+    path, k = folder / f"{now:%Y-%m-%d}-{name}.md", 1
+    while path.exists():
+        k += 1
+        path = folder / f"{now:%Y-%m-%d}-{name}-{k}.md"
+    git = git_state(source_repo())
+    body = [f"# {name}", "", f"- date: {now:%Y-%m-%d %H:%M} UTC",
+            f"- commit: {git['commit']}{' (dirty)' if git['dirty'] else ''}",
+            f"- machine: {machine_line(torch.device('cpu'))}, {torch.get_num_threads()} torch threads",
+            f"- command: `{' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", "", notes, ""]
+    for title, text in sections.items():
+        body += [f"## {title}", "", text, ""]
+    path.write_text("\n".join(body), encoding="utf-8")
+    return path

@@ -40,7 +40,8 @@ from inrseg.data.sampling import (PatchSampler, has_ignored, load_training_tenso
 from inrseg.data.volume import Volume
 from inrseg.engine import (SCHEDULE_STEPS_KEY, Budget, LoopSettings, StepOutput, TrainTask, as_budget,
                            run_training, timed_schedule_steps, use_bf16, world, wrap_ddp)
-from inrseg.losses import IGNORE, DiceCELoss
+from inrseg.data.volume import IGNORE
+from inrseg.losses import DiceCELoss
 from inrseg.methods.base import Segmenter
 from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import upsample
