@@ -106,6 +106,13 @@ def nifti_header_claiming(shape, nifti2: bool = False) -> bytes:
     return raw.getvalue()
 
 
+def _snapshot_any(path: Path) -> dict | str | None:
+    """:func:`snapshot` of a folder, or the SHA-1 of a file (``None`` if absent)."""
+    if path.is_dir():
+        return snapshot(path)
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else None
+
+
 @dataclass
 class Scenario:
     """One command against bad input: its arguments, what the error line must name, the
@@ -117,6 +124,8 @@ class Scenario:
     code: int = 2
     env: dict[str, str] = field(default_factory=dict)
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    #: inputs (files or folders) that must be byte-for-byte as before the command
+    keep: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -536,12 +545,14 @@ def _run_scenario(kind, cli, tmp_path, model2d, monkeypatch):
     for k, v in sc.env.items():
         monkeypatch.setenv(k, v)
     before = snapshot(sc.watch)
+    kept = [_snapshot_any(p) for p in sc.keep]
     with monkeypatch.context() as mp:
         if sc.patch is not None:
             sc.patch(mp)
         res = cli(*sc.args)
     assert_one_line_error(res, *map(str, sc.needles), code=sc.code)
     assert snapshot(sc.watch) == before, "the output folder changed"
+    assert [_snapshot_any(p) for p in sc.keep] == kept, "an input changed"
     if sc.watch is not None:  # no temporary leftovers next to it either
         assert not [p for p in sc.watch.parent.glob(f".{sc.watch.name}.*")], list(sc.watch.parent.iterdir())
 

@@ -187,7 +187,9 @@ def test_a_second_run_never_overwrites_the_first(tmp_path, monkeypatch):
 
 
 def test_bench_refuses_torchrun(phantom, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29511"}.items():  # a whole torchrun environment
+        monkeypatch.setenv(k, v)
     assert main(["-q", "bench", "--data", str(phantom), "--methods", "unet", "--out", str(tmp_path / "r")]) == 2
     assert "without torchrun" in capsys.readouterr().err and not (tmp_path / "r").exists()
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from inrseg.engine.checkpoints import (flatten_state, load_checkpoint, load_train_state, read_metadata,
+from inrseg.engine.checkpoints import (FORMAT_VERSION, flatten_state, load_checkpoint, load_train_state, read_metadata,
                                 save_checkpoint, save_train_state, unflatten_state)
 from inrseg.core.errors import InputError
 from inrseg.methods.registry import load_segmenter
@@ -34,7 +34,7 @@ def test_nested_state_round_trip(tmp_path):
 def test_checkpoint_header_and_method_check(tmp_path):
     p = save_checkpoint(tmp_path / "m.safetensors", "unet", {"w": torch.ones(2)}, {"config": {"a": 1}})
     meta = read_metadata(p)
-    assert meta["method"] == "unet" and meta["format_version"] == 1 and meta["config"] == {"a": 1}
+    assert meta["method"] == "unet" and meta["format_version"] == FORMAT_VERSION == 2 and meta["config"] == {"a": 1}
     tensors, _ = load_checkpoint(p, "unet")
     assert tensors["w"].tolist() == [1.0, 1.0]
     with pytest.raises(InputError, match="not 'nisf'"):

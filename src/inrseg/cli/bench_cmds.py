@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from inrseg.cli.app import DEVICE_HELP, app, check_output_dir, command_line, fraction, positive
+from inrseg.cli.app import (DEVICE_HELP, MAX_THREADS, SEED_MAX, SEED_MIN, app, budget_minutes_option, check_replaceable,
+                            command_line, fraction)
 from inrseg.cli.train import train_model
 from inrseg.core.progress import progress, status
 from inrseg.data.nifti import save_labels
@@ -23,21 +24,35 @@ from inrseg.viz.html_report import bench_report
 from inrseg.viz.overlays import save_overlay
 
 _GRAMMAR = ", ".join(e.grammar for e in ENTRIES.values())
+#: the most seeds of one bench run
+MAX_SEEDS = 1000
+#: what ``inrseg demo`` writes into its folder (an earlier demo's output is replaced, nothing else)
+DEMO_ENTRIES = {"data", "metaseg.safetensors", "metaseg.safetensors.metrics.jsonl", "metaseg.safetensors.train-state",
+                "predictions", "overlays", "dice_psnr_vs_steps.png", "report"}
+
+
+def demo_written(out: Path) -> bool:
+    """Whether the folder ``out`` holds only what ``inrseg demo`` writes (and the hidden
+    temporaries and locks of an interrupted demo)."""
+    return all(p.name in DEMO_ENTRIES or any(p.name.startswith(f".{e}.") for e in DEMO_ENTRIES)
+               for p in out.iterdir())
 
 @app.command()
 def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neurite-OASIS or UK Biobank layout)."),
           methods: str = typer.Option(..., help=f"Comma-separated: {_GRAMMAR} (`inrseg methods`). The first "
                                                "is the reference of the paired tests."),
-          budget_minutes: Optional[float] = typer.Option(None, callback=positive,
+          budget_minutes: Optional[float] = typer.Option(None, callback=budget_minutes_option,
                                                          help="Wall time of each method's whole fit, per seed "
                                                               "(training, phase 2, step selection)."),
-          seeds: int = typer.Option(3, min=1, help="Seeds 0..N-1 for every method."),
+          seeds: int = typer.Option(3, min=1, max=MAX_SEEDS, help="Seeds 0..N-1 for every method."),
           out: Path = typer.Option(Path("bench-runs"), help="Parent folder; each run writes a new "
                                                             "<date-time>-<dataset> folder in it."),
           device: str = typer.Option("auto", help=DEVICE_HELP),
-          threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's)."),
+          threads: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS, help="torch CPU threads (default: "
+                                                                                  "torch's)."),
           val_fraction: float = typer.Option(0.2, callback=fraction, help="Fraction of training subjects held out for validation."),
-          split_seed: int = typer.Option(0, help="Seed of the validation split (the same for every method and seed)."),
+          split_seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX,
+                                         help="Seed of the validation split (the same for every method and seed)."),
           regions: Optional[str] = typer.Option(None, help="Also score label unions: 'brats'."),
           allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Run from a checkout with uncommitted "
                                                                          "changes (recorded as dirty)."),
@@ -49,23 +64,24 @@ def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neuri
                     allow_dirty=allow_dirty, val_fraction=val_fraction, split_seed=split_seed,
                     threads=threads, regions=regions, command=command_line(),
                     report=bench_report if html else None)
-    md = (run / "results.md").read_text()
+    md = (run / "results.md").read_text(encoding="utf-8")
     print(md.split("## Per seed")[0].strip())  # the headline and per-class tables
 
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), help="Where everything is written."),
-         minutes: float = typer.Option(4.0, callback=positive, help="MetaSeg training budget in minutes: meta-training, "
-                                                 "phase 2 and the choice of T_f."),
-         force: bool = typer.Option(True, help="Replace an earlier demo's output."),
+         minutes: float = typer.Option(4.0, callback=budget_minutes_option,
+                                       help="MetaSeg training budget in minutes: meta-training, phase 2 and the "
+                                            "choice of T_f."),
+         force: bool = typer.Option(True, help="Replace an earlier demo's output (never other files)."),
          device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """The whole MetaSeg pipeline on embedded data, on the CPU in a few minutes: brain phantoms
     -> meta-training -> test-time fitting of each test image -> NIfTI label maps, PNG overlays,
     a Dice table and the Dice/PSNR-vs-steps figure."""
-    if out.exists() and force:
+    check_replaceable(out, force, demo_written, "inrseg demo")
+    if out.is_dir() and force:
         shutil.rmtree(out)
-    check_output_dir(out, False)
     data = out / "data"
     status("1/4 writing a brain2d phantom dataset (16 training + 4 test subjects, 96 x 112)")
     write_phantom_dataset("brain2d", data, n_train=16, n_test=4, seed=0, shape=(96, 112))

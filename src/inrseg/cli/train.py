@@ -12,21 +12,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from inrseg.core.errors import InputError, InrsegError
+from inrseg.core.errors import InputError
 from inrseg.core.progress import set_budget, status
-from inrseg.cli.app import DEVICE_HELP, app, fraction, positive, run_on
-from inrseg.core.files import check_writable, exclusive_lock, remove_stale_temporaries
+from inrseg.cli.app import DEVICE_HELP, SEED_MAX, SEED_MIN, app, budget_minutes_option, fraction, run_on
+from inrseg.core.files import check_writable, claim_output, refuse_overlap
 from inrseg.data.layouts import open_dataset
 from inrseg.data.splits import split_by_subject
-from inrseg.engine import Budget, barrier, is_main, resolve_device
+from inrseg.engine import Budget, barrier, broadcast_object, is_main, resolve_device
+from inrseg.engine.checkpoints import read_metadata
 from inrseg.methods.base import check_spatial_ndim
 from inrseg.methods.configs import describe, field_types, read_override_file
+from inrseg.methods.postprocess import choose_postprocessing
 from inrseg.methods.registry import ENTRIES, capabilities, chosen_preset, entry, parse_spec, resolve
 
 __all__ = ["field_flags", "fit_and_save", "open_train_data", "train_config", "train_model"]
@@ -72,6 +73,10 @@ def field_flags(cls: type, args: list[str]) -> list[str]:
     return items
 
 
+#: the longest edge of a 3D training crop
+MAX_PATCH_EDGE = 1024
+
+
 def _patch(text: Optional[str]) -> Optional[tuple[int, ...]]:
     """``"64"`` -> (64, 64, 64); ``"96,96,64"`` -> (96, 96, 64); None stays None."""
     if text is None:
@@ -80,8 +85,8 @@ def _patch(text: Optional[str]) -> Optional[tuple[int, ...]]:
         edges = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise typer.BadParameter(f"--patch {text!r}: expected N or N,N,N") from None
-    if len(edges) not in (1, 3) or min(edges) < 8:
-        raise typer.BadParameter(f"--patch {text!r}: expected N or N,N,N with edges >= 8")
+    if len(edges) not in (1, 3) or min(edges) < 8 or max(edges) > MAX_PATCH_EDGE:
+        raise typer.BadParameter(f"--patch {text!r}: expected N or N,N,N with edges from 8 to {MAX_PATCH_EDGE}")
     return edges * 3 if len(edges) == 1 else edges
 
 
@@ -104,6 +109,7 @@ def open_train_data(data: Path, splits: Optional[Path], val_fraction: float, see
     grid dimensionalities, split by subject."""
     ds = open_dataset(data, splits_file=splits)
     check_spatial_ndim(entry(method).cls, ds.spatial_ndim, data)
+    status(f"{ds.name}: {ds.subject_rule}")
     train, val = split_by_subject(ds.train, val_fraction, seed, splits)
     status(f"{ds.name}: {len(train)} training cases, {len(val)} validation cases "
            f"({len({c.subject_id for c in val})} subjects), {len(ds.test)} test cases untouched")
@@ -121,14 +127,39 @@ def log_file(out: Path) -> Path:
 
 
 def check_train_out(out: Path, resume: bool, force: bool) -> None:
-    """Before any data is read: ``--out`` must be writable, and an interrupted run's state is
-    never overwritten without ``--resume`` (continue it) or ``--force`` (start over)."""
-    check_writable(out, "checkpoint")
+    """Before any data is read: ``--out`` (and the state and log beside it) must be writable
+    names; a folder at ``--out`` is refused; an existing file is replaced only with ``--force``
+    (or by ``--resume`` of the run that wrote it) and only if it is an inrseg model checkpoint;
+    an interrupted run's state is never overwritten without ``--resume`` (continue it) or
+    ``--force`` (start over)."""
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other")
+    if out.is_dir():
+        raise InputError(out, f"is a directory: --out names the checkpoint file to write (e.g. "
+                              f"{out / 'model.safetensors'})")
+    for path, what in ((out, "checkpoint"), (state_file(out), "training state"), (log_file(out), "metrics log")):
+        check_writable(path, what)
+    resuming = resume and state_file(out).exists()
+    if out.exists() or out.is_symlink():
+        _check_is_checkpoint(out)
+        if not (force or resuming):
+            raise InputError(out, "exists (use --force to replace it)")
     if state_file(out).exists() and not (resume or force):
         raise InputError(state_file(out), "holds the state of an interrupted run: add --resume to continue it, "
                                           "or --force to start over")
+
+
+def _check_is_checkpoint(out: Path) -> None:
+    """``out`` is an inrseg model checkpoint (not a training state, not any other file): only
+    such a file is ever replaced by ``train``, whatever ``--force`` says."""
+    try:
+        meta = read_metadata(out)
+    except InputError as exc:
+        raise InputError(out, f"exists and is not an inrseg checkpoint ({exc.problem}); train replaces "
+                              f"only a checkpoint, even with --force (choose another --out)") from None
+    if meta.get("kind") == "train-state":
+        raise InputError(out, "is a training-state file, not a model checkpoint; train replaces only a "
+                              "checkpoint, even with --force (choose another --out)")
 
 
 def _state_path(out: Path, resume: bool) -> Path:
@@ -144,33 +175,30 @@ def _state_path(out: Path, resume: bool) -> Path:
 
 
 def fit_and_save(model, train, val, out: Path, resume: bool, budget: Budget, precision: str) -> None:
-    """Train (every rank) and write the checkpoint (rank 0), atomically, holding a lock on
+    """Train (every rank), choose the post-processing on the validation cases (rank 0,
+    :func:`~inrseg.methods.postprocess.choose_postprocessing`; it is saved with the model) and
+    write the checkpoint (rank 0), atomically, holding a lock on
     ``out`` so that two runs never write the same checkpoint; temporary files that a killed
     run left next to it are removed (and named). The resumable state is deleted once the
-    checkpoint is written: it exists only while a run is unfinished or was interrupted."""
+    checkpoint is written: it exists only while a run is unfinished or was interrupted. A run
+    that fails (a bad case found mid-training, a full disk, any error) leaves no trace: its
+    state, its metrics log and the folders it created are removed (an interrupted run's state
+    and log, kept for --resume, stay as they were; so does everything on Ctrl-C)."""
     state = state_file(out)
-    made = out.parent
-    while not made.parent.exists() and made != made.parent:  # the first folder this run creates
-        made = made.parent
-    made = None if made.exists() else made
-    with exclusive_lock(out) if is_main() else contextlib.nullcontext():
-        if is_main():
-            for stale in remove_stale_temporaries(out) + remove_stale_temporaries(state):
-                status(f"removed {stale}: a temporary file an interrupted run left behind")
+    with claim_output(out, state) if is_main() else contextlib.nullcontext():
         try:
             model.fit(train, val, state_path=_state_path(out, resume), budget=budget,
                       log_path=log_file(out), precision=precision)
+            # keep-largest-component where it raises validation Dice (rank 0 decides), saved with the model
+            model.postprocessing = broadcast_object(choose_postprocessing(model, val) if is_main() else None)
             if is_main():
                 model.save(out)
                 state.unlink(missing_ok=True)
-        except (InrsegError, OSError):
-            # a bad case found mid-training, or a full disk: leave no trace of this run (an
-            # interrupted run's state and log, kept for --resume, stay as they were)
+        except Exception:
             if is_main() and not resume:
-                state.unlink(missing_ok=True)
-                log_file(out).unlink(missing_ok=True)
-            if is_main() and made is not None:
-                shutil.rmtree(made, ignore_errors=True)
+                for trace in (state, log_file(out)):
+                    with contextlib.suppress(OSError):
+                        trace.unlink(missing_ok=True)
             raise
         barrier()
 
@@ -180,6 +208,8 @@ def train_model(method: str, data: Path, out: Path, *, budget_minutes: float | N
                 force: bool = False, device: str = "auto", precision: str = "auto", preset: str | None = None,
                 config_file: Path | None = None, sets: list[str] = (), extra: list[str] = (), **options: Any):
     """What ``inrseg train`` does: resolve the config, train, save ``out``; returns the model."""
+    refuse_overlap({"--out": out, "--out's training state": state_file(out), "--out's metrics log": log_file(out)},
+                   {"--data": data, "--splits": splits, "--config": config_file})
     budget = Budget(budget_minutes)  # the whole command: loading data counts too
     set_budget(budget)
     resolve_device(device)
@@ -211,13 +241,14 @@ def train(ctx: typer.Context,
                                                            "repeatable). Every field is also a flag: --KEY VALUE."),
           config: Optional[Path] = typer.Option(None, "--config", help="Override file (TOML or JSON table of "
                                                                        "config fields, optional 'preset')."),
-          steps: Optional[int] = typer.Option(None, min=1, help="Optimiser steps (outer steps for MetaSeg)."),
-          budget_minutes: Optional[float] = typer.Option(None, callback=positive,
+          steps: Optional[int] = typer.Option(None, min=1, max=10**9, help="Optimiser steps (outer steps for "
+                                                                            "MetaSeg)."),
+          budget_minutes: Optional[float] = typer.Option(None, callback=budget_minutes_option,
                                                          help="Wall time of the whole command (best-on-validation "
                                                               "kept)."),
           backbone: Optional[str] = typer.Option(None, help="MORSE: unet, unet3d, transunet or unetr."),
           variant: Optional[str] = typer.Option(None, help="MORSE: baseline, pointrend, smoe, iar or morse."),
-          batch_size: Optional[int] = typer.Option(None, min=1, help="Slices / patches per step."),
+          batch_size: Optional[int] = typer.Option(None, min=1, max=65536, help="Slices / patches per step."),
           patch: Optional[str] = typer.Option(None, help="3D training crop in voxels: one edge (64) or three "
                                                          "(96,96,64); default 96^3, capped at the volume."),
           foreground_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0,
@@ -226,10 +257,12 @@ def train(ctx: typer.Context,
           val_fraction: float = typer.Option(0.2, callback=fraction,
                                              help="Fraction of training subjects held out for validation."),
           splits: Optional[Path] = typer.Option(None, help="Splits JSON overriding subjects / validation split."),
-          seed: int = typer.Option(0, help="Seed of the weights, the draws and the validation split."),
+          seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX,
+                                   help="Seed of the weights, the draws and the validation split."),
           resume: bool = typer.Option(False, help="Continue from OUT.train-state if an interrupted run left one."),
           force: bool = typer.Option(False, "--force", help="Start over even if an interrupted run left "
-                                                            "OUT.train-state."),
+                                                            "OUT.train-state; replace an existing checkpoint "
+                                                            "at --out (never another kind of file)."),
           device: str = typer.Option("auto", help=DEVICE_HELP),
           precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA for the CNN methods), fp32 or "
                                                      "bf16.")) -> None:

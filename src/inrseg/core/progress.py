@@ -19,8 +19,11 @@ from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
+from inrseg.core.errors import env_number, env_switch
+
 T = TypeVar("T")
-_quiet: bool = os.environ.get("INRSEG_QUIET", "") not in ("", "0")
+#: set by :func:`set_quiet`; ``None``: as ``INRSEG_QUIET`` says
+_quiet: bool | None = None
 
 
 def set_quiet(quiet: bool) -> None:
@@ -30,8 +33,20 @@ def set_quiet(quiet: bool) -> None:
 
 
 def is_quiet() -> bool:
-    """Whether progress output is silenced."""
-    return _quiet
+    """Whether progress output is silenced (:func:`set_quiet`, else ``INRSEG_QUIET``)."""
+    return env_switch("INRSEG_QUIET") if _quiet is None else _quiet
+
+
+def check_environment() -> None:
+    """Read ``INRSEG_QUIET``, ``INRSEG_PROGRESS`` and ``INRSEG_STATUS_SECONDS`` once, so that a
+    bad value is named before a command starts its work.
+
+    Raises:
+        InputError: a value out of range, naming the variable.
+    """
+    env_switch("INRSEG_QUIET")
+    env_switch("INRSEG_PROGRESS")
+    status_seconds()
 
 
 def _rank() -> int:
@@ -43,9 +58,9 @@ def _rank() -> int:
 
 
 def _disabled() -> bool:
-    if _quiet or _rank() != 0:
+    if is_quiet() or _rank() != 0:
         return True
-    if os.environ.get("INRSEG_PROGRESS", "") not in ("", "0"):
+    if env_switch("INRSEG_PROGRESS"):
         return False
     return not sys.stderr.isatty()
 
@@ -59,9 +74,9 @@ def progress(iterable: Iterable[T] | None = None, desc: str = "", total: int | N
     """A tqdm bar over ``iterable`` (or a manual bar with ``total``), honouring ``--quiet``.
     Without a terminal the bar counts silently and the :class:`Heartbeat` reports it."""
     global _devnull
-    if _disabled() and not _quiet and _rank() == 0:
+    if _disabled() and not is_quiet() and _rank() == 0:
         if _devnull is None:
-            _devnull = open(os.devnull, "w")
+            _devnull = open(os.devnull, "w", encoding="utf-8")
         bar = tqdm(iterable, desc=desc, total=total, leave=False, file=_devnull, mininterval=1e9, **kwargs)
         _live["bar"] = weakref.ref(bar)
         return bar
@@ -72,7 +87,7 @@ def progress(iterable: Iterable[T] | None = None, desc: str = "", total: int | N
 def status(message: str) -> None:
     """Print a one-line status message to stderr unless quiet (rank 0 only under torchrun)."""
     _live["message"] = message
-    if not _quiet and _rank() == 0:
+    if not is_quiet() and _rank() == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -105,12 +120,23 @@ def heartbeat_line() -> str:
     return "; ".join(parts)
 
 
+def status_seconds() -> float:
+    """Seconds between the heartbeat's status lines: ``INRSEG_STATUS_SECONDS`` (default 30, 0
+    for none), checked (:func:`~inrseg.core.errors.env_number`)."""
+    return env_number("INRSEG_STATUS_SECONDS", 30.0, 0.0, 86400.0, "a number of seconds")
+
+
 class Heartbeat:
     """While active, print :func:`heartbeat_line` every ``interval`` seconds when stderr is not
     a terminal (logs of batch jobs), so a long phase never goes silent. Rank 0 only."""
 
     def __init__(self, interval: float | None = None) -> None:
-        self.interval = float(os.environ.get("INRSEG_STATUS_SECONDS", "30")) if interval is None else interval
+        """``interval``: seconds between lines (default ``INRSEG_STATUS_SECONDS``, 30; 0 = none).
+
+        Raises:
+            InputError: ``INRSEG_STATUS_SECONDS`` is not a number of seconds in [0, 86400].
+        """
+        self.interval = status_seconds() if interval is None else interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -118,11 +144,11 @@ class Heartbeat:
         t0 = time.perf_counter()
         while not self._stop.wait(self.interval):
             line = heartbeat_line()
-            if line and not _quiet:
+            if line and not is_quiet():
                 print(f"[{(time.perf_counter() - t0) / 60:.1f} min] {line}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "Heartbeat":
-        if _rank() == 0 and not _quiet and not sys.stderr.isatty() and self.interval > 0:
+        if _rank() == 0 and not is_quiet() and not sys.stderr.isatty() and self.interval > 0:
             self._thread = threading.Thread(target=self._run, name="inrseg-heartbeat", daemon=True)
             self._thread.start()
         return self

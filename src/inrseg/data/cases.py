@@ -77,6 +77,8 @@ class Dataset:
         test: held-out test cases (``imagesTs``), possibly empty.
         spatial_ndim: grid axes of every case (2, 3 or 4).
         ignore_label: the value of unlabelled voxels, or ``None`` (see the module doc).
+        subject_rule: ``"60 subjects: case id up to the first underscore"`` and the like
+            (:func:`inrseg.data.splits.assign_subjects`).
     """
 
     root: Path
@@ -88,6 +90,7 @@ class Dataset:
     test: list[Case] = field(default_factory=list)
     spatial_ndim: int | None = None
     ignore_label: int | None = None
+    subject_rule: str = ""  # how cases were grouped into subjects, as the line commands print
 
     @property
     def num_classes(self) -> int:
@@ -101,7 +104,8 @@ class Dataset:
                "spatial_ndim": self.spatial_ndim, "n_train": len(self.train),
                "n_test": len(self.test),
                "n_train_subjects": len({c.subject_id for c in self.train}),
-               "n_test_subjects": len({c.subject_id for c in self.test})}
+               "n_test_subjects": len({c.subject_id for c in self.test}),
+               "subject_rule": self.subject_rule}
         if self.ignore_label is not None:
             out["ignore_label"] = self.ignore_label
         return out

@@ -35,22 +35,23 @@ trainers).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Iterable
 
-import nibabel as nib
-
 from inrseg.core.errors import InputError
-from inrseg.core.files import read_json
 from inrseg.data.cases import Case, Dataset
-from inrseg.data.nifti import NIFTI_SUFFIXES, is_nifti, strip_nifti_suffix
-from inrseg.data.splits import apply_test_split, subject_map, subject_of
+from inrseg.data.entries import files_by_case, require_regular_file
+from inrseg.data.nifti import IMAGE_SUFFIXES, NIFTI_SUFFIXES, grid_shape_of, is_nifti, strip_image_suffix
+from inrseg.data.sitk_io import is_dicom_folder
+from inrseg.data.schemas import IGNORE_KEY, ignore_label_from_json, label_names_from_json, read_dataset_json
+from inrseg.data.splits import apply_test_split, assign_subjects, subject_map
 
 __all__ = ["CARDIAC_LABEL_NAMES", "IGNORE_KEY", "OASIS_SEG24", "OASIS_SEG35", "OASIS_SEG4", "UKBB_IMAGE",
            "UKBB_LABELS", "case_id_of", "detect_layout", "find_nifti", "ignore_label_from_json",
-           "image_files", "label_names_from_json", "load_nnunet", "load_oasis", "load_ukbb", "open_dataset",
-           "ukbb_subject_dirs"]
+           "image_files", "label_names_from_json", "load_nnunet", "load_oasis", "load_ukbb", "nifti_files",
+           "open_dataset", "ukbb_subject_dirs"]
 
 CARDIAC_LABEL_NAMES = ["background", "lv-blood-pool", "lv-myocardium", "rv-blood-pool"]
 OASIS_SEG4 = ["background", "cortex", "subcortical-grey-matter", "white-matter", "csf"]
@@ -74,8 +75,6 @@ OASIS_SEG35 = [
 #: UK Biobank file names (without the NIfTI suffix): the short-axis cine and its labels
 UKBB_IMAGE = "sa"
 UKBB_LABELS = "seg_sa"
-#: the ``dataset.json`` key (top level, or a name in ``labels``) of the ignore value
-IGNORE_KEY = "ignore"
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,52 +91,15 @@ def _require_dir(path: Path, what: str) -> None:
         raise InputError(path, f"{what} is not a directory")
 
 
-def label_names_from_json(labels: dict, path: Path) -> list[str]:
-    """nnU-Net ``labels`` ({name: value}) -> names indexed by value; values must be 0..C-1.
-    An entry named ``"ignore"`` (nnU-Net v2's ignore label) is not a class and is left out."""
-    if not isinstance(labels, dict):
-        raise InputError(path, "'labels' must be an object mapping names to values")
-    try:
-        by_value = {int(v): str(k) for k, v in labels.items() if k != IGNORE_KEY}
-    except (TypeError, ValueError):
-        raise InputError(path, "'labels' must map names to integer values "
-                               "(region-based labels are not supported)") from None
-    if sorted(by_value) != list(range(len(by_value))) or 0 not in by_value:
-        raise InputError(path, f"label values {sorted(by_value)} must be consecutive from 0")
-    return [by_value[i] for i in range(len(by_value))]
-
-
-def ignore_label_from_json(meta: dict, path: Path, num_classes: int | None = None) -> int | None:
-    """The ignore value of a ``dataset.json``: ``meta["ignore"]`` or ``meta["labels"]["ignore"]``
-    (nnU-Net v2), or ``None``. It must be a non-negative integer that is not a class value."""
-    found = []
-    for where, value in (("'ignore'", meta.get(IGNORE_KEY)),
-                         ("'labels' -> 'ignore'", (meta.get("labels") or {}).get(IGNORE_KEY)
-                          if isinstance(meta.get("labels"), dict) else None)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
-            raise InputError(path, f"{where} must be a non-negative integer label value, got {value!r}")
-        found.append(int(value))
-    if not found:
-        return None
-    if len(set(found)) > 1:
-        raise InputError(path, f"'ignore' ({found[0]}) and 'labels' -> 'ignore' ({found[1]}) disagree")
-    if num_classes is not None and found[0] < num_classes:
-        raise InputError(path, f"the ignore value {found[0]} is also a class value (0..{num_classes - 1})")
-    return found[0]
-
-
 def _nnunet_cases(images_dir: Path, labels_dir: Path | None, n_channels: int,
-                  label_values: tuple[int, ...], subject_map: dict[str, str],
-                  ending: str, ignore_label: int | None = None) -> list[Case]:
-    files = sorted(p for p in images_dir.iterdir() if p.name.endswith(ending))
-    groups: dict[str, dict[int, Path]] = {}
-    for p in files:
+                  label_values: tuple[int, ...], ending: str, ignore_label: int | None = None) -> list[Case]:
+    def channel_of(p: Path) -> tuple[str, int]:
         m = _CHANNEL_RE.match(p.name[: -len(ending)])
         if m is None:
             raise InputError(p, "image file name lacks the nnU-Net channel suffix _XXXX")
-        groups.setdefault(m["case"], {})[int(m["ch"])] = p
+        return m["case"], int(m["ch"])
+
+    groups = files_by_case(nifti_files(images_dir, ending), channel_of)
     cases = []
     for case_id, chans in sorted(groups.items()):
         missing = [c for c in range(n_channels) if c not in chans]
@@ -151,10 +113,11 @@ def _nnunet_cases(images_dir: Path, labels_dir: Path | None, n_channels: int,
         label_path = None
         if labels_dir is not None:
             lp = labels_dir / f"{case_id}{ending}"
-            if not lp.exists():
+            if not os.path.lexists(lp):
                 raise InputError(lp, f"label map of case {case_id} is missing")
+            require_regular_file(lp, "NIfTI file")
             label_path = lp
-        cases.append(Case(case_id, subject_map.get(case_id, subject_of(case_id)),
+        cases.append(Case(case_id, case_id,  # the subject is assigned over all cases (assign_subjects)
                           tuple(chans[c] for c in range(n_channels)), label_path,
                           None, label_values, ignore_label))
     return cases
@@ -171,9 +134,7 @@ def load_nnunet(root: str | Path, splits_file: str | Path | None = None) -> Data
     meta_path = root / "dataset.json"
     if not meta_path.exists():
         raise InputError(meta_path, "missing: an nnU-Net dataset needs dataset.json")
-    meta = read_json(meta_path)
-    if "labels" not in meta or "channel_names" not in meta:
-        raise InputError(meta_path, "needs 'labels' and 'channel_names'")
+    meta = read_dataset_json(meta_path, required=("labels", "channel_names"))
     label_names = label_names_from_json(meta["labels"], meta_path)
     ignore = ignore_label_from_json(meta, meta_path, len(label_names))
     channel_names = [str(meta["channel_names"][k]) for k in sorted(meta["channel_names"], key=int)]
@@ -182,25 +143,23 @@ def load_nnunet(root: str | Path, splits_file: str | Path | None = None) -> Data
     subjects = subject_map(splits_file)
     _require_dir(root / "imagesTr", "imagesTr")
     _require_dir(root / "labelsTr", "labelsTr")
-    train = _nnunet_cases(root / "imagesTr", root / "labelsTr", len(channel_names), values,
-                          subjects, ending, ignore)
+    train = _nnunet_cases(root / "imagesTr", root / "labelsTr", len(channel_names), values, ending, ignore)
     if not train:
         raise InputError(root / "imagesTr", f"empty: no *{ending} images")
     test: list[Case] = []
     if (root / "imagesTs").is_dir():
         labels_ts = root / "labelsTs" if (root / "labelsTs").is_dir() else None
-        test = _nnunet_cases(root / "imagesTs", labels_ts, len(channel_names), values,
-                             subjects, ending, ignore)
-    nd = _peek_ndim(train[0].image_paths[0])
+        test = _nnunet_cases(root / "imagesTs", labels_ts, len(channel_names), values, ending, ignore)
+    nd = len(grid_shape_of(train[0].image_paths[0]))  # from the header alone
     if nd == 4:
         nd_ok = bool(meta.get("time_axis", False))
         if not nd_ok:
             raise InputError(train[0].image_paths[0], "is 4D, expected 2D (H x W x 1) or 3D images "
                                                       "(set \"time_axis\": true in dataset.json for 3D+t)")
-    train = [_with_ndim(c, nd) for c in train]
-    test = [_with_ndim(c, nd) for c in test]
+    everything, rule = assign_subjects([_with_ndim(c, nd) for c in train + test], subjects)
+    train, test = everything[:len(train)], everything[len(train):]
     return Dataset(root, str(meta.get("name", root.name)), "nnunet", label_names, channel_names,
-                   train, test, nd, ignore)
+                   train, test, nd, ignore, rule)
 
 
 def _with_ndim(case: Case, nd: int) -> Case:
@@ -208,28 +167,19 @@ def _with_ndim(case: Case, nd: int) -> Case:
                 case.ignore_label)
 
 
-def _peek_ndim(path: Path) -> int:
-    """Grid axes of a NIfTI file from its header only (cheap)."""
-    try:
-        shape = nib.load(str(path)).shape
-    except Exception as exc:  # noqa: BLE001 - any reader failure is reported as a bad file
-        raise InputError(path, f"unreadable NIfTI header ({type(exc).__name__})") from None
-    dims = list(shape)
-    while len(dims) > 2 and dims[-1] == 1:
-        dims.pop()
-    return len(dims)
-
-
 # --------------------------------------------------------------------------------------------
 # neurite-OASIS
 # --------------------------------------------------------------------------------------------
 
 def find_nifti(folder: Path, stem: str) -> Path | None:
-    """``folder/stem.nii.gz`` or ``folder/stem.nii``, whichever exists first, else ``None``."""
-    for suf in NIFTI_SUFFIXES:
-        if (folder / f"{stem}{suf}").exists():
-            return folder / f"{stem}{suf}"
-    return None
+    """``folder/stem.nii.gz`` or ``folder/stem.nii``, else ``None``; both is an error (two files
+    for one image), and so is an entry of that name that is not a regular file."""
+    found = [folder / f"{stem}{suf}" for suf in NIFTI_SUFFIXES if os.path.lexists(folder / f"{stem}{suf}")]
+    if len(found) > 1:
+        raise InputError(found[1], f"is the same image as {found[0].name}: keep one of them")
+    if found:
+        require_regular_file(found[0], "NIfTI file")
+    return found[0] if found else None
 
 
 def load_oasis(root: str | Path, dim: int = 2, seg: str = "seg4",
@@ -257,8 +207,8 @@ def load_oasis(root: str | Path, dim: int = 2, seg: str = "seg4",
         if seg_path is None:
             raise InputError(d / f"{prefix}_{seg}.nii.gz", "missing label map")
         cases.append(Case(d.name, d.name, (find_nifti(d, f"{prefix}_norm"),), seg_path, dim, values))
-    return apply_test_split(Dataset(root, root.name, "oasis", list(names), ["T1"], cases, [], dim),
-                         splits_file)
+    return apply_test_split(Dataset(root, root.name, "oasis", list(names), ["T1"], cases, [], dim,
+                                    subject_rule=f"{len(cases)} subjects: one per subject folder"), splits_file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,8 +223,8 @@ def ukbb_subject_dirs(folder: Path) -> list[Path]:
 def _ukbb_meta(root: Path) -> tuple[dict, Path] | None:
     """The ``dataset.json`` of a UK Biobank directory: in it, or in its parent (``DIR/train``)."""
     for c in (root / "dataset.json", root.parent / "dataset.json"):
-        if c.is_file():
-            return read_json(c), c
+        if os.path.lexists(c):
+            return read_dataset_json(c), c
     return None
 
 
@@ -318,8 +268,9 @@ def load_ukbb(root: str | Path, splits_file: str | Path | None = None) -> Datase
         test = cases_in(split_dirs["test"]) if "test" in split_dirs else []
     else:
         train, test = cases_in(root), []
-    return apply_test_split(Dataset(root, name, "ukbb", names, ["cine"], train, test, 4, ignore),
-                         splits_file)
+    rule = f"{len(train) + len(test)} subjects: one per subject folder"
+    return apply_test_split(Dataset(root, name, "ukbb", names, ["cine"], train, test, 4, ignore, rule),
+                            splits_file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,42 +314,64 @@ def open_dataset(root: str | Path, layout: str = "auto", splits_file: str | Path
 
 
 def image_files(path: str | Path) -> list[list[Path]]:
-    """Inputs for ``inrseg segment``: a file, a directory of NIfTI files, a UK Biobank subject
-    folder or a directory of them.
+    """Inputs for ``inrseg segment``: a file, a directory of image files (NIfTI, NRRD, MetaImage:
+    :data:`~inrseg.data.nifti.IMAGE_SUFFIXES`), a DICOM series folder or a directory of them, a
+    UK Biobank subject folder or a directory of them.
 
     In a directory, nnU-Net channel files (``CASE_0000``, ``CASE_0001``) are grouped per case;
     other files are one case each. A folder holding ``sa.nii.gz`` is a UK Biobank subject: its
-    input is ``sa.nii.gz`` alone (never ``seg_sa.nii.gz``). A directory without NIfTI files but
-    with subject folders gives every subject's ``sa.nii.gz``. Returns one list of channel files
-    per case, sorted (:func:`case_id_of` names them).
+    input is ``sa.nii.gz`` alone (never ``seg_sa.nii.gz``). A directory without image files
+    that holds DICOM files is one case (its series, read by
+    :func:`inrseg.data.sitk_io.dicom_series`: one series per folder); one whose sub-folders
+    hold DICOM files gives one case per such folder; one with UK Biobank subject folders gives
+    every subject's ``sa.nii.gz``. Returns one list of channel files (or the DICOM folder) per
+    case, sorted (:func:`case_id_of` names them).
     """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or directory")
-    if path.is_file():
+    if not path.is_dir():
+        require_regular_file(path, "image file")
         return [[path]]
     sa = find_nifti(path, UKBB_IMAGE)
     if sa is not None:
         return [[sa]]
-    files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+    files = nifti_files(path, IMAGE_SUFFIXES)
     if not files:
         subjects = ukbb_subject_dirs(path)
         if subjects:
             return [[find_nifti(d, UKBB_IMAGE)] for d in subjects]
-        raise InputError(path, "empty: no .nii or .nii.gz files (nor subject folders with sa.nii.gz)")
-    groups: dict[str, list[Path]] = {}
-    for p in files:
-        stem = strip_nifti_suffix(p.name)
+        if is_dicom_folder(path):
+            return [[path]]
+        series = [[d] for d in sorted(path.iterdir()) if d.is_dir() and is_dicom_folder(d)]
+        if series:
+            return series
+        raise InputError(path, f"empty: no image files ({', '.join(IMAGE_SUFFIXES)}), no DICOM files (nor "
+                               f"sub-folders of DICOM series or subject folders with sa.nii.gz)")
+    def channel_of(p: Path) -> tuple[str, int | None]:
+        stem = strip_image_suffix(p.name)
         m = _CHANNEL_RE.match(stem)
-        groups.setdefault(m["case"] if m else stem, []).append(p)
-    return [sorted(g) for _, g in sorted(groups.items())]
+        return (m["case"], int(m["ch"])) if m else (stem, None)
+
+    return [sorted(g.values()) for _, g in sorted(files_by_case(files, channel_of).items())]
+
+
+def nifti_files(folder: Path, ending: str | tuple[str, ...] | None = None) -> list[Path]:
+    """The entries of ``folder`` named like NIfTI files (ending in ``ending`` or one of them, if
+    given: :data:`~inrseg.data.nifti.IMAGE_SUFFIXES` for every readable image file), sorted;
+    each must be a regular file (stat-ed, never opened: a named pipe there is refused, not read)."""
+    entries = sorted(p for p in folder.iterdir() if (p.name.endswith(ending) if ending else is_nifti(p)))
+    for p in entries:
+        require_regular_file(p, "NIfTI file")
+    return entries
 
 
 def case_id_of(files: Iterable[Path]) -> str:
-    """Case id of a group of channel files: the name without NIfTI suffix and channel suffix;
-    a UK Biobank ``<subject>/sa.nii.gz`` is named after its subject folder."""
+    """Case id of a group of channel files: the name without image suffix and channel suffix
+    (a DICOM series folder: its name); a UK Biobank ``<subject>/sa.nii.gz`` is named after its
+    subject folder."""
     first = Path(next(iter(files)))
-    stem = strip_nifti_suffix(first.name)
+    stem = strip_image_suffix(first.name)
     if stem == UKBB_IMAGE and first.parent.name:
         return first.absolute().parent.name
     m = _CHANNEL_RE.match(stem)

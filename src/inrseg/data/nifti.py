@@ -22,10 +22,12 @@ import contextlib
 import gzip
 import io
 import logging
+import math
+import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -33,12 +35,27 @@ import numpy as np
 from inrseg.core.errors import InputError
 from inrseg.core.files import atomic_path
 from inrseg.core.memory import check_memory
+from inrseg.data.entries import require_regular_file
+from inrseg.data.sitk_io import SITK_SUFFIXES, grid_shape_sitk, is_sitk_file, read_as_nifti
 from inrseg.data.volume import Volume
 
-__all__ = ["NIFTI_SUFFIXES", "is_nifti", "load_image", "load_labels", "save_image", "save_labels",
-           "strip_nifti_suffix"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_LABEL_VALUE", "NIFTI_SUFFIXES", "VOXEL_MM_RANGE", "grid_shape_of", "is_nifti",
+           "load_image", "load_labels", "save_image", "save_labels", "strip_image_suffix", "strip_nifti_suffix"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: every image file ending inrseg reads: NIfTI here, NRRD and MetaImage through SimpleITK
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+
+
+def strip_image_suffix(name: str) -> str:
+    """``"case_0000.nii.gz"`` / ``"case_0000.nrrd"`` -> ``"case_0000"`` (:data:`IMAGE_SUFFIXES`)."""
+    return next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.endswith(s)), name)
+
+
+def _via_sitk(path: Path) -> bool:
+    """Whether ``path`` is read through SimpleITK (:mod:`inrseg.data.sitk_io`): a NRRD or
+    MetaImage file, or a folder (a DICOM series) not named like a NIfTI file."""
+    return is_sitk_file(path) or (path.is_dir() and not is_nifti(path))
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -58,6 +75,11 @@ def strip_nifti_suffix(name: str) -> str:
 _MAX_HEADER_BYTES = 64 * 2**20
 #: bytes of data after the voxels that a file may carry before we call it corrupt (padding)
 _MAX_TRAILING_BYTES = 64 * 2**20
+#: voxel sizes (mm) outside this range (1 nm .. 1 km) come from a corrupt header, not a scanner
+VOXEL_MM_RANGE = (1e-6, 1e6)
+#: the largest label value a label map may hold (int32's largest)
+MAX_LABEL_VALUE = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _parse_header(path: Path, head: bytes) -> nib.Nifti1Header:
@@ -69,6 +91,7 @@ def _parse_header(path: Path, head: bytes) -> nib.Nifti1Header:
     klass = nib.Nifti2Header if 540 in (size_le, size_be) else nib.Nifti1Header
     try:
         header = klass.from_fileobj(io.BytesIO(head), check=True)
+        raw = klass(head[:klass.template_dtype.itemsize], check=False)  # as stored, not "fixed"
         shape = tuple(int(v) for v in header.get_data_shape())
         dtype = header.get_data_dtype()
         offset = int(header.get_data_offset())
@@ -83,6 +106,7 @@ def _parse_header(path: Path, head: bytes) -> nib.Nifti1Header:
                                f"(store colour channels as separate files)")
     if offset > _MAX_HEADER_BYTES:
         raise InputError(path, f"NIfTI header puts the data at byte {offset}: corrupt header")
+    _check_pixdim(path, raw)
     return header
 
 
@@ -100,8 +124,23 @@ def _nibabel_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _open_nifti(path: Path) -> tuple[os.stat_result, BinaryIO]:
+    """``path``'s stat and the file opened for reading (a ``.nii.gz`` inflating); it must be a
+    regular file (stat-ed first: a named pipe is never opened) with a NIfTI name."""
+    st = require_regular_file(path, "NIfTI file")
+    if not is_nifti(path):
+        raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz)")
+    return st, (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb"))
+
+
 def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Load a NIfTI file (see :func:`_read_file`) with nibabel's own logging silenced."""
+    """Load a NIfTI file (see :func:`_read_file`) with nibabel's own logging silenced; a NRRD /
+    MetaImage file or a DICOM series folder through :func:`inrseg.data.sitk_io.read_as_nifti`
+    (its size and memory checked there), with the same geometry checks."""
+    if _via_sitk(path):
+        img = read_as_nifti(path)
+        _check_geometry(path, img)
+        return np.asanyarray(img.dataobj), img
     with _nibabel_quiet():
         return _read_file(path)
 
@@ -114,16 +153,11 @@ def _read_file(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     memory. A ``.nii.gz`` is inflated to its end, so that gzip's CRC-32 and length fields are
     verified: a stream that inflates but fails its CRC is rejected, never trained on.
     """
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a NIfTI file")
-    if not is_nifti(path):
-        raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz)")
     gz = path.name.endswith(".gz")
     try:
-        file_size = path.stat().st_size
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        st, f = _open_nifti(path)
+        file_size = st.st_size
+        with f:
             head = f.read(540)
             header = _parse_header(path, head)
             shape, dtype = header.get_data_shape(), header.get_data_dtype()
@@ -157,10 +191,7 @@ def _read_file(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         blob = head + body  # the whole header block even when the data end inside it
         klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
         img = klass.from_bytes(blob)
-        affine = np.asarray(img.affine, dtype=np.float64)
-        if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-            raise InputError(path, "NIfTI header gives a degenerate voxel-to-world affine (zero or "
-                                   "non-finite voxel size)")
+        _check_geometry(path, img)
         data = np.asanyarray(img.dataobj)
     except InputError:
         raise
@@ -178,15 +209,71 @@ def _read_file(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     return data, img
 
 
+def _check_geometry(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse a degenerate voxel-to-world affine: non-finite, a voxel size outside
+    :data:`VOXEL_MM_RANGE` along any axis, or (nearly) parallel voxel axes."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise InputError(path, "NIfTI header gives a degenerate voxel-to-world affine (non-finite entries)")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    lo, hi = VOXEL_MM_RANGE
+    for axis, size in enumerate(sizes):
+        if not lo * (1 - 1e-6) <= size <= hi * (1 + 1e-6):  # float32 header fields round
+            raise InputError(path, f"NIfTI header gives a degenerate voxel size of {size:.3g} mm along axis "
+                                   f"{axis} (accepted: {lo:g} to {hi:g} mm)")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(sizes)):
+        raise InputError(path, "NIfTI header gives a degenerate voxel-to-world affine (its voxel axes are "
+                               "parallel)")
+
+
+def _check_pixdim(path: Path, raw: nib.Nifti1Header) -> None:
+    """Refuse a non-finite ``pixdim`` of a grid axis, or (where the affine is built from
+    ``pixdim``: no sform) a zero or negative one, which nibabel would silently take for 1 mm or
+    its absolute value; and a non-finite or negative time step of a 3D + t image. ``raw``: the
+    header as stored (nibabel's checked header has such values already "fixed")."""
+    shape = [int(v) for v in raw.get_data_shape()]
+    nd = _squeezed_ndim(shape)
+    pixdim = [float(v) for v in raw["pixdim"][1:1 + len(shape)]]
+    from_pixdim = int(raw["sform_code"]) == 0  # the affine is the qform's, or pixdim's own
+    for axis in range(min(nd, 3, len(pixdim))):
+        v = pixdim[axis]
+        if not math.isfinite(v) or (from_pixdim and v <= 0):
+            raise InputError(path, f"NIfTI header gives a degenerate voxel size (pixdim[{axis + 1}] = {v:g})")
+    if nd == 4 and len(pixdim) > 3 and not (math.isfinite(pixdim[3]) and pixdim[3] >= 0):
+        raise InputError(path, f"NIfTI header gives a degenerate time step (pixdim[4] = {pixdim[3]:g})")
+
+
+def _squeezed_ndim(shape: Sequence[int]) -> int:
+    """Grid axes of a file of ``shape``: trailing singleton axes dropped, down to 2."""
+    squeezed = list(shape)
+    while len(squeezed) > 2 and squeezed[-1] == 1:
+        squeezed.pop()
+    return len(squeezed)
+
+
+def grid_shape_of(path: str | Path, expect_ndim: int | None = None) -> tuple[int, ...]:
+    """The grid shape ``S`` of a NIfTI file from its header alone (cheap: no voxel is read), with
+    the checks of :func:`load_image` on the file's kind and dimensionality (NRRD, MetaImage and
+    DICOM series folders: :func:`inrseg.data.sitk_io.grid_shape_sitk`)."""
+    path = Path(path)
+    if _via_sitk(path):
+        shape = grid_shape_sitk(path)
+        return shape[:_grid_ndim(path, shape, expect_ndim)]
+    try:
+        with _nibabel_quiet(), _open_nifti(path)[1] as f:
+            header = _parse_header(path, f.read(540))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(path, f"corrupt or truncated gzip data ({exc})") from None
+    shape = tuple(int(v) for v in header.get_data_shape())
+    return shape[:_grid_ndim(path, shape, expect_ndim)]
+
+
 def _grid_ndim(path: Path, shape: tuple[int, ...], expect_ndim: int | None) -> int:
     """Number of grid axes of a file of ``shape``; checks it against ``expect_ndim``.
 
     ``H x W x 1`` (and ``H x W``) count as 2D; ``X x Y x Z x 1`` as 3D.
     """
-    squeezed = list(shape)
-    while len(squeezed) > 2 and squeezed[-1] == 1:
-        squeezed.pop()
-    nd = len(squeezed)
+    nd = _squeezed_ndim(shape)
     if nd < 2 or nd > 4:
         raise InputError(path, f"has shape {shape}: expected a 2D (H x W x 1), 3D or 3D+t image")
     if expect_ndim is not None and nd != expect_ndim:
@@ -196,10 +283,16 @@ def _grid_ndim(path: Path, shape: tuple[int, ...], expect_ndim: int | None) -> i
     return nd
 
 
-def _check_finite(path: Path, data: np.ndarray) -> None:
+def _check_finite(path: Path, data: np.ndarray, stored: np.ndarray | None = None) -> None:
+    """Refuse NaN / Inf voxels in ``data``; ``stored``: the values as read (float64, say) of
+    which ``data`` is the float32 copy, so that values beyond float32's range are named as such."""
     if np.issubdtype(data.dtype, np.floating):
         bad = ~np.isfinite(data)
         if bad.any():
+            if stored is not None and stored.dtype != data.dtype and np.isfinite(stored[bad]).any():
+                top = float(np.max(np.abs(stored[bad][np.isfinite(stored[bad])])))
+                raise InputError(path, f"holds values up to {top:.3g}, beyond float32's range "
+                                       f"({_FLOAT32_MAX:.3g}) that inrseg computes in: rescale the image")
             raise InputError(path, f"contains {int(bad.sum())} NaN/Inf voxels")
 
 
@@ -207,7 +300,8 @@ def load_image(paths: str | Path | Sequence[str | Path], expect_ndim: int | None
     """Read an image, one NIfTI file per channel, into a ``(C, *S)`` float32 :class:`Volume`.
 
     Args:
-        paths: one file, or one file per channel (nnU-Net ``_0000``, ``_0001``, ...).
+        paths: one file, or one file per channel (nnU-Net ``_0000``, ``_0001``, ...); a NRRD /
+            MetaImage file or a DICOM series folder is read through :mod:`inrseg.data.sitk_io`.
         expect_ndim: required number of grid axes (2, 3 or 4); ``None`` accepts 2-4.
 
     Raises:
@@ -223,11 +317,12 @@ def load_image(paths: str | Path | Sequence[str | Path], expect_ndim: int | None
     first: nib.Nifti1Image | None = None
     nd = None
     for p in paths:
-        data, img = _read(p)
-        nd_p = _grid_ndim(p, data.shape, expect_ndim)
+        stored, img = _read(p)
+        nd_p = _grid_ndim(p, stored.shape, expect_ndim)
         # H x W x 1 -> H x W; X x Y x Z x 1 -> X x Y x Z
-        data = np.asarray(data, dtype=np.float32).reshape(data.shape[:nd_p])
-        _check_finite(p, data)
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = np.asarray(stored, dtype=np.float32).reshape(stored.shape[:nd_p])
+        _check_finite(p, data, np.asarray(stored).reshape(data.shape))
         if first is None:
             first, nd = img, nd_p
         else:
@@ -275,6 +370,9 @@ def load_labels(path: str | Path, expect_ndim: int | None = None,
         data = rounded
     if data.size and data.min() < 0:
         raise InputError(path, f"label map holds negative value {int(data.min())}")
+    if data.size and data.max() > MAX_LABEL_VALUE:
+        raise InputError(path, f"label map holds value {float(data.max()):.6g}, larger than any label value "
+                               f"(at most {MAX_LABEL_VALUE})")
     data = data.astype(np.int64)
     if allowed is not None:
         present = np.unique(data)

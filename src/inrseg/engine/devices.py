@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from inrseg.core.errors import InputError
-from inrseg.engine.distributed import is_distributed_env, local_rank
+from inrseg.engine.distributed import distributed_env, join_timeout_s
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -19,8 +19,12 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     means this process's GPU: ``cuda:LOCAL_RANK`` under torchrun, else the current one.
 
     Raises:
-        InputError: unknown spelling, or a device this machine does not have.
+        InputError: unknown spelling, a device this machine does not have, or a garbage or
+            incomplete torchrun environment (checked here, before a command reads any data).
     """
+    env = distributed_env()
+    if env is not None:
+        join_timeout_s()
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = "auto" if spec is None else spec.strip().lower()
@@ -34,7 +38,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise InputError(None, f"--device {spec}: no CUDA device is available on this machine")
         index = dev.index if dev.index is not None else (
-            local_rank() if is_distributed_env() else torch.cuda.current_device())
+            env.local_rank if env is not None else torch.cuda.current_device())
         if index >= torch.cuda.device_count():
             raise InputError(None, f"--device {spec}: this machine has {torch.cuda.device_count()} "
                                    f"CUDA device(s)")

@@ -16,8 +16,11 @@ what is its own: ``step(i) -> (loss, parts)`` (the forward pass of optimiser ste
 * the wall-time budget (:class:`Budget`, one deadline for the whole command) and the step
   budget, stopping all ranks at the same step;
 * validation cadence and the best-on-validation state;
-* an atomic resume state, rank 0 only;
-* progress bars and a per-step metrics log (JSON lines next to the checkpoint), rank 0 only.
+* an atomic resume state, rank 0 only, validated before it loads (schema, its step within the
+  run, the names and shapes of the task's weights);
+* progress bars and a per-step metrics log (JSON lines next to the checkpoint), rank 0 only,
+  flushed before every resume state is written and cut back to the resumed step, so that a
+  killed and resumed run's log holds each step once.
 
 Scale-out is PyTorch's own: launch with ``torchrun`` (NCCL on GPUs, gloo on CPUs);
 :func:`init_distributed` reads the environment torchrun sets.
@@ -38,9 +41,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from inrseg.core.errors import InputError
 from inrseg.core.progress import progress, status
 from inrseg.engine.budget import OPEN_ENDED_STEPS, Budget
-from inrseg.engine.checkpoints import load_train_state, save_train_state
+from inrseg.engine.checkpoints import check_train_state, load_train_state, save_train_state
 from inrseg.engine.devices import autocast
 from inrseg.engine.distributed import _comm_device, all_reduce_mean_, broadcast_object, is_main, world
 
@@ -163,18 +167,59 @@ def _resume_state(task: TrainTask, step: int, best: dict | None, best_score: flo
             "history": history}
 
 
-class MetricsLog:
-    """Per-step metrics as JSON lines (rank 0 only; appended, so a resumed run continues it)."""
+def _log_prefix(data: bytes, steps: int) -> tuple[int, int]:
+    """``(bytes, last step)`` of the part of a metrics log that holds steps ``1, 2, ...`` up to at
+    most ``steps``, one whole JSON line each: what a run resumed at ``steps`` keeps."""
+    end = last = 0
+    while last < steps:
+        nl = data.find(b"\n", end)
+        if nl < 0:
+            break
+        try:
+            entry = json.loads(data[end:nl])
+        except (ValueError, RecursionError):
+            break
+        if not isinstance(entry, dict) or entry.get("step") != last + 1:
+            break
+        end, last = nl + 1, last + 1
+    return end, last
 
-    def __init__(self, path: Path | None) -> None:
+
+class MetricsLog:
+    """Per-step metrics as JSON lines (rank 0 only; a resumed run continues it).
+
+    Args:
+        path: the log (``None``: no log).
+        start: the step the run starts after (a resumed state's step, else 0): the log keeps
+            its lines of steps ``1..start`` and loses any after them (lines a killed run wrote
+            after its last state, or a half-written line), so that each step is in it once.
+    """
+
+    def __init__(self, path: Path | None, start: int = 0) -> None:
         self._f = None
         if path is not None and is_main():
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a", encoding="utf-8")
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "ab+")
+            self._f.seek(0)
+            data = self._f.read()
+            end, last = _log_prefix(data, start)
+            if end < len(data):
+                self._f.truncate(end)
+                status(f"{path}: removed its lines after step {last}, which the run starting at step {start} "
+                       f"writes anew")
+            if last < start:
+                status(f"{path}: steps {last + 1}-{start} of the resumed state are missing from it (a log "
+                       f"written before they were flushed with each state, or edited)")
 
     def write(self, entry: dict[str, Any]) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(entry) + "\n")
+            self._f.write((json.dumps(entry) + "\n").encode("utf-8"))
+
+    def flush(self) -> None:
+        """Hand the lines written so far to the operating system (they survive a SIGKILL)."""
+        if self._f is not None:
+            self._f.flush()
 
     def close(self) -> None:
         if self._f is not None:
@@ -208,6 +253,58 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _check_weights(path: Path, what: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """``found`` names the tensors of ``expected``, each of the same shape (the task's network)."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        which = f"lack {missing[0]!r}" if missing else f"hold {extra[0]!r}, which this run's network has not"
+        raise InputError(path, f"training state of another network: its {what} {which} ({len(missing)} "
+                               f"missing, {len(extra)} unknown)")
+    for name, t in expected.items():
+        if tuple(found[name].shape) != tuple(t.shape):
+            raise InputError(path, f"training state of another network: its {what} {name!r} is "
+                                   f"{tuple(found[name].shape)}, this run's {tuple(t.shape)}")
+
+
+def _check_fits(path: Path, st: dict[str, Any], task: TrainTask, steps: int) -> None:
+    """A valid resume state (:func:`check_train_state`) that this run can continue: its step
+    within ``0..steps``, its best step within it, the task's weights by name and shape, as many
+    optimisers and schedulers as the task has."""
+    check_train_state(path, st)
+    step, best_step = st["step"], st["best_step"]
+    if step > steps:
+        raise InputError(path, f"training state is at step {step}, beyond the {steps} steps of this run: "
+                               f"resume with the steps of the run that wrote it, or --force to start over")
+    if best_step is not None and not 0 < best_step <= step:
+        raise InputError(path, f"not a valid training state (best step {best_step} at step {step})")
+    expected = task.weights()
+    _check_weights(path, "weights", st["weights"], expected)
+    if st["best"] is not None:
+        _check_weights(path, "best weights", st["best"], expected)
+    for key, have in (("optimizers", task.optimizers), ("schedulers", task.schedulers)):
+        if len(st[key]) != len(have):
+            raise InputError(path, f"training state of another run: {len(st[key])} {key}, this run has {len(have)}")
+
+
+def _resume(task: TrainTask, loop: LoopSettings) -> tuple[int, float, int | None, dict | None, list[dict]]:
+    """Load ``loop.state_path`` into ``task`` once it is checked (:func:`_check_fits`); returns
+    ``(step, best score, best step, best weights, history)``."""
+    path = Path(loop.state_path)
+    st = load_train_state(path, task.method)
+    _check_fits(path, st, task, loop.steps)
+    try:
+        task.load_weights(st["weights"])
+        for o, s in zip(task.optimizers, st["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(task.schedulers, st["schedulers"]):
+            sch.load_state_dict(s)
+        task.load_extra_state(st["extra"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(path, f"training state does not fit this run ({type(exc).__name__}: {msg[:160]})") from None
+    return st["step"], float(st["best_score"]), st["best_step"], st["best"], list(st["history"])
+
+
 def _stop_code(expired: bool, interrupted: bool, device: torch.device, solo: bool) -> int:
     """0 go on, 1 budget reached, 2 interrupted: the largest over ranks, so all ranks agree."""
     code = 2 if interrupted else 1 if expired else 0
@@ -222,25 +319,24 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
     """Train ``task`` for ``loop.steps`` optimiser steps or until ``loop.budget`` expires.
 
     Keeps the best weights on validation (``task.validate``) and loads them at the end (the last
-    weights without validation). Resumes from ``loop.state_path`` when it exists.
+    weights without validation). Resumes from ``loop.state_path`` when it exists, after checking
+    it (:func:`~inrseg.engine.checkpoints.load_train_state` verifies the file, then its schema,
+    a step within ``0..loop.steps`` and the task's weights by name and shape); the metrics log
+    is cut back to the steps the state covers and flushed before every state is written.
+
+    Raises:
+        InputError: naming the state file, for a state that is damaged, edited or of another
+            run (another network, more steps than this run has).
     """
     rank, size = world()
     torch.manual_seed(loop.seed + rank)
     start, best_score, best_step, best, history = 0, -math.inf, None, None, []
     if loop.state_path is not None and Path(loop.state_path).exists():
-        st = load_train_state(loop.state_path, task.method)
-        task.load_weights(st["weights"])
-        for o, s in zip(task.optimizers, st["optimizers"]):
-            o.load_state_dict(s)
-        for sch, s in zip(task.schedulers, st["schedulers"]):
-            sch.load_state_dict(s)
-        task.load_extra_state(st["extra"])
-        start, best_step, best, history = int(st["step"]), st["best_step"], st["best"], list(st["history"])
-        best_score = float(st["best_score"])
+        start, best_score, best_step, best, history = _resume(task, loop)
         torch.manual_seed(loop.seed + rank + 7919 * start)
         if is_main():
             status(f"{task.name}: resuming from step {start} ({loop.state_path})")
-    log = MetricsLog(loop.log_path)
+    log = MetricsLog(loop.log_path, start)
     t0 = time.perf_counter()
     # "until the budget ends": a bar that counts steps, with no total and no ETA of years
     open_ended = loop.budget is not None and loop.budget.limited and loop.steps >= OPEN_ENDED_STEPS
@@ -274,12 +370,9 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
             code = _stop_code(loop.budget.expired(), sigint.hit, loop.device, loop.solo)
             stopped = code > 0
             last = step + 1 == loop.steps or stopped
-            if code == 2:  # interrupted: save the state now, validate after --resume
-                if loop.state_path is not None:
-                    state = _resume_state(task, step + 1, best, best_score, best_step, history)
-                    if is_main():
-                        save_train_state(loop.state_path, task.method, state)
-            elif (step + 1) % max(1, loop.val_every) == 0 or last:
+            # interrupted (code 2): save the state now, validate after --resume
+            validation = code != 2 and ((step + 1) % max(1, loop.val_every) == 0 or last)
+            if validation:
                 if task.validates:
                     metrics = task.validate() if loop.solo or is_main() else None
                     if not loop.solo:
@@ -292,11 +385,12 @@ def run_training(task: TrainTask, loop: LoopSettings) -> LoopResult:
                 if task.validates and (score > best_score or best is None):
                     best_score, best_step = score, step + 1
                     best = _snapshot(task.weights())
-                if loop.state_path is not None:
-                    state = _resume_state(task, step + 1, best, best_score, best_step, history)
-                    if is_main():
-                        save_train_state(loop.state_path, task.method, state)
             log.write(entry)
+            if (validation or code == 2) and loop.state_path is not None:
+                log.flush()  # the state covers this step's line: it must not be lost to a kill
+                state = _resume_state(task, step + 1, best, best_score, best_step, history)
+                if is_main():
+                    save_train_state(loop.state_path, task.method, state)
             done = step + 1
             if bar is not None:
                 bar.update(1)

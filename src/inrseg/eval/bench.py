@@ -10,7 +10,8 @@ project's one metric definition (the one ``inrseg evaluate`` uses).
 
 Results: a new folder per run, ``OUT/<UTC date-time>-<dataset>/``, filled in
 ``<that>.partial/`` while it runs and renamed when done (a crashed run leaves the ``.partial``
-folder with the runs it finished, never a folder that looks complete), holding
+folder with the runs it finished, never a folder that looks complete; one that fails before any
+run finished leaves nothing), holding
 
 * ``results.json``: provenance, the split, each method's mean +- sd over seeds, per-seed
   summaries, per-case metrics, the paired Wilcoxon tests, the curves;
@@ -27,8 +28,10 @@ two-sided).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,16 +41,21 @@ import numpy as np
 import torch
 
 from inrseg.core.errors import InputError
+from inrseg.core.files import first_missing_ancestor, refuse_overlap, remove_made_folders, write_text
 from inrseg.core.progress import status
 from inrseg.data.cases import Case, Dataset
 from inrseg.data.layouts import open_dataset
+from inrseg.data.postprocess import apply_postprocessing
+from inrseg.data.volume import Volume
 from inrseg.data.splits import split_by_subject
 from inrseg.engine import Budget, resolve_device
+from inrseg.eval.ensemble import SeedEnsemble
 from inrseg.eval.evaluate import json_safe
 from inrseg.eval.provenance import git_state, library_versions, machine_line, source_repo, utc_now
 from inrseg.eval.stats import RunResult, aggregate
 from inrseg.eval.tables import results_markdown, run_dict, write_results_csv
 from inrseg.methods.base import check_spatial_ndim
+from inrseg.methods.postprocess import choose_from_predictions, choose_postprocessing
 from inrseg.methods.registry import MethodSpec, parse_methods, resolve
 from inrseg.metrics import REGION_SETS, region_metrics, score_case, summarize
 
@@ -67,8 +75,14 @@ def build_segmenter(spec: MethodSpec, ds: Dataset, seed: int, budget_minutes: fl
 
 def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[Case], test: Sequence[Case],
             seed: int, budget_minutes: float | None, device: torch.device, log_path: Path,
-            regions: dict | None, keep_predictions: bool) -> tuple[RunResult, dict[str, np.ndarray], object]:
-    """Train ``spec`` with ``seed`` under its own budget, then predict and score every test case.
+            regions: dict | None, keep_predictions: bool,
+            ensemble: SeedEnsemble | None = None) -> tuple[RunResult, dict[str, np.ndarray], object]:
+    """Train ``spec`` with ``seed`` under its own budget, choose its post-processing on the
+    validation cases (:func:`~inrseg.methods.postprocess.choose_postprocessing`, as ``train``
+    does; counted in ``train_s``), then predict, post-process and score every test case (the
+    post-processing counted in the inference time). With ``ensemble``, the validation and test
+    cases are predicted as probabilities (their argmax are ``predict``'s labels), which go to
+    ``ensemble``.
 
     Returns the result, the predictions ``{case_id: (*S,) label map}`` (when
     ``keep_predictions``) and the model."""
@@ -76,25 +90,58 @@ def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[
     model = build_segmenter(spec, ds, seed, budget_minutes, device)
     t0 = time.perf_counter()
     model.fit(list(train), list(val), budget=budget, log_path=log_path)
+    model.postprocessing = choose_postprocessing(model, list(val), functools.partial(ensemble.keep, "val")
+                                                 if ensemble is not None else None)
     train_s = time.perf_counter() - t0
     cases, region_rows, seconds, preds = [], [], [], {}
     for case in test:
         image, labels = case.load()
         t1 = time.perf_counter()
-        pred = model.predict(image)
+        if ensemble is None:
+            pred = model.predict(image).data
+        else:
+            probs = model.predict_probabilities(image).data
+            pred = probs.argmax(0)
+        pred = apply_postprocessing(pred, model.postprocessing)
         seconds.append(time.perf_counter() - t1)
-        ignore = labels.meta.get("ignore_label")
-        cases.append((case.case_id, score_case(pred.data, labels.data, ds.num_classes, labels.spacing,
-                                               True, ignore)))
-        if regions:
-            region_rows.append((case.case_id, region_metrics(pred.data, labels.data, regions, labels.spacing,
-                                                             True, ignore)))
+        if ensemble is not None:
+            ensemble.keep("test", case.case_id, probs)
+        _score_into(cases, region_rows, case.case_id, pred, labels, ds.num_classes, regions)
         if keep_predictions:
-            preds[case.case_id] = np.asarray(pred.data)
+            preds[case.case_id] = np.asarray(pred)
     res = RunResult(spec.label, seed, int(model.num_params), train_s, seconds, cases, region_rows,
                     list(model.history), model.steps_curve() if hasattr(model, "steps_curve") else [],
-                    model.chosen_settings())
+                    {**model.chosen_settings(), **model.postprocessing})
     return res, preds, model
+
+
+def _score_into(cases: list, region_rows: list, case_id: str, pred: np.ndarray, labels: Volume, num_classes: int,
+                regions: dict | None) -> None:
+    """Score one test case's label map ``pred`` against ``labels`` (:func:`score_case`, and the
+    ``regions``' :func:`region_metrics`), appending to ``cases`` and ``region_rows``."""
+    ignore = labels.meta.get("ignore_label")
+    cases.append((case_id, score_case(pred, labels.data, num_classes, labels.spacing, True, ignore)))
+    if regions:
+        region_rows.append((case_id, region_metrics(pred, labels.data, regions, labels.spacing, True, ignore)))
+
+
+def ensemble_run(label: str, ensemble: SeedEnsemble, members: Sequence[RunResult], ds: Dataset,
+                 val: Sequence[Case], test: Sequence[Case], regions: dict | None) -> RunResult:
+    """The row ``"<label> ensemble"``: the argmax of the mean probabilities of ``members`` (one
+    run per seed), post-processed as chosen on the ensemble's own validation predictions, scored
+    like any run. ``train_s``: the sum of the members'; per-case inference time: the sum of the
+    members' (an ensemble runs every member); params: the sum (it stores every member)."""
+    name = f"{label} ensemble"
+    spec = choose_from_predictions(((ensemble.labels("val", c.case_id), c.load_labels()) for c in val),
+                                   ds.label_names, name)
+    cases, region_rows = [], []
+    for case in test:
+        pred = apply_postprocessing(ensemble.labels("test", case.case_id), spec)
+        _score_into(cases, region_rows, case.case_id, pred, case.load_labels(), ds.num_classes, regions)
+    seeds = [r.seed for r in members]
+    return RunResult(name, "+".join(map(str, seeds)), sum(r.params for r in members),
+                     sum(r.train_s for r in members), [sum(t) for t in zip(*(r.infer_s for r in members))],
+                     cases, region_rows, chosen={"members": f"seeds {', '.join(map(str, seeds))}", **spec})
 
 
 
@@ -126,6 +173,7 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     """Run the benchmark (see the module docstring); returns the finished run folder. ``report``:
     the hook that renders ``report.html`` (``None``: no HTML report)."""
 
+    refuse_overlap({"--out": out}, {"--data": data}, contains=False)  # a run folder inside the dataset
     specs = parse_methods(methods)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError(None, "bench runs its methods one after another in one process: start it without "
@@ -147,12 +195,14 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     for spec in specs:  # before any training: a method that cannot segment this data, a bad variant
         check_spatial_ndim(spec.entry.cls, ds.spatial_ndim, data)
         resolve(spec, ds.spatial_ndim)
+    status(f"bench {ds.name}: {ds.subject_rule}")
     train, val = split_by_subject(ds.train, val_fraction, split_seed)
     test = list(ds.test)
     if not test or any(c.label_path is None for c in test):
         raise InputError(data, "bench needs labelled test cases (labelsTs / test subjects with labels)")
     if max_test_cases is not None:
         test = test[:max_test_cases]
+    made = first_missing_ancestor(out / "run")
     final, partial = new_run_dir(out, ds.name)
     (partial / "logs").mkdir()
     provenance = {"date": utc_now().strftime("%Y-%m-%d %H:%M UTC"),
@@ -178,7 +228,7 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
                 runs.append(res)
                 if preds:
                     examples[spec.label] = preds
-                with open(partial / "runs.jsonl", "a") as f:  # what a crashed run still has
+                with open(partial / "runs.jsonl", "a", encoding="utf-8") as f:  # what a crashed run still has
                     f.write(json.dumps(json_safe(run_dict(res, ds.label_names))) + "\n")
                 # the table's definition: the mean over classes of each class's mean over cases
                 status(f"bench: {spec.label}, seed {seed}: mean foreground Dice "
@@ -191,13 +241,20 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
                             "test_cases": [c.case_id for c in test]},
                   "provenance": provenance, "methods": agg, "runs": [run_dict(r, ds.label_names) for r in runs],
                   "wall_s": time.perf_counter() - t_start}
-        (partial / "results.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
+        write_text(partial / "results.json", json.dumps(json_safe(result), indent=1) + "\n")
         write_results_csv(partial / "results.csv", runs, ds.label_names)
-        (partial / "results.md").write_text(results_markdown(result))
+        write_text(partial / "results.md", results_markdown(result))
         if report is not None:
-            (partial / "report.html").write_text(report(result, runs, examples, test, partial / "logs"))
+            write_text(partial / "report.html", report(result, runs, examples, test, partial / "logs"))
         (partial / "runs.jsonl").unlink()
         os.replace(partial, final)
+    except Exception:
+        if not runs:  # a failure before any run finished: nothing worth keeping
+            shutil.rmtree(partial, ignore_errors=True)
+            remove_made_folders(made)
+        else:
+            status(f"bench stopped: the runs it finished are in {partial}/runs.jsonl")
+        raise
     except BaseException:
         status(f"bench stopped: the runs it finished are in {partial}/runs.jsonl")
         raise

@@ -11,9 +11,11 @@ from typing import Sequence
 
 import numpy as np
 
-from inrseg.core.files import atomic_path, read_json
-from inrseg.data.nifti import load_labels, strip_nifti_suffix, is_nifti
-from inrseg.data.layouts import (UKBB_IMAGE, UKBB_LABELS, find_nifti, ukbb_subject_dirs,
+from inrseg.core.files import atomic_path, text_of, write_text
+from inrseg.data.entries import files_by_case
+from inrseg.data.nifti import load_labels, strip_nifti_suffix
+from inrseg.data.schemas import read_dataset_json
+from inrseg.data.layouts import (UKBB_IMAGE, UKBB_LABELS, find_nifti, nifti_files, ukbb_subject_dirs,
                                  ignore_label_from_json, label_names_from_json)
 from inrseg.core.errors import InputError
 from inrseg.metrics import CaseMetrics, region_metrics, score_case, summarize, summarize_regions
@@ -28,8 +30,9 @@ def label_files(folder: Path, what: str) -> dict[str, Path]:
         raise InputError(folder, f"{what} directory does not exist")
     if not folder.is_dir():
         raise InputError(folder, f"{what} is not a directory")
-    files = {strip_nifti_suffix(p.name): p for p in sorted(folder.iterdir())
-             if p.is_file() and is_nifti(p)}
+    # every NIfTI-named entry a regular file; two files for one case (x.nii and x.nii.gz) refused
+    files = {cid: by_channel[None] for cid, by_channel in
+             files_by_case(nifti_files(folder), lambda p: (strip_nifti_suffix(p.name), None)).items()}
     if not files and what == "ground-truth":
         files = {d.name: find_nifti(d, UKBB_LABELS) for d in ukbb_subject_dirs(folder) if find_nifti(d, UKBB_LABELS)}
     if not files:
@@ -37,14 +40,19 @@ def label_files(folder: Path, what: str) -> dict[str, Path]:
     return files
 
 
+def default_images_dir(gt_dir: Path) -> Path | None:
+    """The image folder beside an nnU-Net ground-truth folder: ``labelsTs`` -> ``imagesTs``,
+    ``labelsTr`` -> ``imagesTr`` (``None`` for another name)."""
+    gt_dir = Path(gt_dir)
+    return gt_dir.parent / ("images" + gt_dir.name[len("labels"):]) if gt_dir.name.startswith("labels") else None
+
+
 def find_images(gt_dir: Path, case_ids: Sequence[str], images_dir: Path | None = None) -> dict[str, list[Path] | None]:
     """The image files (one per channel) of each case, for overlays: ``images_dir`` (or, for an
     nnU-Net ``labelsTs`` / ``labelsTr`` folder, its sibling ``imagesTs`` / ``imagesTr``) holding
     ``CASE_0000.nii.gz`` ... or ``CASE.nii.gz``; a UK Biobank subject's ``sa.nii.gz`` beside its
     ``seg_sa``. ``None`` for a case whose image is not found."""
-    folder = images_dir
-    if folder is None and gt_dir.name.startswith("labels"):
-        folder = gt_dir.parent / ("images" + gt_dir.name[len("labels"):])
+    folder = images_dir if images_dir is not None else default_images_dir(gt_dir)
     if images_dir is not None and not images_dir.is_dir():
         raise InputError(images_dir, "images directory does not exist")
     out: dict[str, list[Path] | None] = {}
@@ -67,9 +75,7 @@ def find_label_info(gt_dir: Path, labels_json: Path | None) -> tuple[list[str] |
     candidates = [labels_json] if labels_json else [gt_dir / "dataset.json", gt_dir.parent / "dataset.json"]
     for c in candidates:
         if c is not None and c.exists():
-            meta = read_json(c)
-            if "labels" not in meta:
-                raise InputError(c, "has no 'labels'")
+            meta = read_dataset_json(c, required=("labels",))
             names = label_names_from_json(meta["labels"], c)
             return names, ignore_label_from_json(meta, c, len(names))
     if labels_json is not None:
@@ -145,9 +151,12 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, labels_json: str | P
 
 
 def json_safe(x):
-    """JSON-safe: NaN / inf -> null, numpy scalars -> Python, tuples -> lists, keys -> str."""
+    """JSON-safe: NaN / inf -> null, numpy scalars -> Python, tuples -> lists, keys -> str,
+    file-system names -> text (:func:`text_of`)."""
+    if isinstance(x, str):
+        return text_of(x)
     if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
+        return {text_of(str(k)): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
     if isinstance(x, (float, np.floating)):
@@ -159,9 +168,7 @@ def json_safe(x):
 
 def write_json(obj: dict, path: str | Path) -> Path:
     """Atomically write ``obj`` as indented JSON (NaN written as null)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
-    return Path(path)
+    return write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 def write_report(out_dir: str | Path, per_case: list[tuple[str, CaseMetrics]], summary: dict,
@@ -174,12 +181,21 @@ def write_report(out_dir: str | Path, per_case: list[tuple[str, CaseMetrics]], s
              **{f"{k}_{r.replace(' ', '_')}": regions[r]["per_case"][cid][k] for r in regions
                 for k in ("dice", "hd95_mm")}} for cid, m in per_case]
     csv_path = out_dir / "per_case.csv"
-    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(csv_path) as tmp:
+        write_csv(tmp, rows)
+    return csv_path, write_json(summary, out_dir / "summary.json")
+
+
+def write_csv(path: str | Path, rows: Sequence[dict]) -> None:
+    """Write ``rows`` (one dict per row, the first one's keys as the header) to ``path`` as
+    UTF-8 CSV whatever the locale; floats with 6 significant digits, names as text
+    (:func:`text_of`)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return csv_path, write_json(summary, out_dir / "summary.json")
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else text_of(v) if isinstance(v, str) else v)
+                             for k, v in r.items()})
 
 
 def format_table(summary: dict) -> str:

@@ -25,7 +25,7 @@ def git_state(repo: Path) -> dict:
     """``{"commit", "dirty", "changed"}`` of the git work tree holding ``repo``; commit ``None``
     outside a git checkout (a pip-installed package: its version stands for the code)."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo, timeout=30,
+        return subprocess.run(["git", *args], capture_output=True, text=True, encoding="utf-8", cwd=repo, timeout=30,
                               check=True).stdout
 
     try:
@@ -52,7 +52,7 @@ def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows)."""
     cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Sequence
 
+from inrseg.core.files import atomic_path
+from inrseg.eval.evaluate import write_csv
 from inrseg.eval.stats import RunResult
 
 __all__ = ["results_markdown", "run_dict", "write_results_csv"]
@@ -71,11 +72,8 @@ def write_results_csv(path: Path, runs: list[RunResult], names: Sequence[str]) -
                 row[f"dice_{reg.replace(' ', '_')}"] = float(rm.dice[1])
                 row[f"hd95_mm_{reg.replace(' ', '_')}"] = float(rm.hd95_mm[1])
             rows.append(row)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_path(path) as tmp:
+        write_csv(tmp, rows)
 
 
 def run_dict(r: RunResult, names: Sequence[str]) -> dict:

@@ -6,7 +6,9 @@ plumbing: the device, ``to``, the parameter count, the training history, one che
 with one config policy, and ``predict`` / ``predict_probabilities`` built on the method's
 :meth:`Segmenter.logits`. What only some methods can do is a capability interface
 (:class:`HeldOutSlices`, :class:`PlaneRendering`, :class:`StepCurves`, :class:`BatchPrediction`):
-the CLI asks ``isinstance(model, HeldOutSlices)``, never for a method name.
+the CLI asks ``isinstance(model, HeldOutSlices)``, never for a method name. Test-time
+augmentation is one hook, :meth:`Segmenter.tta_members` (:class:`TTAMember`; default: mirrors of
+:meth:`Segmenter.logits`), combined by :func:`inrseg.methods.tta.tta_probabilities`.
 
 Shapes: an image is a :class:`~inrseg.data.volume.Volume` of ``(C, *S)``; a label map ``(*S,)``;
 logits and probabilities ``(K, *S')`` with ``K`` classes and ``S' = round(S * scale)``.
@@ -14,8 +16,11 @@ logits and probabilities ``(K, *S')`` with ``K`` classes and ``S' = round(S * sc
 
 from __future__ import annotations
 
+import functools
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -23,11 +28,14 @@ import torch
 from inrseg.core.errors import InputError
 from inrseg.data.volume import Volume
 from inrseg.data.cases import Case
+from inrseg.data.nifti import grid_shape_of
+from inrseg.data.postprocess import check_postprocessing
 from inrseg.engine import Budget, resolve_device
 from inrseg.engine.checkpoints import load_checkpoint, save_checkpoint
 from inrseg.methods.configs import config_from_dict, config_to_dict
 
-__all__ = ["BatchPrediction", "FitDiagnostics", "HeldOutSlices", "PlaneRendering", "Segmenter", "StepCurves", "check_spatial_ndim"]
+__all__ = ["BatchPrediction", "FitDiagnostics", "HeldOutSlices", "PlaneRendering", "Segmenter", "StepCurves",
+           "TTAMember", "check_spatial_ndim"]
 
 _KIND = {2: "2D", 3: "3D", 4: "3D+t"}
 
@@ -38,6 +46,36 @@ def check_spatial_ndim(cls: type, spatial_ndim: int, path: Path | None = None) -
         what = " or ".join(_KIND[n] for n in cls.spatial_ndims)
         raise InputError(path, f"{_KIND.get(spatial_ndim, f'{spatial_ndim}D')} data: {cls.method} segments "
                                f"{what} images" + ("" if spatial_ndim != 4 else " (nisf segments 3D+t cines)"))
+
+
+#: a member's logits: ``(image (C, *S), scale) -> (logits (K, *S') tensor, affine (4, 4))``
+LogitsFn = Callable[[Volume, float | Sequence[float]], tuple[torch.Tensor, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class TTAMember:
+    """One member of test-time augmentation (``segment --tta``).
+
+    Attributes:
+        name: what it is, e.g. ``"identity"``, ``"mirror 0,1"``, ``"refit seed 3, 25 steps"``.
+        logits: ``(image, scale) -> (logits (K, *S'), affine)`` on the grid and with the affine
+            of :meth:`Segmenter.logits`, already mapped back onto that grid (a mirrored member
+            flips its output back).
+    """
+
+    name: str
+    logits: LogitsFn
+
+
+def _mirrored_logits(logits: LogitsFn, axes: tuple[int, ...], image: Volume,
+                     scale: float | Sequence[float] = 1.0) -> tuple[torch.Tensor, np.ndarray]:
+    """``logits`` of ``image`` mirrored along the grid ``axes``, its output mirrored back (the
+    affine is that of the unmirrored grid: mirroring keeps the shape)."""
+    if not axes:
+        return logits(image, scale)
+    dims = [1 + a for a in axes]                                     # the channel axis comes first
+    out, affine = logits(image.with_data(np.ascontiguousarray(np.flip(image.data, dims))), scale)
+    return torch.flip(out, dims), affine
 
 
 class Segmenter:
@@ -67,8 +105,14 @@ class Segmenter:
     config_class: ClassVar[type]
     #: bf16 autocast keeps its accuracy (``--precision auto`` uses it on CUDA)
     bf16_safe: ClassVar[bool] = False
-    #: checkpoint header keys :meth:`load` restores as attributes, with their defaults
-    saved_attributes: ClassVar[dict[str, Any]] = {}
+    #: checkpoint header keys :meth:`load` restores as attributes, with their defaults; a
+    #: subclass's own dict is merged over this one (:meth:`__init_subclass__`): every method
+    #: saves ``postprocessing``, the spec chosen on validation (:mod:`inrseg.data.postprocess`)
+    saved_attributes: ClassVar[dict[str, Any]] = {"postprocessing": None}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.saved_attributes = {**Segmenter.saved_attributes, **cls.saved_attributes}
 
     def __init__(self, label_names: Sequence[str], spatial_ndim: int, in_channels: int = 1,
                  config: Any = None, device: str | torch.device = "cpu") -> None:
@@ -80,6 +124,8 @@ class Segmenter:
         self.device = resolve_device(device)
         self.history: list[dict] = []
         self.best_step: int | None = None
+        #: post-processing chosen on validation (``{"keep_largest": [class ids]}``), or None
+        self.postprocessing: dict[str, list[int]] | None = None
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -127,6 +173,17 @@ class Segmenter:
         """
         raise NotImplementedError
 
+    def check_image_size(self, shape: Sequence[int], path: Path | None = None) -> None:
+        """Raise :class:`InputError` naming ``path`` if an image of grid ``shape`` is smaller than
+        the model's networks take, saying the smallest size they take. Called wherever images
+        are prepared for training or prediction, and by ``segment`` on every input before it
+        writes anything. Default: any size (a method with a limit overrides it)."""
+
+    def check_case_sizes(self, cases: Sequence[Case]) -> None:
+        """:meth:`check_image_size` of every case, from its first image file's header alone."""
+        for case in cases:
+            self.check_image_size(grid_shape_of(case.image_paths[0], case.spatial_ndim), case.image_paths[0])
+
     # ------------------------------------------------------------------ inference
     def logits(self, image: Volume, scale: float | Sequence[float] = 1.0) -> tuple[torch.Tensor, np.ndarray]:
         """Class logits ``(K, *S')`` of ``image`` (``(C, *S)``) on the grid of ``scale`` and that
@@ -139,6 +196,26 @@ class Segmenter:
         logits, affine = self.logits(image, scale)
         labels = logits.argmax(0).cpu().numpy().astype(np.int64)
         return Volume(labels, affine, self.spatial_ndim, image.time_step, path=image.path)
+
+    def tta_members(self, n: int | None = None) -> list[TTAMember]:
+        """The members of test-time augmentation, averaged by
+        :func:`inrseg.methods.tta.tta_probabilities`; the first is :meth:`logits` itself.
+
+        Default (the CNN methods): mirroring over every subset of the grid axes, one forward
+        pass each: 2D 4 members, 3D 8; the identity first, then one axis, two axes... (axes in
+        order); ``n``: the first ``n`` of them (``None``: all). The INR methods override it with
+        repeated test-time fits (:func:`inrseg.methods.tta.refit_members`).
+
+        Raises:
+            ValueError: ``n`` outside 1 .. 2^d.
+        """
+        d = self.spatial_ndim
+        subsets = [a for r in range(d + 1) for a in itertools.combinations(range(d), r)]
+        if n is not None and not 1 <= n <= len(subsets):
+            raise ValueError(f"{n} test-time members asked for: mirroring a {_KIND.get(d, d)} image gives 1 to "
+                             f"{len(subsets)}")
+        return [TTAMember("mirror " + ",".join(map(str, a)) if a else "identity",
+                          functools.partial(_mirrored_logits, self.logits, a)) for a in subsets[:n]]
 
     @torch.no_grad()
     def predict_probabilities(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
@@ -184,6 +261,7 @@ class Segmenter:
         obj.best_step, obj.history = meta.get("best_step"), list(meta.get("history", []))
         for key, default in cls.saved_attributes.items():
             setattr(obj, key, meta.get(key, default(obj) if callable(default) else default))
+        obj.postprocessing = check_postprocessing(obj.postprocessing, obj.num_classes, Path(path))
         return obj
 
     def chosen_settings(self) -> dict[str, Any]:

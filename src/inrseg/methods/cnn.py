@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from inrseg.core.errors import InputError
 from inrseg.data.cases import Case
 from inrseg.data.grids import resampled_affine, resampled_shape
 from inrseg.data.preprocess import check_input, normalize
@@ -47,6 +48,9 @@ from inrseg.metrics import case_metrics
 from inrseg.nn.backbones import upsample
 
 __all__ = ["CNNSegmenter", "CNNTrainTask", "TrainBatch", "cnn_config"]
+
+#: normalisation layers that need more than one voxel per channel (torch raises otherwise)
+_INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
 
 
 def cnn_config(config_class: type, fields: Mapping[str, Any], spatial_ndim: int,
@@ -131,9 +135,24 @@ class CNNSegmenter(Segmenter):
         self.net.load_state_dict(tensors)
 
     def prepare(self, image: Volume) -> torch.Tensor:
-        """Normalised ``(C, *S)`` float32 tensor of ``image`` on the CPU."""
+        """Normalised ``(C, *S)`` float32 tensor of ``image`` on the CPU (refused, naming its file,
+        unless the network takes it: :meth:`check_image_size`)."""
         check_input(image, self.in_channels, self.spatial_ndim)
+        self.check_image_size(image.shape, image.path)
         return torch.from_numpy(normalize(image.data, self.config.normalization))
+
+    def check_image_size(self, shape: Sequence[int], path: Path | None = None) -> None:
+        """The network sees the image zero-padded to multiples of :attr:`divisor` (its training crop
+        too), and its instance norm needs more than one voxel at the coarsest level, ``1 /
+        divisor`` of that: so at least one edge must be longer than :attr:`divisor`. A fixed-size
+        network (sliding windows pad any image) and one without instance norm take any size."""
+        if self.fixed_size is not None or not any(isinstance(m, _INSTANCE_NORMS) for m in self.net.modules()):
+            return
+        d = self.divisor
+        if math.prod(math.ceil(n / d) for n in shape) < 2:
+            raise InputError(path, f"is {' x '.join(map(str, shape))} voxels, smaller than the {self.method} network "
+                                   f"takes: it down-samples by {d} and needs more than one voxel at its coarsest "
+                                   f"level, so the smallest image it takes has {d + 1} voxels along one axis")
 
     def patch_size(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Training crop (and sliding window) in voxels for images of grid ``shape``."""
@@ -205,6 +224,7 @@ class CNNSegmenter(Segmenter):
         cfg = self.config
         budget = as_budget(budget, cfg.budget_minutes)
         rank, _ = world()
+        self.check_case_sizes(list(train) + list(val or []))  # before any case is loaded
         images, labels = load_training_tensors(train, self.prepare)
         patch = self.patch_size(np.max([x.shape[1:] for x in images], axis=0))
         ignore = has_ignored(labels)

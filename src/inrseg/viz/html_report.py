@@ -77,9 +77,18 @@ def _fmt(mean: float, sd: float = math.nan, nd: int = 3) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def class_bars(per_method: dict[str, dict[str, tuple[float, float]]], names: Sequence[str]) -> str:
-    """Grouped bars: per-class Dice (mean, sd error bars) of each method."""
+def method_colours(methods: Sequence[str]) -> dict[str, tuple]:
+    """One colour per method (tab10, in the order the methods were given): every plot of a
+    report draws a method in its colour."""
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def class_bars(per_method: dict[str, dict[str, tuple[float, float]]], names: Sequence[str],
+               colours: dict[str, tuple] | None = None) -> str:
+    """Grouped bars: per-class Dice (mean, sd error bars) of each method, in ``colours``."""
     methods = list(per_method)
+    colours = colours or method_colours(methods)
     x = np.arange(len(names))
     width = 0.8 / max(len(methods), 1)
     fig, ax = plt.subplots(figsize=(min(13.0, max(6.0, 0.45 * len(names) * max(1, len(methods)) ** 0.5 + 2)),
@@ -87,7 +96,8 @@ def class_bars(per_method: dict[str, dict[str, tuple[float, float]]], names: Seq
     for i, m in enumerate(methods):
         means = [per_method[m][n][0] for n in names]
         sds = [per_method[m][n][1] if math.isfinite(per_method[m][n][1]) else 0.0 for n in names]
-        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=sds, capsize=2, label=m)
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=sds, capsize=2, label=m,
+               color=colours[m])
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=30 if len(names) > 5 else 0, ha="right" if len(names) > 5 else "center",
                        fontsize=8)
@@ -100,15 +110,15 @@ def class_bars(per_method: dict[str, dict[str, tuple[float, float]]], names: Seq
 
 
 def curves_figure(series: dict[str, list[list[tuple[float, float]]]], xlabel: str, ylabel: str,
-                  log_y: bool = False) -> str:
-    """One line per (method, seed), one colour per method."""
+                  log_y: bool = False, colours: dict[str, tuple] | None = None) -> str:
+    """One line per (method, seed), one colour per method (``colours``)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    colours = plt.get_cmap("tab10")
-    for i, (m, lines) in enumerate(series.items()):
+    colours = colours or method_colours(list(series))
+    for m, lines in series.items():
         for k, pts in enumerate(lines):
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=colours(i % 10), alpha=0.9 if k == 0 else 0.45, lw=1.3,
+                ax.plot(xs, ys, color=colours[m], alpha=0.9 if k == 0 else 0.45, lw=1.3,
                         marker="o" if len(pts) < 30 else None, ms=3, label=m if k == 0 else None)
     if log_y:
         ax.set_yscale("log")
@@ -124,7 +134,7 @@ def read_log(path: Path, key: str = "loss") -> list[tuple[float, float]]:
     """``(step, value)`` pairs of a metrics log (JSON lines), thinned to at most 400 points."""
     pts = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 e = json.loads(line)
             except ValueError:
@@ -207,6 +217,7 @@ def bench_report(result: dict, runs, examples: dict[str, dict[str, np.ndarray]],
     """The bench report from :func:`inrseg.eval.bench.run_bench`'s result, its runs, the first
     seed's test predictions per method and the folder of metrics logs."""
     names, agg = result["label_names"], result["methods"]
+    colours = method_colours(list(agg))
     rows = []
     for m, a in agg.items():
         s, w = a["summary"], a.get("wilcoxon_vs_first")
@@ -223,7 +234,7 @@ def bench_report(result: dict, runs, examples: dict[str, dict[str, np.ndarray]],
     sections = [("Results", f'<p class="muted">Mean ± sd over seeds {result["provenance"]["seeds"]} of the '
                             f'mean over {result["split"]["test"]} test cases; {result["budget_minutes"]} min '
                             f'per method and seed. Wilcoxon: paired, per test case, two-sided.</p>{table}'),
-                ("Per-class Dice", _img(class_bars(per_class, names[1:]), "per-class Dice") + pc_table)]
+                ("Per-class Dice", _img(class_bars(per_class, names[1:], colours), "per-class Dice") + pc_table)]
     first = next(iter(agg.values()), None)
     if first and first["summary"].get("regions_dice"):
         regs = list(first["summary"]["regions_dice"])
@@ -233,7 +244,8 @@ def bench_report(result: dict, runs, examples: dict[str, dict[str, np.ndarray]],
     curves = {m: c for m, c in curves.items() if any(c)}
     if curves:
         sections.append(("Dice against test-time steps (validation)",
-                         _img(curves_figure(curves, "test-time steps", "validation mean fg Dice"), "steps curves")
+                         _img(curves_figure(curves, "test-time steps", "validation mean fg Dice", colours=colours),
+                              "steps curves")
                          + '<p class="muted">MetaSeg: the T_f candidates (phase-2 head); NISF: latent-fit '
                            'steps. The chosen step count is the best of each curve.</p>'))
     loss = {m: [read_log(logs / f"{m.replace(':', '-')}-seed{r.seed}.metrics.jsonl") for r in runs if r.method == m]
@@ -242,9 +254,11 @@ def bench_report(result: dict, runs, examples: dict[str, dict[str, np.ndarray]],
                for r in runs if r.method == m] for m in agg}
     train_figs = ""
     if any(any(v) for v in loss.values()):
-        train_figs += _img(curves_figure(loss, "step", "training loss", log_y=True), "training loss")
+        train_figs += _img(curves_figure(loss, "step", "training loss", log_y=True, colours=colours),
+                           "training loss")
     if any(any(v) for v in val.values()):
-        train_figs += _img(curves_figure(val, "step", "validation mean fg Dice"), "validation Dice")
+        train_figs += _img(curves_figure(val, "step", "validation mean fg Dice", colours=colours),
+                           "validation Dice")
     if train_figs:
         sections.append(("Training curves", train_figs))
     by_id = {c.case_id: c for c in test_cases}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inrseg.core.errors import InputError
 from inrseg.core.files import atomic_dir
 from inrseg.core.progress import progress
 from inrseg.data.nifti import save_image, save_labels
@@ -15,7 +16,8 @@ from inrseg.data.phantoms.brain import BRAIN_LABELS, brain_phantom, brain_spacin
 from inrseg.data.phantoms.cardiac import CARDIAC_LABELS, cardiac_phantom
 from inrseg.data.volume import Volume
 
-__all__ = ["PHANTOM_SHAPES", "phantom_spacing", "subject_seed", "write_phantom_dataset"]
+__all__ = ["MIN_CARDIAC_SLICES", "MIN_PHANTOM_EDGE", "PHANTOM_SHAPES", "check_phantom_shape", "phantom_spacing",
+           "subject_seed", "write_phantom_dataset"]
 
 #: default grid shape per phantom kind (brain2d/3d: the benchmark data's shapes)
 PHANTOM_SHAPES: dict[str, tuple[int, ...]] = {
@@ -24,6 +26,12 @@ PHANTOM_SHAPES: dict[str, tuple[int, ...]] = {
     "cardiac": (96, 96, 10),
 }
 _CARDIAC_SPACING = (1.8, 1.8, 8.0)  # mm at the default cardiac shape
+#: the smallest edge (voxels) of a phantom image: the smallest that every method takes with its
+#: default settings (the default U-Net and MORSE networks down-sample by 16, and their instance
+#: norm needs more than one voxel at the coarsest level: an edge of 17 pads to 32, 2 voxels there)
+MIN_PHANTOM_EDGE = 17
+#: the fewest slices of a cardiac phantom (one slice would make each frame a 2D image)
+MIN_CARDIAC_SLICES = 2
 
 
 def phantom_spacing(kind: str, shape: Sequence[int]) -> tuple[float, ...]:
@@ -33,6 +41,27 @@ def phantom_spacing(kind: str, shape: Sequence[int]) -> tuple[float, ...]:
     if kind == "cardiac":
         return tuple(s * d / n for s, d, n in zip(_CARDIAC_SPACING, PHANTOM_SHAPES["cardiac"], shape))
     return brain_spacing(shape)
+
+
+def check_phantom_shape(kind: str, shape: Sequence[int], layout: str = "nnunet") -> None:
+    """Refuse (:class:`InputError`) a phantom grid ``shape`` that some method could not take:
+    2D / 3D images (brain phantoms, and cardiac frames in the nnU-Net layout) need every edge of at
+    least :data:`MIN_PHANTOM_EDGE` (a cardiac slice axis: :data:`MIN_CARDIAC_SLICES`); 3D + t
+    cines (the UK Biobank layout, segmented by NISF, which takes any size) need
+    :data:`MIN_CARDIAC_SLICES` slices."""
+    edge = MIN_PHANTOM_EDGE if layout == "nnunet" else 1
+    mins = [edge] * len(shape)
+    if kind == "cardiac":
+        mins[-1] = MIN_CARDIAC_SLICES
+    text = ",".join(str(v) for v in shape)
+    for axis, (n, least) in enumerate(zip(shape, mins)):
+        if n < least:
+            what = (f"{least} slices (its last axis)" if kind == "cardiac" and axis == len(shape) - 1 else
+                    f"{least} voxels along every in-plane axis" if kind == "cardiac" else
+                    f"{least} voxels along every axis")
+            why = " (the default U-Net and MORSE down-sample by 16)" if least == MIN_PHANTOM_EDGE else ""
+            raise InputError(None, f"phantom shape {text} is too small: a {kind} phantom needs at least {what}, "
+                                   f"the smallest every method takes{why}")
 
 
 def subject_seed(seed: int, index: int) -> int:
@@ -56,7 +85,8 @@ def write_phantom_dataset(kind: str, out: str | Path, n_train: int, n_test: int 
 
     The dataset is assembled in a temporary sibling directory and renamed onto ``out`` at the
     end (:func:`inrseg.core.files.atomic_dir`), so an interrupted run leaves nothing
-    half-written. An existing ``out`` is replaced.
+    half-written. An existing ``out`` is replaced. A shape with an edge below
+    :data:`MIN_PHANTOM_EDGE` is refused (:func:`check_phantom_shape`) before anything is written.
     """
     if kind not in PHANTOM_SHAPES:
         raise ValueError(f"unknown phantom kind {kind!r} ({', '.join(PHANTOM_SHAPES)})")
@@ -65,7 +95,9 @@ def write_phantom_dataset(kind: str, out: str | Path, n_train: int, n_test: int 
     default_shape = PHANTOM_SHAPES[kind]
     shape = tuple(shape) if shape is not None else default_shape
     if len(shape) != len(default_shape):
-        raise ValueError(f"{kind} needs a {len(default_shape)}-axis shape, got {shape}")
+        raise InputError(None, f"phantom shape {','.join(map(str, shape))}: a {kind} phantom needs "
+                               f"{len(default_shape)} axes")
+    check_phantom_shape(kind, shape, layout)
     spacing = phantom_spacing(kind, shape)
     out = Path(out)
     affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
@@ -99,5 +131,5 @@ def write_phantom_dataset(kind: str, out: str | Path, n_train: int, n_test: int 
                     "numTraining": n_train * (frames if kind == "cardiac" else 1),
                     "description": f"inrseg synthetic {kind} phantom, seed {seed}, shape {list(shape)}, "
                                    f"spacing {list(spacing)} mm"}
-            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out

@@ -36,12 +36,13 @@ from inrseg.data.grids import coordinate_grid, resampled_affine, resampled_shape
 from inrseg.data.volume import Volume
 from inrseg.data.cases import Case
 from inrseg.engine import Budget, LoopSettings, as_budget, broadcast_object, run_training, use_bf16, world
-from inrseg.methods.base import Segmenter
+from inrseg.methods.base import Segmenter, TTAMember
 from inrseg.methods.metaseg.config import MetaSegConfig
 from inrseg.methods.metaseg.diagnostics import Diagnostics
 from inrseg.methods.metaseg.fitting import PreparedImage, TestTimeFit
 from inrseg.methods.metaseg.meta import MetaTrainingTask, planned_outer_steps
 from inrseg.methods.metaseg.phase2 import Phase2Result, meta_training_share, select_tf_and_head
+from inrseg.methods.tta import refit_members
 from inrseg.nn.siren import init_params
 
 __all__ = ["MetaSeg"]
@@ -180,9 +181,11 @@ class MetaSeg(Diagnostics, TestTimeFit, Segmenter):
         coords = coordinate_grid(image.shape, image.spacing, self.config.keep_aspect, scale=scale, device=self.device)
         return shape, np.asarray(resampled_affine(image.affine, image.shape, shape), float), coords
 
-    def fit_logits(self, images: Sequence[Volume], queries: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    def fit_logits(self, images: Sequence[Volume], queries: Sequence[torch.Tensor | None], *,
+                   steps: int | None = None, seed: int | None = None) -> list[torch.Tensor]:
         """Class logits ``(M_i, K)`` (on the device) at ``queries[i]`` ``(M_i, d)`` (``None``: every
-        voxel of the image's own grid, C order) after fitting each image for ``T_f`` steps;
+        voxel of the image's own grid, C order) after fitting each image for ``steps`` (default
+        ``T_f``) steps whose random voxels are drawn from ``seed`` (default ``config.seed``);
         images of one shape are fitted together, ``fit_batch`` at a time."""
         prepared = [self.prepare(im) for im in images]
         out: list[torch.Tensor | None] = [None] * len(images)
@@ -192,19 +195,27 @@ class MetaSeg(Diagnostics, TestTimeFit, Segmenter):
         for idxs in groups.values():
             for s in range(0, len(idxs), self.config.fit_batch):
                 block = idxs[s:s + self.config.fit_batch]
-                theta = self.fitted_theta([prepared[i] for i in block], self.t_f)
+                theta = self.fitted_theta([prepared[i] for i in block], self.t_f if steps is None else steps,
+                                          gen=None if seed is None else torch_generator(seed))
                 for j, i in enumerate(block):
                     one = {k: v[j:j + 1] for k, v in theta.items()}
                     out[i] = (self.image_logits(one, prepared[i]) if queries[i] is None
                               else self.point_logits(one, queries[i], step=prepared[i].step))[0]
         return out  # type: ignore[return-value]
 
-    def logits(self, image: Volume, scale: float | Sequence[float] = 1.0) -> tuple[torch.Tensor, np.ndarray]:
-        """Class logits ``(K, *S')`` of ``image`` (``(C, *S)``) after the test-time fit,
-        ``S' = round(S * scale)``, and the affine of that grid."""
+    def logits(self, image: Volume, scale: float | Sequence[float] = 1.0, *, steps: int | None = None,
+               seed: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Class logits ``(K, *S')`` of ``image`` (``(C, *S)``) after the test-time fit (``steps``,
+        ``seed``: :meth:`fit_logits`'), ``S' = round(S * scale)``, and the affine of that grid."""
         shape, affine, coords = self._grid(image, scale)
-        logits = self.fit_logits([image], [coords])[0]                            # (M, K)
+        logits = self.fit_logits([image], [coords], steps=steps, seed=seed)[0]   # (M, K)
         return logits.T.reshape((len(self.label_names),) + shape), affine
+
+    def tta_members(self, n: int | None = None) -> list[TTAMember]:
+        """Test-time augmentation by ``n`` (default 4) repeated test-time fits: seeds ``seed + k``
+        (the random voxels of each step), ``T_f`` x (1, 0.75, 1.25, 1.5) steps
+        (:func:`~inrseg.methods.tta.refit_members`); the first is the plain prediction."""
+        return refit_members(self.logits, self.t_f, self.config.seed, n)
 
     def predict_batch(self, images: Sequence[Volume], scale: float | Sequence[float] = 1.0) -> list[Volume]:
         """:meth:`predict` of several images, fitted together (stacked parameters)."""

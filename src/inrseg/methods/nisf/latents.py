@@ -87,14 +87,15 @@ class LatentFitting(NISFField):
             for p, f in zip(self.net.parameters(), flags):
                 p.requires_grad_(f)
 
-    def initial_latent(self) -> torch.Tensor:
-        """The seeded inference initialisation ``(L,) ~ N(0, latent_init_std^2)``, CPU."""
-        gen = torch.Generator(device="cpu").manual_seed(self.config.seed + 1)
+    def initial_latent(self, seed: int | None = None) -> torch.Tensor:
+        """The seeded inference initialisation ``(L,) ~ N(0, latent_init_std^2)``, CPU, drawn from
+        ``seed + 1`` (default ``config.seed``)."""
+        gen = torch.Generator(device="cpu").manual_seed((self.config.seed if seed is None else seed) + 1)
         return torch.randn(self.config.latent_dim, generator=gen, device="cpu") * self.config.latent_init_std
 
     def optimise_latents(self, coords: list[torch.Tensor], targets: list[torch.Tensor], steps: int,
                          callback: Callable[[int, torch.Tensor], bool | None] | None = None,
-                         desc: str = "fitting latents") -> torch.Tensor:
+                         desc: str = "fitting latents", seed: int | None = None) -> torch.Tensor:
         """Optimise one latent per image on reconstruction BCE + latent L2, network frozen.
 
         With ``config.infer_points`` a step uses that many of an image's points, drawn from
@@ -108,11 +109,13 @@ class LatentFitting(NISFField):
             callback: called as ``callback(step, latents (B, L))`` after step 0 (the initial
                 latent) and after every step; returning ``True`` ends the fit there.
             desc: the progress bar's label.
+            seed: seeds the initial latent and the point draws (default ``config.seed``).
 
         Returns:
             latents ``(B, L)`` on the CPU.
         """
         cfg = self.config
+        seed = cfg.seed if seed is None else seed
         B = len(coords)
         sizes = [c.shape[0] for c in coords]
         n_max = max(sizes)
@@ -120,7 +123,7 @@ class LatentFitting(NISFField):
         X = pad_sequence(list(coords), batch_first=True)             # (B, n_max, d)
         Y = pad_sequence(list(targets), batch_first=True)            # (B, n_max, C_in)
         Wt = point_weights(sizes)                                    # (B, n_max), 0 on padding
-        h = self.initial_latent().expand(B, -1).clone().to(self.device).requires_grad_(True)
+        h = self.initial_latent(seed).expand(B, -1).clone().to(self.device).requires_grad_(True)
         opt = torch.optim.Adam([h], lr=cfg.infer_lr)
         use_subsets = cfg.infer_points is not None and cfg.infer_points < n_max
         with self.frozen(), torch.enable_grad():
@@ -131,7 +134,7 @@ class LatentFitting(NISFField):
                 opt.zero_grad(set_to_none=True)
                 if use_subsets:
                     # the same draw for every image (seeded by step): batch-independent results
-                    idx = torch.stack([torch.from_numpy(np.random.default_rng([cfg.seed, step]).choice(
+                    idx = torch.stack([torch.from_numpy(np.random.default_rng([seed, step]).choice(
                         sizes[b], size=min(cfg.infer_points, sizes[b]), replace=False))
                         if sizes[b] > cfg.infer_points else
                         torch.arange(sizes[b], device="cpu").repeat(
@@ -157,7 +160,7 @@ class LatentFitting(NISFField):
         return h.detach().cpu()
 
     def fit_latents(self, images: Sequence[Volume], steps: int | None = None,
-                    observed: Sequence[np.ndarray | None] | None = None) -> list[LatentFit]:
+                    observed: Sequence[np.ndarray | None] | None = None, seed: int | None = None) -> list[LatentFit]:
         """Fit one latent per image, all in one batch (network frozen).
 
         Args:
@@ -165,6 +168,7 @@ class LatentFitting(NISFField):
             steps: optimisation steps (default: :attr:`infer_steps`).
             observed: optional per image boolean ``(*S,)`` masks; the latent sees only voxels
                 where the mask is ``True`` (e.g. :func:`~inrseg.data.planes.heldout_mask`).
+            seed: seeds the initial latent and the point draws (default ``config.seed``).
 
         Returns:
             one :class:`LatentFit` per image.
@@ -173,7 +177,7 @@ class LatentFitting(NISFField):
         subs = [self.prepare(img, observed=None if observed is None else observed[k])
                 for k, img in enumerate(images)]
         coords, targets = [s.coords for s in subs], [s.intensity for s in subs]
-        lat = self.optimise_latents(coords, targets, steps)
+        lat = self.optimise_latents(coords, targets, steps, seed=seed)
         return [LatentFit(lat[k].clone(), s.shape, s.spacing, s.affine, self.spatial_ndim,
                           s.time_step, steps, s.path) for k, s in enumerate(subs)]
 

@@ -21,10 +21,12 @@ from inrseg.core.progress import status
 from inrseg.data.cases import Case
 from inrseg.data.volume import Volume
 from inrseg.engine import Budget, LoopSettings, as_budget, broadcast_object, run_training, world
+from inrseg.methods.base import TTAMember
 from inrseg.methods.nisf.config import NISFConfig
 from inrseg.methods.nisf.field import Subject, load_pair
 from inrseg.methods.nisf.rendering import Rendering
 from inrseg.methods.nisf.training import PriorTraining, initial_train_latents, load_training_subjects
+from inrseg.methods.tta import refit_members
 
 __all__ = ["NISF"]
 
@@ -146,11 +148,19 @@ class NISF(Rendering):
         return float(broadcast_object(share))
 
     # ------------------------------------------------------------------ inference
-    def logits(self, image: Volume, scale: float | Sequence[float] = 1.0) -> tuple[torch.Tensor, np.ndarray]:
+    def logits(self, image: Volume, scale: float | Sequence[float] = 1.0, *, steps: int | None = None,
+               seed: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Class logits ``(K, *S')`` (CPU) of ``image``'s fitted latent on the grid of ``scale``,
-        and that grid's affine."""
-        out = self.field_logits(self.fit_latents([image])[0], scale)
+        and that grid's affine; the latent fitted for ``steps`` (default :attr:`infer_steps`)
+        from ``seed`` (its initialisation and point draws; default ``config.seed``)."""
+        out = self.field_logits(self.fit_latents([image], steps, seed=seed)[0], scale)
         return torch.from_numpy(out.data), out.affine
+
+    def tta_members(self, n: int | None = None) -> list[TTAMember]:
+        """Test-time augmentation by ``n`` (default 4) repeated latent fits: seeds ``seed + k`` (the
+        initial latent and the point draws), :attr:`infer_steps` x (1, 0.75, 1.25, 1.5) steps
+        (:func:`~inrseg.methods.tta.refit_members`); the first is the plain prediction."""
+        return refit_members(self.logits, self.infer_steps, self.config.seed, n)
 
     def predict(self, image: Volume, scale: float | Sequence[float] = 1.0) -> Volume:
         """Label map ``(*S',)`` int64 of ``image`` (``(C_in, *S)``): a latent fitted for
