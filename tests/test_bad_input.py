@@ -546,6 +546,7 @@ def _run_scenario(kind, cli, tmp_path, model2d, monkeypatch):
         monkeypatch.setenv(k, v)
     before = snapshot(sc.watch)
     kept = [_snapshot_any(p) for p in sc.keep]
+    everything = snapshot(tmp_path)  # a refused command changes no file anywhere: inputs included
     with monkeypatch.context() as mp:
         if sc.patch is not None:
             sc.patch(mp)
@@ -553,6 +554,7 @@ def _run_scenario(kind, cli, tmp_path, model2d, monkeypatch):
     assert_one_line_error(res, *map(str, sc.needles), code=sc.code)
     assert snapshot(sc.watch) == before, "the output folder changed"
     assert [_snapshot_any(p) for p in sc.keep] == kept, "an input changed"
+    assert snapshot(tmp_path) == everything, "a file changed, appeared or went"
     if sc.watch is not None:  # no temporary leftovers next to it either
         assert not [p for p in sc.watch.parent.glob(f".{sc.watch.name}.*")], list(sc.watch.parent.iterdir())
 

@@ -97,7 +97,8 @@ def tiny_run(phantom, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     try:
         assert main(["-q", "bench", "--data", str(phantom), "--methods", "unet,nisf:nisf-cpu-small",
-                     "--budget-minutes", "0.06", "--seeds", "2", "--out", str(out), "--threads", "1"]) == 0
+                     "--budget-minutes", "0.06", "--seeds", "2", "--out", str(out), "--threads", "1",
+                     "--no-ensemble"]) == 0  # the seed ensemble's row: tests/test_ensemble.py
     finally:
         mp.undo()
     (run,) = out.iterdir()
@@ -301,3 +302,47 @@ document.getElementById('f').addEventListener('load', function(){
                           "--virtual-time-budget=5000", "--dump-dom", str(tmp_path / "harness.html")],
                          capture_output=True, text=True, timeout=120).stdout
     assert 'id="out">true|slice 3 (0-19)<' in dom, dom[-500:]
+
+
+def test_bench_tta_rows_are_scored_and_timed_apart(phantom, tmp_path, monkeypatch):
+    """`bench --tta`: one '<method> +tta' row per method, scored on TTA predictions (the mean of
+    the members' probabilities), with its own per-case times; `--max-test-cases` limits the cases."""
+    from inrseg.methods.tta import tta_probabilities
+    from inrseg.metrics import summarize
+
+    repo = _git_repo(tmp_path / "clean", dirty=False)
+    monkeypatch.setattr(bench, "source_repo", lambda: repo)
+    kept = {}
+    real_run_one = bench.run_one
+
+    def spy(*args, **kwargs):
+        res, preds, model, tta_res = real_run_one(*args, **kwargs)
+        kept[res.method] = model
+        return res, preds, model, tta_res
+
+    monkeypatch.setattr(bench, "run_one", spy)
+    out = tmp_path / "runs"
+    assert main(["-q", "bench", "--data", str(phantom), "--methods", "unet,nisf:nisf-cpu-small",
+                 "--budget-minutes", "0.05", "--seeds", "1", "--out", str(out), "--threads", "1",
+                 "--tta", "--max-test-cases", "2", "--no-html"]) == 0
+    (run,) = out.iterdir()
+    res = json.loads((run / "results.json").read_text())
+    assert list(res["methods"]) == ["unet", "nisf:nisf-cpu-small", "unet +tta", "nisf:nisf-cpu-small +tta"]
+    assert res["split"]["test"] == 2
+    runs = {r["method"]: r for r in res["runs"]}
+    assert runs["unet +tta"]["chosen"]["tta members"] == 4 and runs["nisf:nisf-cpu-small +tta"]["chosen"]["tta members"] == 4
+    assert len(runs["unet +tta"]["infer_s"]) == 2
+    # the +tta row's Dice is the Dice of the TTA labels, recomputed here from the same model
+    from inrseg.data.layouts import open_dataset
+    from inrseg.data.postprocess import apply_postprocessing
+    from inrseg.metrics import score_case
+
+    ds = open_dataset(phantom)
+    model = kept["unet"]
+    metrics = []
+    for case in ds.test[:2]:
+        image, labels = case.load()
+        pred = apply_postprocessing(tta_probabilities(model, image)[0].data.argmax(0), model.postprocessing)
+        metrics.append(score_case(pred, labels.data, ds.num_classes, labels.spacing, True))
+    expect = summarize(metrics, ds.label_names)["mean_foreground_dice"]
+    assert res["methods"]["unet +tta"]["summary"]["mean_foreground_dice"][0] == pytest.approx(expect, abs=1e-9)

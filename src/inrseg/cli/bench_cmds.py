@@ -56,6 +56,16 @@ def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neuri
           regions: Optional[str] = typer.Option(None, help="Also score label unions: 'brats'."),
           allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Run from a checkout with uncommitted "
                                                                          "changes (recorded as dirty)."),
+          ensemble: Optional[bool] = typer.Option(None, "--ensemble/--no-ensemble", help="Also score each method's "
+                                                  "seed ensemble (mean probabilities) as a row '<method> ensemble' "
+                                                  "(default: on with --seeds > 1; keeps K x voxels float32 per "
+                                                  "validation and test case in memory)."),
+          tta: bool = typer.Option(False, "--tta", help="Also score every run with test-time augmentation as a row "
+                                                        "'<method> +tta' (CNNs: 4 / 8 mirrored forward passes in "
+                                                        "2D / 3D; MetaSeg, NISF: 4 test-time fits), timed apart."),
+          max_test_cases: Optional[int] = typer.Option(None, min=1, max=100000,
+                                                       help="Score only the first N test cases (a quicker run; "
+                                                            "results.json lists the cases)."),
           html: bool = typer.Option(True, help="Write report.html.")) -> None:
     """Benchmark methods side by side: one split by subject, the same budget per method, N seeds;
     mean +- sd, paired Wilcoxon tests, results.json / .csv / .md and report.html in a new folder."""
@@ -63,7 +73,8 @@ def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neuri
     run = run_bench(data, methods, budget_minutes, list(range(seeds)), out, device=device,
                     allow_dirty=allow_dirty, val_fraction=val_fraction, split_seed=split_seed,
                     threads=threads, regions=regions, command=command_line(),
-                    report=bench_report if html else None)
+                    report=bench_report if html else None, ensemble=ensemble, tta=tta,
+                    max_test_cases=max_test_cases)
     md = (run / "results.md").read_text(encoding="utf-8")
     print(md.split("## Per seed")[0].strip())  # the headline and per-class tables
 

@@ -85,7 +85,8 @@ def data_phantom(kind: PhantomKind = typer.Option(..., help="Which phantom."),
 
 
 @data_app.command("check")
-def data_check(root: Path = typer.Argument(..., help="Dataset directory."),
+def data_check(root: Path = typer.Argument(..., help="Dataset directory (NIfTI files, or .nrrd / .mha / .mhd "
+                                                     "ones where dataset.json's file_ending says so)."),
                layout: str = typer.Option("auto", help="auto, nnunet, oasis or ukbb."),
                splits: Optional[Path] = typer.Option(None, help="Splits JSON (subjects / train / val / test).")) -> None:
     """Load every case of a dataset, validate it (readable, finite, matching grids, known label

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +21,11 @@ from inrseg.core.errors import InputError
 from inrseg.core.progress import progress, status
 from inrseg.core.files import atomic_dir, claim_output, refuse_overlap
 from inrseg.core.memory import check_memory
-from inrseg.data.nifti import load_image, save_image, save_labels
+from inrseg.data.dicom_seg import SEG_SUFFIX, require_highdicom, write_dicom_seg
+from inrseg.data.nifti import IMAGE_SUFFIXES, load_image, save_image, save_labels
 from inrseg.data.planes import heldout_mask
 from inrseg.data.postprocess import apply_postprocessing, describe_postprocessing, postprocess_classes
+from inrseg.data.sitk_io import is_sitk_file, save_sitk_labels
 from inrseg.data.volume import Volume
 from inrseg.data.layouts import case_id_of, image_files, open_dataset
 from inrseg.engine import barrier, broadcast_object, is_main, resolve_device, shard
@@ -43,16 +46,28 @@ MAX_PLANE_MM = 1000.0
 #: the largest ``--tta-members``
 MAX_TTA_MEMBERS = 64
 
+
+
+class OutputFormat(str, Enum):
+    """``segment --output-format``: how each label map is written."""
+
+    nifti = "nifti"
+    input = "input"
+    dicom_seg = "dicom-seg"
+
+
 #: a parsed ``--plane``: ``"lax"``, or the centre and two in-plane directions (world mm)
 PlaneSpec = str | tuple[list[float], list[float], list[float]]
 
 
 @app.command()
 def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of any method."),
-            input: Path = typer.Option(..., "--input", help="A NIfTI file or a directory of them "
-                                                           "(nnU-Net channel files are grouped), or UK "
-                                                           "Biobank subject folder(s): <subject>/sa.nii.gz "
-                                                           "-> OUTPUT/<subject>.nii.gz."),
+            input: Path = typer.Option(..., "--input", help="An image file (.nii.gz, .nii, .nrrd, .mha, .mhd) or "
+                                                           "a directory of them (nnU-Net channel files are "
+                                                           "grouped), a DICOM series folder (one series) or a "
+                                                           "directory of such folders, or UK Biobank subject "
+                                                           "folder(s): <subject>/sa.nii.gz -> "
+                                                           "OUTPUT/<subject>.nii.gz."),
             output: Path = typer.Option(..., help="Output directory for the label maps."),
             scale: float = typer.Option(1.0, callback=positive_at_most(MAX_SCALE),
                                         help="Resolution factor of the output grid (2 = twice as fine; at most 256)."),
@@ -87,12 +102,20 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
             postprocess: bool = typer.Option(True, help="Apply the post-processing training chose on validation "
                                                         "(keep the largest component of some classes; `inrseg "
                                                         "info` shows it); --no-postprocess: the raw labels."),
+            output_format: OutputFormat = typer.Option(
+                OutputFormat.nifti, "--output-format",
+                help="Label map files: nifti (OUTPUT/<case>.nii.gz); input (each in its input's format: .nrrd -> "
+                     ".nrrd, .mha / .mhd -> .mha, NIfTI -> NIfTI; a DICOM series -> NIfTI); dicom-seg (DICOM "
+                     "series inputs only, --scale 1: OUTPUT/<case>.dcm, a DICOM SEG referencing the series, one "
+                     "segment per foreground class named by the model's labels; needs pip install "
+                     "'inrseg[dicom]'). Geometry is kept in every format."),
             device: str = typer.Option("auto", help=DEVICE_HELP),
             force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder.")) -> None:
     """Label images with a trained model; label maps carry the input's affine (or its resampled
     version for --scale != 1). Models with the capability (NISF) can also predict held-out slices
-    and render planes. Under torchrun the inputs are split across the ranks; each output is written
-    once."""
+    and render planes. --tta averages test-time augmented predictions (CNNs: mirrorings; MetaSeg,
+    NISF: repeated test-time fits), --save-uncertainty writes per-voxel uncertainty maps. Under
+    torchrun the inputs are split across the ranks; each output is written once."""
     refuse_overlap({"--output": output}, {"--input": input, "--model": model})
     check_output_dir(output, force)
     heldout_spec = _parse_heldout(heldout) if heldout else None
@@ -117,6 +140,7 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
         _check_tta(seg, tta, tta_members, save_uncertainty, heldout_spec is not None)
         groups = image_files(input)
         refuse_overlap({"--output": output}, {"--input": [f for files in groups for f in files]})
+        _check_output_format(output_format, groups, scale)
         # Validate every input before writing anything, so a bad file leaves no partial output.
         for files in progress(groups, desc="checking inputs"):
             image = load_image(files, expect_ndim=seg.spatial_ndim)
@@ -131,7 +155,7 @@ def segment(model: Path = typer.Option(..., help="Checkpoint (.safetensors) of a
                 _segment_into(Path(broadcast_object(str(tmp) if is_main() else None)), seg, groups, scale,
                               heldout_spec, plane_spec, plane_shape, plane_mm, frame, overlays, dev,
                               save_probabilities, tta=tta, tta_members=tta_members,
-                              save_uncertainty=save_uncertainty)
+                              save_uncertainty=save_uncertainty, output_format=output_format)
     status(f"wrote {len(groups)} label maps to {output}")
 
 
@@ -160,6 +184,37 @@ def _check_tta(seg, tta: bool, tta_members: Optional[int], save_uncertainty: boo
             raise typer.BadParameter(f"{exc} ({seg.method})", param_hint="'--tta-members'") from None
 
 
+def _check_output_format(fmt: OutputFormat, groups: list[list[Path]], scale: float) -> None:
+    """``--output-format`` checked against the inputs before anything is read: ``dicom-seg``
+    needs highdicom, DICOM series inputs only and their own grid (``--scale 1``); ``input``
+    says once that DICOM series get NIfTI label maps."""
+    dicom = [Path(files[0]).is_dir() for files in groups]
+    if fmt is OutputFormat.dicom_seg:
+        if scale != 1.0:
+            raise typer.BadParameter("writes each label map on its DICOM series' own grid: not with --scale",
+                                     param_hint="'--output-format dicom-seg'")
+        if not all(dicom):
+            raise InputError(groups[dicom.index(False)][0], "--output-format dicom-seg is for DICOM series inputs "
+                                                            "(a folder of slices) only: use nifti or input here")
+        require_highdicom()
+    elif fmt is OutputFormat.input and any(dicom):
+        status("DICOM series inputs: their label maps are written as NIfTI (--output-format dicom-seg writes "
+               "DICOM SEG)")
+
+
+def _save_label_map(labels: Volume, output: Path, cid: str, source: Path, fmt: OutputFormat, seg) -> None:
+    """Write ``labels`` as ``output/<cid>`` in the ``--output-format`` ``fmt``; ``source``: the
+    case's first input file (or DICOM series folder)."""
+    if fmt is OutputFormat.dicom_seg:
+        write_dicom_seg(labels, source, output / f"{cid}{SEG_SUFFIX}", seg.label_names, f"inrseg {seg.method}")
+        return
+    suffix = ".nii.gz"
+    if fmt is OutputFormat.input and not source.is_dir():  # .mhd -> .mha: one file, not a header and its data
+        suffix = ".mha" if source.name.endswith(".mhd") else next(s for s in IMAGE_SUFFIXES if source.name.endswith(s))
+    path = output / f"{cid}{suffix}"
+    (save_sitk_labels if is_sitk_file(path) else save_labels)(labels.data, path, like=labels)
+
+
 def _check_image_options(path: Path, image: Volume, heldout: Optional[str],
                          heldout_spec: Optional[tuple[int, list[int]]], plane: Optional[str], frame: float) -> None:
     """The options that depend on an image, checked against it before anything is written:
@@ -178,7 +233,7 @@ def _check_image_options(path: Path, image: Volume, heldout: Optional[str],
 def _segment_into(output: Path, seg, groups, scale: float, heldout_spec, plane: Optional[PlaneSpec],
                   plane_size: Optional[tuple[int, int]], plane_mm: float, frame: float, overlays: bool, dev,
                   save_probabilities: bool = False, *, tta: bool = False, tta_members: Optional[int] = None,
-                  save_uncertainty: bool = False) -> None:
+                  save_uncertainty: bool = False, output_format: OutputFormat = OutputFormat.nifti) -> None:
     """Segment every input group into ``output``; under torchrun each rank segments its share
     of the inputs and writes only those. With ``save_probabilities``, ``tta`` or
     ``save_uncertainty`` the labels are the argmax of the class probabilities (one test-time fit
@@ -207,7 +262,7 @@ def _segment_into(output: Path, seg, groups, scale: float, heldout_spec, plane: 
             labels = seg.predict(image, scale=scale)
         if heldout_spec is None:  # the post-processing chosen on validation (none with --no-postprocess)
             labels.data = apply_postprocessing(labels.data, seg.postprocessing)
-        save_labels(labels.data, output / f"{cid}.nii.gz", like=labels)
+        _save_label_map(labels, output, cid, Path(files[0]), output_format, seg)
         if plane:
             _render_plane(seg, image, plane, plane_size, plane_mm, frame, output / cid)
         if overlays and scale == 1.0:

@@ -190,7 +190,8 @@ def fit_and_save(model, train, val, out: Path, resume: bool, budget: Budget, pre
             model.fit(train, val, state_path=_state_path(out, resume), budget=budget,
                       log_path=log_file(out), precision=precision)
             # keep-largest-component where it raises validation Dice (rank 0 decides), saved with the model
-            model.postprocessing = broadcast_object(choose_postprocessing(model, val) if is_main() else None)
+            model.postprocessing = broadcast_object(choose_postprocessing(model, val, budget=budget)
+                                                     if is_main() else None)
             if is_main():
                 model.save(out)
                 state.unlink(missing_ok=True)

@@ -114,7 +114,8 @@ def sitk_image_of(data: np.ndarray, like: Volume) -> sitk.Image:
     """A SimpleITK image of the grid array ``data`` (``like.shape``, inrseg voxel order) placed
     on ``like``'s grid: its affine (2D grids as ``H x W x 1``) and, for 3D + t, its time step."""
     arr = data[..., None] if like.spatial_ndim == 2 else data
-    image = sitk.GetImageFromArray(np.ascontiguousarray(arr.T))  # ITK index (x, y, z) = array [z, y, x]
+    # ITK index (x, y, z) is array [z, y, x]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(arr.T), isVector=False)
     origin, spacing, direction = lps_from_affine(like.affine)
     if arr.ndim == 4:
         rot = np.eye(4)

@@ -4,9 +4,12 @@ One split by subject (the validation subjects carved from the training subjects 
 ``split_seed``, the test subjects untouched), the same for every method and seed. Each
 (method, seed) run trains with its own wall-time :class:`~inrseg.engine.Budget` of
 ``budget_minutes`` that covers the whole ``fit``: training, MetaSeg's phase 2 and T_f choice,
-NISF's steps curve. Everything a method chooses, it chooses on the validation subjects. Then
-every test case is predicted (timed) and scored with :func:`inrseg.metrics.score_case`, the
-project's one metric definition (the one ``inrseg evaluate`` uses).
+NISF's steps curve. Everything a method chooses, it chooses on the validation subjects, its
+post-processing included (after ``fit``, as ``inrseg train`` does). Then every test case is
+predicted and post-processed (timed) and scored with :func:`inrseg.metrics.score_case`, the
+project's one metric definition (the one ``inrseg evaluate`` uses). With several seeds (or
+``ensemble=True``) each method's seed ensemble is one more row, ``"<method> ensemble"``: the
+argmax of its seeds' mean probabilities (:func:`ensemble_run`).
 
 Results: a new folder per run, ``OUT/<UTC date-time>-<dataset>/``, filled in
 ``<that>.partial/`` while it runs and renamed when done (a crashed run leaves the ``.partial``
@@ -48,7 +51,7 @@ from inrseg.data.layouts import open_dataset
 from inrseg.data.postprocess import apply_postprocessing
 from inrseg.data.volume import Volume
 from inrseg.data.splits import split_by_subject
-from inrseg.engine import Budget, resolve_device
+from inrseg.engine import Budget, distributed_env, resolve_device
 from inrseg.eval.ensemble import SeedEnsemble
 from inrseg.eval.evaluate import json_safe
 from inrseg.eval.provenance import git_state, library_versions, machine_line, source_repo, utc_now
@@ -56,10 +59,11 @@ from inrseg.eval.stats import RunResult, aggregate
 from inrseg.eval.tables import results_markdown, run_dict, write_results_csv
 from inrseg.methods.base import check_spatial_ndim
 from inrseg.methods.postprocess import choose_from_predictions, choose_postprocessing
+from inrseg.methods.tta import tta_probabilities
 from inrseg.methods.registry import MethodSpec, parse_methods, resolve
 from inrseg.metrics import REGION_SETS, region_metrics, score_case, summarize
 
-__all__ = ["ReportHook", "build_segmenter", "new_run_dir", "run_bench", "run_one"]
+__all__ = ["ReportHook", "build_segmenter", "ensemble_run", "new_run_dir", "run_bench", "run_one"]
 
 #: ``report(result, runs, examples, test_cases, logs_dir) -> HTML``: writes ``report.html``
 ReportHook = Callable[[dict, list, dict, Sequence[Case], Path], str]
@@ -76,7 +80,8 @@ def build_segmenter(spec: MethodSpec, ds: Dataset, seed: int, budget_minutes: fl
 def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[Case], test: Sequence[Case],
             seed: int, budget_minutes: float | None, device: torch.device, log_path: Path,
             regions: dict | None, keep_predictions: bool,
-            ensemble: SeedEnsemble | None = None) -> tuple[RunResult, dict[str, np.ndarray], object]:
+            ensemble: SeedEnsemble | None = None,
+            tta: bool = False) -> tuple[RunResult, dict[str, np.ndarray], object, RunResult | None]:
     """Train ``spec`` with ``seed`` under its own budget, choose its post-processing on the
     validation cases (:func:`~inrseg.methods.postprocess.choose_postprocessing`, as ``train``
     does; counted in ``train_s``), then predict, post-process and score every test case (the
@@ -84,18 +89,30 @@ def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[
     cases are predicted as probabilities (their argmax are ``predict``'s labels), which go to
     ``ensemble``.
 
+    With ``tta``, every test case is also predicted with test-time augmentation
+    (:func:`~inrseg.methods.tta.tta_probabilities`: mirrorings for the CNNs, repeated fits for
+    MetaSeg and NISF), post-processed the same way, timed on its own and scored as the row
+    ``"<method> +tta"``.
+
     Returns the result, the predictions ``{case_id: (*S,) label map}`` (when
-    ``keep_predictions``) and the model."""
+    ``keep_predictions``), the model and the TTA row (``None`` without ``tta``)."""
     budget = Budget(budget_minutes)  # starts before the model is built: all of fit counts
     model = build_segmenter(spec, ds, seed, budget_minutes, device)
     t0 = time.perf_counter()
     model.fit(list(train), list(val), budget=budget, log_path=log_path)
     model.postprocessing = choose_postprocessing(model, list(val), functools.partial(ensemble.keep, "val")
-                                                 if ensemble is not None else None)
+                                                 if ensemble is not None else None, budget=budget)
     train_s = time.perf_counter() - t0
     cases, region_rows, seconds, preds = [], [], [], {}
+    tta_cases, tta_regions, tta_seconds = [], [], []
     for case in test:
         image, labels = case.load()
+        if tta:
+            t1 = time.perf_counter()
+            mean, _ = tta_probabilities(model, image)
+            tta_pred = apply_postprocessing(mean.data.argmax(0), model.postprocessing)
+            tta_seconds.append(time.perf_counter() - t1)
+            _score_into(tta_cases, tta_regions, case.case_id, tta_pred, labels, ds.num_classes, regions)
         t1 = time.perf_counter()
         if ensemble is None:
             pred = model.predict(image).data
@@ -112,7 +129,12 @@ def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[
     res = RunResult(spec.label, seed, int(model.num_params), train_s, seconds, cases, region_rows,
                     list(model.history), model.steps_curve() if hasattr(model, "steps_curve") else [],
                     {**model.chosen_settings(), **model.postprocessing})
-    return res, preds, model
+    tta_res = None
+    if tta:
+        members = len(model.tta_members())
+        tta_res = RunResult(f"{spec.label} +tta", seed, res.params, train_s, tta_seconds, tta_cases, tta_regions,
+                            chosen={"tta members": members, **model.postprocessing})
+    return res, preds, model, tta_res
 
 
 def _score_into(cases: list, region_rows: list, case_id: str, pred: np.ndarray, labels: Volume, num_classes: int,
@@ -169,13 +191,17 @@ def new_run_dir(out: Path, dataset: str) -> tuple[Path, Path]:
 def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Sequence[int], out: Path,
               device: str = "auto", allow_dirty: bool = False, val_fraction: float = 0.2, split_seed: int = 0,
               threads: int | None = None, regions: str | None = None, command: str | None = None,
-              report: ReportHook | None = None, max_test_cases: int | None = None) -> Path:
+              report: ReportHook | None = None, max_test_cases: int | None = None,
+              ensemble: bool | None = None, tta: bool = False) -> Path:
     """Run the benchmark (see the module docstring); returns the finished run folder. ``report``:
-    the hook that renders ``report.html`` (``None``: no HTML report)."""
+    the hook that renders ``report.html`` (``None``: no HTML report). ``ensemble``: also score
+    each method's seed ensemble as the row ``"<method> ensemble"`` (:func:`ensemble_run`;
+    ``None``: when there are several seeds). ``tta``: also score every run with test-time
+    augmentation, as the row ``"<method> +tta"`` (:func:`run_one`)."""
 
     refuse_overlap({"--out": out}, {"--data": data}, contains=False)  # a run folder inside the dataset
     specs = parse_methods(methods)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed_env() is not None:
         raise InputError(None, "bench runs its methods one after another in one process: start it without "
                          "torchrun (--device cuda uses one GPU)")
     if regions is not None and regions not in REGION_SETS:
@@ -219,21 +245,32 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     examples: dict[str, dict] = {}
     t_start = time.perf_counter()
     try:
+        def record(res: RunResult) -> None:
+            runs.append(res)
+            with open(partial / "runs.jsonl", "a", encoding="utf-8") as f:  # what a crashed run still has
+                f.write(json.dumps(json_safe(run_dict(res, ds.label_names))) + "\n")
+            # the table's definition: the mean over classes of each class's mean over cases
+            status(f"bench: {res.method}, seed {res.seed}: mean foreground Dice "
+                   f"{summarize([m for _, m in res.cases], ds.label_names)['mean_foreground_dice']:.4f}")
+
+        with_ensembles = len(seeds) > 1 if ensemble is None else ensemble
+        ensembles = {s.label: SeedEnsemble() for s in specs} if with_ensembles else {}
         for seed in seeds:
             for spec in specs:
                 status(f"bench: {spec.label}, seed {seed}")
                 log = partial / "logs" / f"{spec.label.replace(':', '-')}-seed{seed}.metrics.jsonl"
-                res, preds, _ = run_one(spec, ds, train, val, test, seed, budget_minutes, dev, log, region_set,
-                                        keep_predictions=report is not None and seed == seeds[0])
-                runs.append(res)
+                res, preds, _, tta_res = run_one(spec, ds, train, val, test, seed, budget_minutes, dev, log,
+                                                 region_set, keep_predictions=report is not None and seed == seeds[0],
+                                                 ensemble=ensembles.get(spec.label), tta=tta)
                 if preds:
                     examples[spec.label] = preds
-                with open(partial / "runs.jsonl", "a", encoding="utf-8") as f:  # what a crashed run still has
-                    f.write(json.dumps(json_safe(run_dict(res, ds.label_names))) + "\n")
-                # the table's definition: the mean over classes of each class's mean over cases
-                status(f"bench: {spec.label}, seed {seed}: mean foreground Dice "
-                       f"{summarize([m for _, m in res.cases], ds.label_names)['mean_foreground_dice']:.4f}")
-        agg = aggregate(runs, ds.label_names, [s.label for s in specs])
+                record(res)
+                if tta_res is not None:
+                    record(tta_res)
+        for label, members in ensembles.items():
+            record(ensemble_run(label, members, [r for r in runs if r.method == label], ds, val, test, region_set))
+        labels = [s.label for s in specs] + ([f"{s.label} +tta" for s in specs] if tta else [])
+        agg = aggregate(runs, ds.label_names, labels + [f"{k} ensemble" for k in ensembles])
         result = {"dataset": ds.name, "data": str(Path(data).resolve()), "label_names": ds.label_names,
                   "spatial_ndim": ds.spatial_ndim, "budget_minutes": budget_minutes,
                   "split": {"seed": split_seed, "val_fraction": val_fraction, "train": len(train), "val": len(val),

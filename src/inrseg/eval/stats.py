@@ -20,7 +20,7 @@ class RunResult:
     """One (method, seed): per-case metrics on the test cases, timings and curves."""
 
     method: str
-    seed: int
+    seed: int | str  # an ensemble's row: its members' seeds, "0+1+2"
     params: int
     train_s: float
     infer_s: list[float]

@@ -26,6 +26,7 @@ from inrseg.core.progress import status
 from inrseg.data.cases import Case
 from inrseg.data.postprocess import KEEP_LARGEST, keep_largest_component
 from inrseg.data.volume import Volume
+from inrseg.engine import Budget
 from inrseg.methods.base import Segmenter
 from inrseg.metrics import CaseMetrics, score_case, summarize
 
@@ -55,14 +56,22 @@ def _decide(raw: Sequence[CaseMetrics], processed: Sequence[CaseMetrics], label_
         return {KEEP_LARGEST: []}
     before = summarize(raw, label_names)["per_class"]
     after = summarize(processed, label_names)["per_class"]
-    chosen, said = [], []
+    chosen, gains, others = [], [], []
     for c, name in enumerate(label_names[1:], start=1):
         b, a = before[name]["dice"], after[name]["dice"]
-        if math.isfinite(a) and math.isfinite(b) and a > b:
+        if not (math.isfinite(a) and math.isfinite(b)):
+            continue
+        if a > b:
             chosen.append(c)
-            said.append(f"{name} (Dice {b:.4f} -> {a:.4f}, {a - b:+.4f})")
-    status(f"{who}: post-processing chosen on {len(raw)} validation cases: keep the largest component of "
-           + (", ".join(said) if said else "no class (it raises no class' validation Dice)"))
+            gains.append(f"{name} (Dice {b:.4f} -> {a:.4f}, {a - b:+.4f})")
+        else:
+            others.append(f"{name} {a - b:+.4f}")
+    if gains:
+        said = f"keep the largest component of {', '.join(gains)}" + (f"; not of {', '.join(others)}" if others else "")
+    else:
+        said = "none (keeping the largest component alone raises no class' Dice" + (
+            f": {', '.join(others)})" if others else ")")
+    status(f"{who}: post-processing chosen on {len(raw)} validation cases: {said}")
     return {KEEP_LARGEST: chosen}
 
 
@@ -93,12 +102,20 @@ def _validation_predictions(model: Segmenter, val_cases: Sequence[Case],
             yield probs.argmax(0), labels
 
 
-def choose_postprocessing(model: Segmenter, val_cases: Sequence[Case],
-                          keep: ProbabilitySink | None = None) -> dict[str, list[int]]:
+def choose_postprocessing(model: Segmenter, val_cases: Sequence[Case], keep: ProbabilitySink | None = None,
+                          budget: Budget | None = None) -> dict[str, list[int]]:
     """Predict every validation case with ``model`` and choose its post-processing (module
     docstring): ``{"keep_largest": [class ids]}``, ``[]`` where no class gains (or there is
     no validation case). With ``keep``, the cases are predicted by
     ``model.predict_probabilities`` (whose argmax are :meth:`~Segmenter.predict`'s labels) and
-    each case's probabilities go to ``keep`` (``bench`` averages them over seeds)."""
+    each case's probabilities go to ``keep`` (``bench`` averages them over seeds). A ``budget``
+    that has run out (the command's, after ``fit``) chooses none, so the choice never runs past it
+    (with ``keep``, the validation cases are still predicted for it)."""
+    if budget is not None and budget.expired():
+        status(f"{model.method}: no time left in the budget to choose post-processing on validation: none")
+        if keep is not None:
+            for _ in _validation_predictions(model, val_cases, keep):
+                pass
+        return {KEEP_LARGEST: []}
     return choose_from_predictions(_validation_predictions(model, val_cases, keep), model.label_names,
                                    model.method)
