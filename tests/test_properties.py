@@ -89,6 +89,30 @@ def test_training_augmentation_stays_within_its_bounds():
     assert AUG_SCALE <= 0.2 and AUG_SHIFT <= 0.2  # the documented +-0.1, not an order more
 
 
+@pytest.mark.parametrize("shape", [(8, 6), (6, 5, 4)])
+def test_training_mirroring_flips_image_and_labels_together(shape):
+    """With ``mirror``, each crop is the image mirrored along a random subset of its axes, its
+    labels mirrored the same way; every subset is drawn (about equally often); without it, none."""
+    d = len(shape)
+    x = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(1, *shape)
+    lab = torch.arange(int(np.prod(shape)), dtype=torch.int64).reshape(shape) % 3
+    import itertools
+    subsets = [a for r in range(d + 1) for a in itertools.combinations(range(d), r)]
+    for mirror in (True, False):
+        sampler = PatchSampler([x], [lab], shape, augment=False, seed=1, mirror=mirror)
+        seen = {a: 0 for a in subsets}
+        for step in range(40 * len(subsets)):
+            y, yl = sampler.item(step, 0)
+            match = [a for a in subsets if torch.equal(y, torch.flip(x, [1 + i for i in a]))]
+            assert len(match) == 1, "a crop must be the image mirrored along some axes"
+            assert torch.equal(yl[0], torch.flip(lab, list(match[0]))), "labels mirrored as the image"
+            seen[match[0]] += 1
+        if mirror:
+            assert min(seen.values()) > 0.4 * 40, seen
+        else:
+            assert seen[()] == 40 * len(subsets)
+
+
 # ------------------------------------------------------------------------------ grids, --scale
 shapes = st.lists(st.integers(1, 40), min_size=2, max_size=3).map(tuple)
 scales = st.floats(0.25, 4.0)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (Compose, DivisiblePad, RandCropByPosNegLabeld, RandScaleIntensityd,
+from monai.transforms import (Compose, DivisiblePad, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd,
                               RandShiftIntensityd, SpatialPadd)
 
 from inrseg.data.volume import IGNORE, Volume, label_array
@@ -99,7 +99,9 @@ class PatchSampler:
     Each item: a random case, zero-padded (symmetric) up to ``patch`` where smaller, cropped to
     ``patch`` by ``RandCropByPosNegLabeld`` - centred on a foreground voxel (label > 0) with
     probability ``foreground_fraction`` (nnU-Net oversamples 1/3), else on a background voxel -
-    then, with ``augment``, a random intensity scale ``1 +- 0.1`` and shift ``+- 0.1``.
+    then, with ``augment``, a random intensity scale ``1 +- 0.1`` and shift ``+- 0.1``, and with
+    ``mirror`` a mirroring of image and labels along each spatial axis with probability 0.5 (as
+    nnU-Net trains, so that its mirroring test-time augmentation sees familiar inputs).
 
     With ``ignore=True`` (labels holding :data:`~inrseg.data.volume.IGNORE`), crops are centred on
     *annotated* voxels only: foreground = label > 0, background = label 0 (the zero padding
@@ -113,13 +115,14 @@ class PatchSampler:
         patch: crop size (voxels), one per spatial axis.
         foreground_fraction: share of crops centred on foreground, in [0, 1].
         augment: intensity augmentation.
+        mirror: random mirroring along every spatial axis (independently, p = 0.5 each).
         seed: the draws of item ``j`` of step ``s`` are a function of ``(seed, s, j)``.
         ignore: labels hold ignored voxels (see above).
     """
 
     def __init__(self, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
                  patch: Sequence[int], foreground_fraction: float = 0.0, augment: bool = True,
-                 seed: int = 0, ignore: bool = False) -> None:
+                 seed: int = 0, ignore: bool = False, mirror: bool = False) -> None:
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction must lie in [0, 1], got {foreground_fraction}")
         self.images, self.labels = list(images), list(labels)
@@ -141,6 +144,8 @@ class PatchSampler:
         if augment:
             steps += [RandScaleIntensityd("image", factors=AUG_SCALE, prob=1.0),
                       RandShiftIntensityd("image", offsets=AUG_SHIFT, prob=1.0)]
+        if mirror:  # spatial axes of the channel-first crop: 0 .. d-1
+            steps += [RandFlipd(("image", "label"), prob=0.5, spatial_axis=a) for a in range(len(self.patch))]
         self.transform = Compose(steps)
 
     def item(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -229,7 +229,7 @@ class CNNSegmenter(Segmenter):
         patch = self.patch_size(np.max([x.shape[1:] for x in images], axis=0))
         ignore = has_ignored(labels)
         sampler = PatchSampler(images, labels, patch, cfg.foreground_fraction, cfg.augment, cfg.seed,
-                               ignore=ignore)
+                               ignore=ignore, mirror=getattr(cfg, "mirror", False))
         loss_fn = self.make_loss(ignore)
         items = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
         resuming = state_path is not None and Path(state_path).exists()

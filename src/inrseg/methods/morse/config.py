@@ -67,6 +67,7 @@ class MorseConfig:
     val_every: int = 100                    # validation (and resume-state) interval in steps
     budget_minutes: float | None = None     # stop training after this wall time
     augment: bool = True                    # random intensity scale / shift of training crops
+    mirror: bool = False                    # random mirroring of crops along every axis (presets: on, as nnU-Net)
     foreground_fraction: float = 0.33       # 3D crops forced to contain foreground (nnU-Net: 1/3)
     normalization: str = "zscore"           # image intensity normalisation (inrseg.data.preprocess)
     seed: int = 0                           # initial weights and every random draw of training
@@ -114,8 +115,8 @@ class MorseConfig:
 #: CPU training (the SMoE gate, a 3x3 convolution on N x D channels at full resolution, is the
 #: dominant cost of a step)
 HEAD_PRESETS: dict[str, dict] = {
-    "paper": dict(moe_dim=256, gate_dim=256, point_width=512, dropout_warmup_steps=0),
-    "cpu": dict(moe_dim=16, gate_dim=16, point_width=256, dropout_warmup_steps=5000),
+    "paper": dict(moe_dim=256, gate_dim=256, point_width=512, dropout_warmup_steps=0, mirror=True),
+    "cpu": dict(moe_dim=16, gate_dim=16, point_width=256, dropout_warmup_steps=5000, mirror=True),
 }
 
 

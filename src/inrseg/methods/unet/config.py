@@ -12,9 +12,9 @@ __all__ = ["PRESETS", "SEGRESNET_RECIPE", "UNET_RECIPE", "UNetConfig", "build_co
 
 #: preset -> fields: MONAI U-Net widths, and SegResNet
 PRESETS: dict[str, dict] = {
-    "unet-small": dict(arch="unet", channels=(16, 32, 64, 128, 256)),   # 1.6M parameters
-    "unet-paper": dict(arch="unet", channels=(32, 64, 128, 256, 512)),  # 6.5M, as the MetaSeg paper's U-Net
-    "segresnet": dict(arch="segresnet", init_filters=16),               # 4.7M, the MetaSeg paper's 3D baseline
+    "unet-small": dict(arch="unet", channels=(16, 32, 64, 128, 256), mirror=True),   # 1.6M parameters
+    "unet-paper": dict(arch="unet", channels=(32, 64, 128, 256, 512), mirror=True),  # 6.5M, the MetaSeg paper's
+    "segresnet": dict(arch="segresnet", init_filters=16, mirror=True),  # 4.7M, the MetaSeg paper's 3D baseline
 }
 
 
@@ -36,6 +36,7 @@ class UNetConfig:
     budget_minutes: float | None = None     # stop training after this wall time
     fit_schedule_to_budget: bool = True     # lr schedule over the steps the budget allows
     augment: bool = True                    # random intensity scale / shift of training crops
+    mirror: bool = False                    # random mirroring of crops along every axis (presets: on, as nnU-Net)
     foreground_fraction: float = 0.33       # crops forced to contain foreground (nnU-Net: 1/3)
     normalization: str = "zscore"           # image intensity normalisation (inrseg.data.preprocess)
     seed: int = 0                           # initial weights and every random draw of training
