@@ -86,6 +86,10 @@ ENTRIES: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("nisf", "NISF: an auto-decoder Gabor-wavelet prior; at test time only a latent is fitted "
                         "(labels at any resolution, held-out slices, other planes)",
                 "inrseg.methods.nisf:NISF", "inrseg.methods.nisf:RECIPE", doc="docs/methods/nisf.md"),
+    MethodEntry("nnunet", "nnU-Net v2 (2d / 3d_fullres; CPU plans *-cpu) through its Python API: its planning, "
+                          "preprocessing, training and prediction on inrseg's split and budget (extra: "
+                          "inrseg[nnunet])", "inrseg.methods.nnunet:NNUNet", "inrseg.methods.nnunet:RECIPE",
+                doc="docs/methods/nnunet.md"),
 )}
 
 
