@@ -25,10 +25,10 @@ from inrseg.data.layouts import open_dataset
 from inrseg.data.splits import split_by_subject
 from inrseg.engine import Budget, barrier, broadcast_object, is_main, resolve_device
 from inrseg.engine.checkpoints import read_metadata
-from inrseg.methods.base import check_spatial_ndim
 from inrseg.methods.configs import describe, field_types, read_override_file
 from inrseg.methods.postprocess import choose_postprocessing
-from inrseg.methods.registry import ENTRIES, capabilities, chosen_preset, entry, parse_spec, resolve
+from inrseg.methods.registry import (ENTRIES, SLICEWISE_MODE, build_model, capabilities, check_data_ndim, chosen_preset,
+                                     parse_spec, resolve)
 
 __all__ = ["field_flags", "fit_and_save", "open_train_data", "train_config", "train_model"]
 
@@ -95,7 +95,7 @@ def train_config(method: str, spatial_ndim: int, *, preset: str | None = None, c
     """The config ``inrseg train METHOD`` trains on data of ``spatial_ndim``: the registry's
     :func:`~inrseg.methods.registry.resolve` of the preset, the override file, ``--set`` items
     and field flags (``extra``) and the typed flags (``options``; ``None`` = not given)."""
-    e = entry(method)
+    e = parse_spec(method).entry
     items = [*sets, *field_flags(e.config_recipe.config_class, list(extra))]
     return resolve(method, spatial_ndim, preset=preset, config_file=config_file, sets=items, options=options)[1]
 
@@ -108,7 +108,7 @@ def open_train_data(data: Path, splits: Optional[Path], val_fraction: float, see
     """``(dataset, train cases, validation cases)``: the dataset, checked against the method's
     grid dimensionalities, split by subject."""
     ds = open_dataset(data, splits_file=splits)
-    check_spatial_ndim(entry(method).cls, ds.spatial_ndim, data)
+    check_data_ndim(parse_spec(method), ds.spatial_ndim, data)
     status(f"{ds.name}: {ds.subject_rule}")
     train, val = split_by_subject(ds.train, val_fraction, seed, splits)
     status(f"{ds.name}: {len(train)} training cases, {len(val)} validation cases "
@@ -218,9 +218,9 @@ def train_model(method: str, data: Path, out: Path, *, budget_minutes: float | N
     ds, train, val = open_train_data(data, splits, val_fraction, seed, method)
     cfg = train_config(method, ds.spatial_ndim, preset=preset, config_file=config_file, sets=list(sets),
                        extra=list(extra), seed=seed, budget_minutes=budget_minutes, **options)
-    cls = entry(method).cls
     with run_on(device) as dev:
-        model = cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=dev)
+        model = build_model(parse_spec(method), ds.spatial_ndim, ds.label_names, len(ds.channel_names), cfg,
+                            device=dev)
         status(f"{method}: {model.num_params / 1e6:.3f}M parameters on {dev}")
         fit_and_save(model, train, val, out, resume, budget, precision)
     chosen = ", ".join(f"{k} {v}" for k, v in model.chosen_settings().items()) or "the last state"
@@ -233,7 +233,9 @@ _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 @app.command(context_settings=_EXTRA)
 def train(ctx: typer.Context,
-          method: str = typer.Argument(..., help="unet, segresnet, morse, metaseg or nisf (`inrseg methods`)."),
+          method: str = typer.Argument(..., help="A method or spec (`inrseg methods`): unet, morse:pointrend:unet, "
+                                                 f"nisf...; append @{SLICEWISE_MODE} to train its 2D model on 3D "
+                                                 "volumes slice by slice (as nnU-Net's 2d)."),
           data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neurite-OASIS or UK Biobank layout)."),
           out: Path = typer.Option(..., help="Checkpoint to write (.safetensors)."),
           preset: Optional[str] = typer.Option(None, help="Preset (default: the method's for the data at hand; "
@@ -269,7 +271,7 @@ def train(ctx: typer.Context,
                                                      "bf16.")) -> None:
     """Train a method (2D, 3D or 3D+t, from the data); the checkpoint stores the resolved config
     (`inrseg info`). Under torchrun the work is split across ranks (DDP)."""
-    entry(method)
+    parse_spec(method)
     train_model(method, data, out, budget_minutes=budget_minutes, val_fraction=val_fraction, splits=splits,
                 seed=seed, resume=resume, force=force, device=device, precision=precision, preset=preset,
                 config_file=config, sets=set_, extra=list(ctx.args), steps=steps, backbone=backbone,
@@ -286,15 +288,16 @@ def config_cmd(method: str = typer.Argument(..., help="A method (`inrseg methods
                                                                             "file."),
                as_json: bool = typer.Option(False, "--json", help="Print the config as JSON.")) -> None:
     """Print every config field of METHOD with its value for the preset and its meaning."""
-    e = entry(method)
+    e = parse_spec(method).entry
     cfg = resolve(method, ndim, preset=preset, config_file=config, sets=set_)[1]
     if as_json:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return
     recipe = e.config_recipe
     file_preset = read_override_file(recipe.config_class, config)[0] if config is not None else None
-    chosen = chosen_preset(parse_spec(method), ndim, preset, file_preset)
-    print(f"{method} ({e.config_recipe.config_class.__name__}), preset {chosen} for {ndim}D data "
+    spec = parse_spec(method)
+    chosen = chosen_preset(spec, spec.config_ndim(ndim), preset, file_preset)
+    print(f"{method} ({e.config_recipe.config_class.__name__}), preset {chosen} for {spec.config_ndim(ndim)}D data "
           f"(presets: {', '.join(recipe.presets)})")
     rows = describe(cfg)
     width = max(len(k) for k, _, _ in rows)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inrseg.core.errors import InputError
-from inrseg.data.nifti import load_image, load_labels
+from inrseg.data.nifti import grid_shape_of, load_image, load_labels
 from inrseg.data.volume import Volume, check_same_grid
 
 __all__ = ["Case", "Dataset"]
@@ -40,6 +40,10 @@ class Case:
     spatial_ndim: int | None = None
     label_values: tuple[int, ...] | None = None
     ignore_label: int | None = None
+
+    def grid_shape(self) -> tuple[int, ...]:
+        """The grid shape ``S`` of the image, from its first file's header alone."""
+        return grid_shape_of(self.image_paths[0], self.spatial_ndim)
 
     def load_image(self) -> Volume:
         """The image as a ``(C, *S)`` float32 :class:`Volume`."""

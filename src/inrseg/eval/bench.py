@@ -57,10 +57,9 @@ from inrseg.eval.evaluate import json_safe
 from inrseg.eval.provenance import git_state, library_versions, machine_line, source_repo, utc_now
 from inrseg.eval.stats import RunResult, aggregate
 from inrseg.eval.tables import results_markdown, run_dict, write_results_csv
-from inrseg.methods.base import check_spatial_ndim
 from inrseg.methods.postprocess import choose_from_predictions, choose_postprocessing
 from inrseg.methods.tta import tta_probabilities
-from inrseg.methods.registry import MethodSpec, parse_methods, resolve
+from inrseg.methods.registry import MethodSpec, build_model, check_data_ndim, parse_methods, resolve
 from inrseg.metrics import REGION_SETS, region_metrics, score_case, summarize
 
 __all__ = ["ReportHook", "build_segmenter", "ensemble_run", "new_run_dir", "run_bench", "run_one"]
@@ -73,8 +72,8 @@ def build_segmenter(spec: MethodSpec, ds: Dataset, seed: int, budget_minutes: fl
                     device: torch.device):
     """The model ``inrseg train METHOD`` builds for ``ds`` with the same options: both resolve
     the config with :func:`inrseg.methods.registry.resolve`."""
-    e, cfg = resolve(spec, ds.spatial_ndim, options={"seed": seed, "budget_minutes": budget_minutes})
-    return e.cls(ds.label_names, ds.spatial_ndim, len(ds.channel_names), cfg, device=device)
+    _, cfg = resolve(spec, ds.spatial_ndim, options={"seed": seed, "budget_minutes": budget_minutes})
+    return build_model(spec, ds.spatial_ndim, ds.label_names, len(ds.channel_names), cfg, device=device)
 
 
 def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[Case], test: Sequence[Case],
@@ -219,7 +218,7 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
         torch.set_num_threads(threads)
     ds = open_dataset(data)
     for spec in specs:  # before any training: a method that cannot segment this data, a bad variant
-        check_spatial_ndim(spec.entry.cls, ds.spatial_ndim, data)
+        check_data_ndim(spec, ds.spatial_ndim, data)
         resolve(spec, ds.spatial_ndim)
     status(f"bench {ds.name}: {ds.subject_rule}")
     train, val = split_by_subject(ds.train, val_fraction, split_seed)

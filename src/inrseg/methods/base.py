@@ -28,7 +28,6 @@ import torch
 from inrseg.core.errors import InputError
 from inrseg.data.volume import Volume
 from inrseg.data.cases import Case
-from inrseg.data.nifti import grid_shape_of
 from inrseg.data.postprocess import check_postprocessing
 from inrseg.engine import Budget, resolve_device
 from inrseg.engine.checkpoints import load_checkpoint, save_checkpoint
@@ -107,8 +106,9 @@ class Segmenter:
     bf16_safe: ClassVar[bool] = False
     #: checkpoint header keys :meth:`load` restores as attributes, with their defaults; a
     #: subclass's own dict is merged over this one (:meth:`__init_subclass__`): every method
-    #: saves ``postprocessing``, the spec chosen on validation (:mod:`inrseg.data.postprocess`)
-    saved_attributes: ClassVar[dict[str, Any]] = {"postprocessing": None}
+    #: saves ``postprocessing``, the spec chosen on validation (:mod:`inrseg.data.postprocess`), and
+    #: ``slice_axis`` (a 2D model that segments 3D volumes slice by slice, or ``None``)
+    saved_attributes: ClassVar[dict[str, Any]] = {"postprocessing": None, "slice_axis": None}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -126,6 +126,8 @@ class Segmenter:
         self.best_step: int | None = None
         #: post-processing chosen on validation (``{"keep_largest": [class ids]}``), or None
         self.postprocessing: dict[str, list[int]] | None = None
+        #: a 2D model of 3D volumes: the axis it segments them along (:mod:`inrseg.methods.slicewise`)
+        self.slice_axis: int | None = None
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -182,7 +184,7 @@ class Segmenter:
     def check_case_sizes(self, cases: Sequence[Case]) -> None:
         """:meth:`check_image_size` of every case, from its first image file's header alone."""
         for case in cases:
-            self.check_image_size(grid_shape_of(case.image_paths[0], case.spatial_ndim), case.image_paths[0])
+            self.check_image_size(case.grid_shape(), case.image_paths[0])
 
     # ------------------------------------------------------------------ inference
     def logits(self, image: Volume, scale: float | Sequence[float] = 1.0) -> tuple[torch.Tensor, np.ndarray]:

@@ -22,11 +22,17 @@ import torch
 
 from inrseg.core.errors import InputError
 from inrseg.engine.checkpoints import read_metadata, validate_model_header
-from inrseg.methods.base import BatchPrediction, FitDiagnostics, HeldOutSlices, PlaneRendering, Segmenter, StepCurves
+from inrseg.methods.base import (BatchPrediction, FitDiagnostics, HeldOutSlices, PlaneRendering, Segmenter, StepCurves,
+                                 check_spatial_ndim)
+from inrseg.methods.slicewise import SliceWise
 from inrseg.methods.configs import Recipe, parse_set, read_override_file
 
-__all__ = ["ENTRIES", "MethodEntry", "MethodSpec", "Recipe", "capabilities", "chosen_preset", "entry", "load_segmenter",
-           "parse_methods", "resolve", "segmenter_class"]
+__all__ = ["ENTRIES", "SLICEWISE_MODE", "MethodEntry", "MethodSpec", "Recipe", "build_model", "capabilities",
+           "check_data_ndim", "chosen_preset", "entry", "load_segmenter", "parse_methods", "resolve",
+           "segmenter_class"]
+
+#: the ``@`` mode of a method spec that applies a 2D model to 3D volumes slice by slice
+SLICEWISE_MODE = "2d"
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,11 @@ class MethodSpec:
     text: str
     method: str
     parts: tuple[str, ...] = ()
+    slicewise: bool = False  # ``name...@2d``: the 2D model on 3D volumes, slice by slice
+
+    def config_ndim(self, data_ndim: int) -> int:
+        """The grid dimensionality the method's config is resolved for: 2 for ``@2d``."""
+        return 2 if self.slicewise else data_ndim
 
     @property
     def label(self) -> str:
@@ -144,8 +155,14 @@ class MethodSpec:
 
 
 def parse_spec(text: str) -> MethodSpec:
-    """``"morse:pointrend:unet3d"`` -> a :class:`MethodSpec`; unknown names and presets are errors."""
-    method, *parts = [p.strip() for p in text.strip().split(":")]
+    """``"morse:pointrend:unet3d"`` -> a :class:`MethodSpec`; unknown names and presets are errors.
+    A trailing ``@2d`` (``unet@2d``, ``morse:pointrend:unet@2d``) asks for the 2D model on 3D
+    volumes, slice by slice (:class:`~inrseg.methods.slicewise.SliceWise`)."""
+    body, at, mode = text.strip().partition("@")
+    if at and mode.strip() != SLICEWISE_MODE:
+        raise InputError(None, f"{text!r}: unknown mode {'@' + mode!r} (@{SLICEWISE_MODE}: a 2D method on 3D "
+                               f"volumes, slice by slice)")
+    method, *parts = [p.strip() for p in body.strip().split(":")]
     e = entry(method)
     n = max(1, len(e.variant_fields))
     if len(parts) > n:
@@ -153,7 +170,10 @@ def parse_spec(text: str) -> MethodSpec:
     if parts and not e.variant_fields and parts[0] not in e.config_recipe.presets:
         raise InputError(None, f"{text!r}: unknown {method} preset {parts[0]!r} "
                                f"({', '.join(e.config_recipe.presets)})")
-    return MethodSpec(text.strip(), method, tuple(parts))
+    spec = MethodSpec(text.strip(), method, tuple(parts), bool(at))
+    if spec.slicewise and 2 not in e.cls.spatial_ndims:
+        raise InputError(None, f"{text!r}: {method} has no 2D model to apply slice by slice")
+    return spec
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -166,6 +186,26 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return specs
 
 
+def check_data_ndim(spec: MethodSpec, data_ndim: int, path: Path | None = None) -> None:
+    """Refuse, in one line, data that ``spec`` does not segment (``@2d``: 3D volumes only)."""
+    if spec.slicewise:
+        if data_ndim != 3:
+            raise InputError(path, f"{data_ndim}D data: {spec.text} segments 3D volumes slice by slice "
+                                   f"(drop '@{SLICEWISE_MODE}' for {data_ndim}D data)")
+        return
+    check_spatial_ndim(spec.entry.cls, data_ndim, path)
+
+
+def build_model(spec: MethodSpec, data_ndim: int, label_names: Sequence[str], in_channels: int, config: Any,
+                device: str | torch.device = "cpu") -> Any:
+    """The model ``spec`` names for data of ``data_ndim`` with ``config`` (from :func:`resolve`
+    with :meth:`MethodSpec.config_ndim`): the method's segmenter, or for ``@2d`` its 2D model
+    wrapped in :class:`~inrseg.methods.slicewise.SliceWise`. ``train`` and ``bench`` both call it."""
+    check_data_ndim(spec, data_ndim)
+    model = spec.entry.cls(label_names, spec.config_ndim(data_ndim), in_channels, config, device=device)
+    return SliceWise(model) if spec.slicewise else model
+
+
 def chosen_preset(spec: MethodSpec, spatial_ndim: int, preset: str | None = None,
                   file_preset: str | None = None) -> str:
     """The preset :func:`resolve` starts from (its step 1)."""
@@ -176,7 +216,8 @@ def chosen_preset(spec: MethodSpec, spatial_ndim: int, preset: str | None = None
 def resolve(spec: str | MethodSpec, spatial_ndim: int, *, preset: str | None = None,
             config_file: Path | None = None, sets: Sequence[str] = (),
             options: Mapping[str, Any] | None = None) -> tuple[MethodEntry, Any]:
-    """The config a user asked for, in one order of precedence (later wins):
+    """The config a user asked for on data of ``spatial_ndim`` (a ``@2d`` spec: the 2D config), in
+    one order of precedence (later wins):
 
     1. the preset: ``preset``, else the override file's ``preset``, else a ``name:P`` spec's,
        else the entry's default for ``spatial_ndim``;
@@ -189,6 +230,7 @@ def resolve(spec: str | MethodSpec, spatial_ndim: int, *, preset: str | None = N
     Returns ``(entry, config)``.
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
+    spatial_ndim = spec.config_ndim(spatial_ndim)
     e = spec.entry
     recipe = e.config_recipe
     cls = recipe.config_class
@@ -216,7 +258,8 @@ def resolve(spec: str | MethodSpec, spatial_ndim: int, *, preset: str | None = N
 def load_segmenter(path: str | Path, method: str | None = None,
                    device: str | torch.device = "cpu") -> Segmenter:
     """Load any inrseg checkpoint onto ``device``; with ``method``, refuse a checkpoint of
-    another method. Checkpoints hold CPU tensors, so any checkpoint loads onto any device."""
+    another method. Checkpoints hold CPU tensors, so any checkpoint loads onto any device. A 2D
+    model saved with a ``slice_axis`` comes back as its :class:`~inrseg.methods.slicewise.SliceWise`."""
     path = Path(path)
     meta = read_metadata(path)
     found = meta.get("method")
@@ -227,7 +270,8 @@ def load_segmenter(path: str | Path, method: str | None = None,
     cls = segmenter_class(found, path)
     validate_model_header(path, meta)
     try:
-        return cls.load(path, device=device)
+        model = cls.load(path, device=device)
+        return SliceWise(model) if model.slice_axis is not None else model
     except InputError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
