@@ -106,9 +106,38 @@ def tiny_run(phantom, tmp_path_factory) -> Path:
 
 
 @needs_git
+def test_bench_keeps_each_runs_model_and_test_predictions(tiny_run, phantom):
+    """models/<method>-seed<k>/: the checkpoint loads and predicts the kept labels; the kept
+    labels, scored again, are the CSV's per-case Dice."""
+    from inrseg.data.layouts import open_dataset
+    from inrseg.data.nifti import load_labels
+    from inrseg.methods.registry import load_segmenter
+    from inrseg.metrics import score_case
+
+    ds = open_dataset(phantom)
+    rows = list(csv.DictReader(open(tiny_run / "results.csv")))
+    kept = sorted(p.name for p in (tiny_run / "models").iterdir())
+    assert kept == ["nisf-nisf-cpu-small-seed0", "nisf-nisf-cpu-small-seed1", "unet-seed0", "unet-seed1"]
+    for case in ds.test:
+        pred = load_labels(tiny_run / "models" / "unet-seed1" / "predictions" / f"{case.case_id}.nii.gz")
+        image, labels = case.load()
+        assert np.allclose(pred.affine, image.affine)
+        dice = score_case(pred.data, labels.data, ds.num_classes, labels.spacing).mean_foreground_dice
+        row = next(r for r in rows if r["method"] == "unet" and r["seed"] == "1" and r["case"] == case.case_id)
+        assert dice == pytest.approx(float(row["mean_foreground_dice"]), abs=1e-6)
+    model = load_segmenter(tiny_run / "models" / "unet-seed1" / "model.safetensors")
+    image, _ = ds.test[0].load()
+    from inrseg.data.postprocess import apply_postprocessing
+    again = apply_postprocessing(model.predict(image).data, model.postprocessing)
+    first = load_labels(tiny_run / "models" / "unet-seed1" / "predictions" / f"{ds.test[0].case_id}.nii.gz")
+    assert np.array_equal(again, first.data)
+
+
+@needs_git
 def test_bench_writes_results_and_report(tiny_run):
     assert not tiny_run.name.endswith(".partial")
-    assert {p.name for p in tiny_run.iterdir()} == {"results.json", "results.csv", "results.md", "report.html", "logs"}
+    assert {p.name for p in tiny_run.iterdir()} == {"results.json", "results.csv", "results.md", "report.html", "logs",
+                                                    "models"}
     res = json.loads((tiny_run / "results.json").read_text())
     p = res["provenance"]
     assert p["dirty"] is False and len(p["commit"]) == 40 and p["seeds"] == [0, 1]
@@ -200,7 +229,7 @@ def test_methods_refuse_data_they_cannot_segment_before_training(tmp_path, capsy
     from inrseg.methods.base import check_spatial_ndim
 
     assert {m: segmenter_class(m).spatial_ndims for m in ENTRIES} == {
-        "unet": (2, 3), "segresnet": (2, 3), "morse": (2, 3), "nisf": (2, 3, 4), "metaseg": (2, 3)}
+        "unet": (2, 3), "segresnet": (2, 3), "morse": (2, 3), "nisf": (2, 3, 4), "metaseg": (2, 3), "nnunet": (2, 3)}
     cine = tmp_path / "cine"
     assert main(["-q", "data", "phantom", "--kind", "cardiac", "--n", "2", "--n-test", "1", "--shape", "16,16,4",
                  "--frames", "2", "--layout", "ukbb", "--out", str(cine)]) == 0
@@ -316,9 +345,9 @@ def test_bench_tta_rows_are_scored_and_timed_apart(phantom, tmp_path, monkeypatc
     real_run_one = bench.run_one
 
     def spy(*args, **kwargs):
-        res, preds, model, tta_res = real_run_one(*args, **kwargs)
-        kept[res.method] = model
-        return res, preds, model, tta_res
+        out = real_run_one(*args, **kwargs)
+        kept[out.result.method] = out.model
+        return out
 
     monkeypatch.setattr(bench, "run_one", spy)
     out = tmp_path / "runs"

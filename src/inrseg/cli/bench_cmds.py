@@ -66,6 +66,24 @@ def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neuri
           max_test_cases: Optional[int] = typer.Option(None, min=1, max=100000,
                                                        help="Score only the first N test cases (a quicker run; "
                                                             "results.json lists the cases)."),
+          folds: Optional[int] = typer.Option(None, min=2, max=100, help="K-fold cross-validation by subject "
+                                              "instead of one validation split: every training subject scored "
+                                              "out of fold (row '<method> out-of-fold'), the test split by each "
+                                              "fold's model."),
+          keep: bool = typer.Option(True, "--keep/--no-keep", help="Keep each run's checkpoint and test "
+                                                                   "predictions under models/ in the run folder."),
+          jobs: int = typer.Option(1, min=1, max=1024, help="Runs side by side: worker processes here (one "
+                                                            "thread, or one GPU, each), or array tasks at a time "
+                                                            "with --scheduler."),
+          scheduler: str = typer.Option("none", help="none (this machine), local (submitit subprocesses) or "
+                                                     "slurm (submitit job array; pip install 'inrseg[cluster]')."),
+          slurm_partition: Optional[str] = typer.Option(None, help="SLURM partition (--scheduler slurm)."),
+          slurm_gpus: Optional[int] = typer.Option(None, min=0, max=64, help="GPUs per SLURM task."),
+          slurm_cpus: Optional[int] = typer.Option(None, min=1, max=1024, help="CPUs per SLURM task."),
+          slurm_timeout_min: int = typer.Option(24 * 60, min=1, max=10 ** 6, help="SLURM time limit per task."),
+          steps: Optional[int] = typer.Option(None, min=1, max=10 ** 9, help="Every method trains this many "
+                                              "optimiser steps (iterations for nnunet), reproducibly, instead of "
+                                              "its own (a budget still stops it)."),
           html: bool = typer.Option(True, help="Write report.html.")) -> None:
     """Benchmark methods side by side: one split by subject, the same budget per method, N seeds;
     mean +- sd, paired Wilcoxon tests, results.json / .csv / .md and report.html in a new folder."""
@@ -74,7 +92,9 @@ def bench(data: Path = typer.Option(..., help="Dataset directory (nnU-Net, neuri
                     allow_dirty=allow_dirty, val_fraction=val_fraction, split_seed=split_seed,
                     threads=threads, regions=regions, command=command_line(),
                     report=bench_report if html else None, ensemble=ensemble, tta=tta,
-                    max_test_cases=max_test_cases)
+                    max_test_cases=max_test_cases, folds=folds, keep=keep, jobs=jobs, scheduler=scheduler,
+                    slurm={"partition": slurm_partition, "gpus_per_node": slurm_gpus, "cpus_per_task": slurm_cpus,
+                           "timeout_min": slurm_timeout_min}, steps=steps)
     md = (run / "results.md").read_text(encoding="utf-8")
     print(md.split("## Per seed")[0].strip())  # the headline and per-class tables
 

@@ -25,7 +25,7 @@ from inrseg.core.errors import InputError
 from inrseg.data.cases import Case, Dataset
 from inrseg.data.schemas import read_splits
 
-__all__ = ["apply_test_split", "assign_subjects", "split_by_subject", "subject_map", "subject_of", "subject_rule"]
+__all__ = ["apply_test_split", "assign_subjects", "fold_splits", "split_by_subject", "subject_map", "subject_of", "subject_rule"]
 
 
 def subject_of(case_id: str, depth: int | None = 1) -> str:
@@ -141,3 +141,25 @@ def split_by_subject(cases: Sequence[Case], val_fraction: float = 0.2, seed: int
     random.Random(seed).shuffle(order)
     val_s = set(order[:n_val])
     return ([c for c in cases if c.subject_id not in val_s], [c for c in cases if c.subject_id in val_s])
+
+
+def fold_splits(cases: Sequence[Case], folds: int, seed: int = 0) -> list[tuple[list[Case], list[Case]]]:
+    """``folds``-fold cross-validation by subject: ``[(train_cases, held_out_cases)]`` per fold.
+
+    The sorted subject ids are shuffled with ``seed`` and dealt round-robin into ``folds``
+    groups; fold ``f`` holds out group ``f``. Every subject is held out exactly once; no subject
+    is ever on both sides of one fold.
+
+    Raises:
+        InputError: fewer subjects than folds, or ``folds < 2``.
+    """
+    subjects = sorted({c.subject_id for c in cases})
+    if folds < 2:
+        raise InputError(None, f"--folds {folds}: cross-validation needs at least 2 folds")
+    if len(subjects) < folds:
+        raise InputError(None, f"--folds {folds}: only {len(subjects)} training subjects")
+    order = list(subjects)
+    random.Random(seed).shuffle(order)
+    group = {s: i % folds for i, s in enumerate(order)}
+    return [([c for c in cases if group[c.subject_id] != f], [c for c in cases if group[c.subject_id] == f])
+            for f in range(folds)]

@@ -21,7 +21,8 @@ run finished leaves nothing), holding
 * ``results.csv``: one row per (method, seed, test case), for paired comparisons elsewhere;
 * ``results.md``: the tables;
 * ``report.html``: the self-contained report (:mod:`inrseg.viz.html_report`);
-* ``logs/<method>-seed<k>.metrics.jsonl``: each run's per-step metrics log.
+* ``logs/<method>-seed<k>.metrics.jsonl``: each run's per-step metrics log (:func:`run_file_stem`);
+* ``models/<method>-seed<k>/``: each run's checkpoint and test predictions (unless ``keep=False``).
 
 Statistics: a method's figure is the mean +- sample sd over seeds of its per-seed mean over
 test cases. The paired test compares each method with the first on the per-case mean
@@ -31,14 +32,13 @@ two-sided).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -49,11 +49,13 @@ from inrseg.core.progress import status
 from inrseg.data.cases import Case, Dataset
 from inrseg.data.layouts import open_dataset
 from inrseg.data.postprocess import apply_postprocessing
+from inrseg.data.nifti import save_labels
 from inrseg.data.volume import Volume
-from inrseg.data.splits import split_by_subject
+from inrseg.data.splits import fold_splits, split_by_subject
 from inrseg.engine import Budget, distributed_env, resolve_device
 from inrseg.eval.ensemble import SeedEnsemble
 from inrseg.eval.evaluate import json_safe
+from inrseg.eval.jobs import BenchJob, execute_job, run_jobs
 from inrseg.eval.provenance import git_state, library_versions, machine_line, source_repo, utc_now
 from inrseg.eval.stats import RunResult, aggregate
 from inrseg.eval.tables import results_markdown, run_dict, write_results_csv
@@ -62,25 +64,42 @@ from inrseg.methods.tta import tta_probabilities
 from inrseg.methods.registry import MethodSpec, build_model, check_data_ndim, parse_methods, resolve
 from inrseg.metrics import REGION_SETS, region_metrics, score_case, summarize
 
-__all__ = ["ReportHook", "build_segmenter", "ensemble_run", "new_run_dir", "run_bench", "run_one"]
+__all__ = ["OUT_OF_FOLD", "ReportHook", "RunOutput", "build_segmenter", "ensemble_run", "new_run_dir", "run_bench",
+           "run_file_stem", "run_one"]
+
+#: the suffix of a method's out-of-fold row under ``--folds``
+OUT_OF_FOLD = "out-of-fold"
 
 #: ``report(result, runs, examples, test_cases, logs_dir) -> HTML``: writes ``report.html``
 ReportHook = Callable[[dict, list, dict, Sequence[Case], Path], str]
 
 
 def build_segmenter(spec: MethodSpec, ds: Dataset, seed: int, budget_minutes: float | None,
-                    device: torch.device):
+                    device: torch.device, steps: int | None = None):
     """The model ``inrseg train METHOD`` builds for ``ds`` with the same options: both resolve
-    the config with :func:`inrseg.methods.registry.resolve`."""
-    _, cfg = resolve(spec, ds.spatial_ndim, options={"seed": seed, "budget_minutes": budget_minutes})
+    the config with :func:`inrseg.methods.registry.resolve`. ``steps``: a fixed number of
+    optimiser steps (``train --steps``) instead of the method's own."""
+    _, cfg = resolve(spec, ds.spatial_ndim, options={"seed": seed, "budget_minutes": budget_minutes,
+                                                     "steps": steps})
     return build_model(spec, ds.spatial_ndim, ds.label_names, len(ds.channel_names), cfg, device=device)
 
 
+class RunOutput(NamedTuple):
+    """What :func:`run_one` returns."""
+
+    result: RunResult                  # the test cases' scores
+    predictions: dict                  # {case_id: (*S,) label map} when asked for (the report's examples)
+    model: object                      # the trained model
+    tta: RunResult | None              # the "+tta" row, or None
+    held_out: RunResult | None         # the validation cases' scores (score_val: out-of-fold), or None
+
+
 def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[Case], test: Sequence[Case],
-            seed: int, budget_minutes: float | None, device: torch.device, log_path: Path,
+            seed: int | str, budget_minutes: float | None, device: torch.device, log_path: Path,
             regions: dict | None, keep_predictions: bool,
             ensemble: SeedEnsemble | None = None,
-            tta: bool = False) -> tuple[RunResult, dict[str, np.ndarray], object, RunResult | None]:
+            tta: bool = False, keep_dir: Path | None = None, score_val: bool = False,
+            steps: int | None = None) -> RunOutput:
     """Train ``spec`` with ``seed`` under its own budget, choose its post-processing on the
     validation cases (:func:`~inrseg.methods.postprocess.choose_postprocessing`, as ``train``
     does; counted in ``train_s``), then predict, post-process and score every test case (the
@@ -93,14 +112,27 @@ def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[
     MetaSeg and NISF), post-processed the same way, timed on its own and scored as the row
     ``"<method> +tta"``.
 
-    Returns the result, the predictions ``{case_id: (*S,) label map}`` (when
-    ``keep_predictions``), the model and the TTA row (``None`` without ``tta``)."""
+    ``keep_dir``: the trained model is saved there (``model.safetensors``) with its post-processed
+    test predictions (``predictions/<case>.nii.gz``, on each image's grid and affine).
+    ``score_val``: the validation cases are scored too, post-processed like the test cases (the
+    out-of-fold row of cross-validation), from the predictions the post-processing choice made.
+
+    Returns a :class:`RunOutput`."""
     budget = Budget(budget_minutes)  # starts before the model is built: all of fit counts
-    model = build_segmenter(spec, ds, seed, budget_minutes, device)
+    seed_int = int(str(seed).split(".")[0])
+    model = build_segmenter(spec, ds, seed_int, budget_minutes, device, steps)
     t0 = time.perf_counter()
     model.fit(list(train), list(val), budget=budget, log_path=log_path)
-    model.postprocessing = choose_postprocessing(model, list(val), functools.partial(ensemble.keep, "val")
-                                                 if ensemble is not None else None, budget=budget)
+    val_labels: dict[str, np.ndarray] = {}
+
+    def keep_val(case_id: str, probs: np.ndarray) -> None:
+        if score_val:
+            val_labels[case_id] = np.asarray(probs).argmax(0)
+        if ensemble is not None:
+            ensemble.keep("val", case_id, probs)
+
+    model.postprocessing = choose_postprocessing(model, list(val), keep_val if (score_val or ensemble is not None)
+                                                 else None, budget=budget)
     train_s = time.perf_counter() - t0
     cases, region_rows, seconds, preds = [], [], [], {}
     tta_cases, tta_regions, tta_seconds = [], [], []
@@ -125,6 +157,11 @@ def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[
         _score_into(cases, region_rows, case.case_id, pred, labels, ds.num_classes, regions)
         if keep_predictions:
             preds[case.case_id] = np.asarray(pred)
+        if keep_dir is not None:
+            save_labels(np.asarray(pred), keep_dir / "predictions" / f"{case.case_id}.nii.gz", image)
+    if keep_dir is not None:
+        model.save(keep_dir / "model.safetensors")
+    held_out = _score_held_out(spec, model, val, val_labels, seed, train_s, ds, regions) if score_val else None
     res = RunResult(spec.label, seed, int(model.num_params), train_s, seconds, cases, region_rows,
                     list(model.history), model.steps_curve() if hasattr(model, "steps_curve") else [],
                     {**model.chosen_settings(), **model.postprocessing})
@@ -133,7 +170,25 @@ def run_one(spec: MethodSpec, ds: Dataset, train: Sequence[Case], val: Sequence[
         members = len(model.tta_members())
         tta_res = RunResult(f"{spec.label} +tta", seed, res.params, train_s, tta_seconds, tta_cases, tta_regions,
                             chosen={"tta members": members, **model.postprocessing})
-    return res, preds, model, tta_res
+    return RunOutput(res, preds, model, tta_res, held_out)
+
+
+def _score_held_out(spec: MethodSpec, model, val: Sequence[Case], labels_of: dict[str, np.ndarray], seed: int | str,
+                    train_s: float, ds: Dataset, regions: dict | None) -> RunResult:
+    """The validation cases scored like test cases (post-processed with the model's choice);
+    ``labels_of`` holds the labels the post-processing choice already predicted."""
+    cases, region_rows, seconds = [], [], []
+    for case in val:
+        image, labels = case.load()
+        t1 = time.perf_counter()
+        pred = labels_of.get(case.case_id)
+        if pred is None:  # the choice was skipped (no budget left): predict now
+            pred = model.predict(image).data
+        pred = apply_postprocessing(pred, model.postprocessing)
+        seconds.append(time.perf_counter() - t1)
+        _score_into(cases, region_rows, case.case_id, pred, labels, ds.num_classes, regions)
+    return RunResult(f"{spec.label} {OUT_OF_FOLD}", seed, int(model.num_params), train_s, seconds, cases,
+                     region_rows, chosen=dict(model.postprocessing))
 
 
 def _score_into(cases: list, region_rows: list, case_id: str, pred: np.ndarray, labels: Volume, num_classes: int,
@@ -167,6 +222,12 @@ def ensemble_run(label: str, ensemble: SeedEnsemble, members: Sequence[RunResult
 
 
 
+def run_file_stem(label: str, seed: int | str) -> str:
+    """The file-name stem of a run's log and kept model: ``morse-baseline-unet-2d-seed0``
+    (with folds ``...-seed0.f1``)."""
+    return label.replace(":", "-").replace("@", "-").replace(" ", "_") + f"-seed{seed}"
+
+
 def new_run_dir(out: Path, dataset: str) -> tuple[Path, Path]:
     """``(final, partial)`` folder names of a new run under ``out``; the partial one is created
     exclusively, so two runs never share a folder and no earlier run is overwritten."""
@@ -191,12 +252,24 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
               device: str = "auto", allow_dirty: bool = False, val_fraction: float = 0.2, split_seed: int = 0,
               threads: int | None = None, regions: str | None = None, command: str | None = None,
               report: ReportHook | None = None, max_test_cases: int | None = None,
-              ensemble: bool | None = None, tta: bool = False) -> Path:
+              ensemble: bool | None = None, tta: bool = False, folds: int | None = None, keep: bool = True,
+              jobs: int = 1, scheduler: str = "none", slurm: dict | None = None, steps: int | None = None) -> Path:
     """Run the benchmark (see the module docstring); returns the finished run folder. ``report``:
     the hook that renders ``report.html`` (``None``: no HTML report). ``ensemble``: also score
     each method's seed ensemble as the row ``"<method> ensemble"`` (:func:`ensemble_run`;
     ``None``: when there are several seeds). ``tta``: also score every run with test-time
-    augmentation, as the row ``"<method> +tta"`` (:func:`run_one`)."""
+    augmentation, as the row ``"<method> +tta"`` (:func:`run_one`).
+
+    ``folds``: K-fold cross-validation by subject (:func:`~inrseg.data.splits.fold_splits`)
+    instead of one validation split: each (method, seed) trains K models, fold ``f`` choosing on
+    (and scoring) its held-out subjects; each fold's model also scores the test split (rows
+    ``<method>``, one per seed and fold, seed ``"s.fF"``), and the held-out scores of the K folds
+    make the row ``"<method> out-of-fold"`` (every training subject once per seed, paired against
+    the first method's out-of-fold row). ``keep``: each run's checkpoint and test predictions
+    under ``models/<method>-seed<s>[-fold<f>]/``. ``jobs`` / ``scheduler`` / ``slurm``: where the
+    runs go (:func:`inrseg.eval.jobs.run_jobs`); the results do not depend on it. ``steps``: every
+    method trains a fixed number of optimiser steps (reproducible to the bit; with or without a
+    budget, which then still stops it)."""
 
     refuse_overlap({"--out": out}, {"--data": data}, contains=False)  # a run folder inside the dataset
     specs = parse_methods(methods)
@@ -219,9 +292,14 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
     ds = open_dataset(data)
     for spec in specs:  # before any training: a method that cannot segment this data, a bad variant
         check_data_ndim(spec, ds.spatial_ndim, data)
-        resolve(spec, ds.spatial_ndim)
+        resolve(spec, ds.spatial_ndim, options={"steps": steps})
     status(f"bench {ds.name}: {ds.subject_rule}")
-    train, val = split_by_subject(ds.train, val_fraction, split_seed)
+    if folds is not None:
+        fold_sets = fold_splits(ds.train, folds, split_seed)
+        train, val = fold_sets[0]
+    else:
+        train, val = split_by_subject(ds.train, val_fraction, split_seed)
+        fold_sets = [(train, val)]
     test = list(ds.test)
     if not test or any(c.label_path is None for c in test):
         raise InputError(data, "bench needs labelled test cases (labelsTs / test subjects with labels)")
@@ -235,9 +313,13 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
                   "machine": machine_line(dev), "device": str(dev), "threads": torch.get_num_threads(),
                   "command": command or " ".join(sys.argv), "libraries": library_versions(),
                   "seeds": list(seeds)}
-    n_runs = len(specs) * len(seeds)
-    status(f"bench {ds.name}: {len(specs)} methods x {len(seeds)} seeds = {n_runs} runs of "
-           f"{budget_minutes if budget_minutes else 'unlimited'} min each ({len(train)} train / {len(val)} val / "
+    n_runs = len(specs) * len(seeds) * len(fold_sets)
+    where = (f"{jobs} at a time" if scheduler == "none" else f"through submitit ({scheduler}), {jobs} at a time")
+    split_line = (f"{folds} folds of {len(ds.train)} training cases" if folds else
+                  f"{len(train)} train / {len(val)} val")
+    status(f"bench {ds.name}: {len(specs)} methods x {len(seeds)} seeds"
+           f"{f' x {folds} folds' if folds else ''} = {n_runs} runs of "
+           f"{budget_minutes if budget_minutes else 'unlimited'} min each, {where} ({split_line} / "
            f"{len(test)} test cases); writing {partial}")
     region_set = REGION_SETS[regions] if regions else None
     runs: list[RunResult] = []
@@ -252,29 +334,67 @@ def run_bench(data: Path, methods: str, budget_minutes: float | None, seeds: Seq
             status(f"bench: {res.method}, seed {res.seed}: mean foreground Dice "
                    f"{summarize([m for _, m in res.cases], ds.label_names)['mean_foreground_dice']:.4f}")
 
-        with_ensembles = len(seeds) > 1 if ensemble is None else ensemble
+        with_ensembles = len(seeds) * len(fold_sets) > 1 if ensemble is None else ensemble
         ensembles = {s.label: SeedEnsemble() for s in specs} if with_ensembles else {}
+        plan = []
         for seed in seeds:
             for spec in specs:
-                status(f"bench: {spec.label}, seed {seed}")
-                log = partial / "logs" / f"{spec.label.replace(':', '-')}-seed{seed}.metrics.jsonl"
-                res, preds, _, tta_res = run_one(spec, ds, train, val, test, seed, budget_minutes, dev, log,
-                                                 region_set, keep_predictions=report is not None and seed == seeds[0],
-                                                 ensemble=ensembles.get(spec.label), tta=tta)
-                if preds:
-                    examples[spec.label] = preds
-                record(res)
-                if tta_res is not None:
-                    record(tta_res)
+                for f, (tr, va) in enumerate(fold_sets):
+                    run_seed = f"{seed}.f{f}" if folds else seed
+                    name = run_file_stem(spec.label, run_seed)
+                    plan.append((spec, seed, BenchJob(
+                        str(data), None, spec.text, run_seed, tuple(c.case_id for c in tr),
+                        tuple(c.case_id for c in va), tuple(c.case_id for c in test), budget_minutes, str(dev),
+                        threads if jobs == 1 and scheduler == "none" else (threads or 1),
+                        str(partial / "logs" / f"{name}.metrics.jsonl"), regions,
+                        str(partial / "models" / name) if keep else None, tta, spec.label in ensembles,
+                        report is not None and seed == seeds[0] and f == 0, bool(folds), steps)))
+        if jobs == 1 and scheduler == "none":  # in this process, reporting each run as it ends
+            outputs = []
+            for spec, seed, job in plan:
+                status(f"bench: {spec.label}, seed {job.seed}")
+                outputs.append(execute_job(job))
+                record(outputs[-1].result)
+                if outputs[-1].tta is not None:
+                    record(outputs[-1].tta)
+        else:
+            outputs = run_jobs([j for _, _, j in plan], jobs, scheduler, partial / "scheduler", slurm)
+            for out in outputs:
+                record(out.result)
+                if out.tta is not None:
+                    record(out.tta)
+        held_out: dict[tuple[str, int], list[RunResult]] = {}
+        for (spec, seed, job), out in zip(plan, outputs):  # in the plan's order: a serial run's sums
+            for which, case_id, probs in out.ensemble_items:
+                ensembles[spec.label].keep(which, case_id, probs)
+            if out.predictions:
+                examples[spec.label] = out.predictions
+            if out.held_out is not None:
+                held_out.setdefault((spec.label, seed), []).append(out.held_out)
+        oof_labels = []
+        for (label, seed), parts in held_out.items():
+            record(RunResult(f"{label} {OUT_OF_FOLD}", seed, parts[0].params, sum(p.train_s for p in parts),
+                             [t for p in parts for t in p.infer_s], [c for p in parts for c in p.cases],
+                             [r for p in parts for r in p.regions], chosen={"folds": len(parts)}))
+            if f"{label} {OUT_OF_FOLD}" not in oof_labels:
+                oof_labels.append(f"{label} {OUT_OF_FOLD}")
+        ens_val = list(ds.train) if folds else val
         for label, members in ensembles.items():
-            record(ensemble_run(label, members, [r for r in runs if r.method == label], ds, val, test, region_set))
+            record(ensemble_run(label, members, [r for r in runs if r.method == label], ds, ens_val, test,
+                                region_set))
         labels = [s.label for s in specs] + ([f"{s.label} +tta" for s in specs] if tta else [])
         agg = aggregate(runs, ds.label_names, labels + [f"{k} ensemble" for k in ensembles])
+        if oof_labels:  # out-of-fold rows are paired among themselves (other cases than the test rows)
+            agg.update(aggregate(runs, ds.label_names, oof_labels))
         result = {"dataset": ds.name, "data": str(Path(data).resolve()), "label_names": ds.label_names,
                   "spatial_ndim": ds.spatial_ndim, "budget_minutes": budget_minutes,
-                  "split": {"seed": split_seed, "val_fraction": val_fraction, "train": len(train), "val": len(val),
-                            "test": len(test), "val_subjects": sorted({c.subject_id for c in val}),
+                  "split": {"seed": split_seed, "val_fraction": None if folds else val_fraction,
+                            "train": len(train), "val": len(val), "test": len(test),
+                            "val_subjects": sorted({c.subject_id for c in val}),
+                            "folds": folds, "fold_subjects": [sorted({c.subject_id for c in va})
+                                                              for _, va in fold_sets] if folds else None,
                             "test_cases": [c.case_id for c in test]},
+                  "kept_models": "models/" if keep else None,
                   "provenance": provenance, "methods": agg, "runs": [run_dict(r, ds.label_names) for r in runs],
                   "wall_s": time.perf_counter() - t_start}
         write_text(partial / "results.json", json.dumps(json_safe(result), indent=1) + "\n")

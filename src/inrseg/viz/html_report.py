@@ -25,6 +25,7 @@ import numpy as np
 
 from inrseg.data.nifti import load_image, load_labels
 from inrseg.data.volume import Volume
+from inrseg.eval.bench import run_file_stem
 from inrseg.viz.figures import plt
 from inrseg.viz.overlays import overlay_figure
 
@@ -248,7 +249,7 @@ def bench_report(result: dict, runs, examples: dict[str, dict[str, np.ndarray]],
                               "steps curves")
                          + '<p class="muted">MetaSeg: the T_f candidates (phase-2 head); NISF: latent-fit '
                            'steps. The chosen step count is the best of each curve.</p>'))
-    loss = {m: [read_log(logs / f"{m.replace(':', '-')}-seed{r.seed}.metrics.jsonl") for r in runs if r.method == m]
+    loss = {m: [read_log(logs / f"{run_file_stem(m, r.seed)}.metrics.jsonl") for r in runs if r.method == m]
             for m in agg}
     val = {m: [[(float(e["step"]), float(e["val_dice"])) for e in r.history if e.get("val_dice") is not None]
                for r in runs if r.method == m] for m in agg}

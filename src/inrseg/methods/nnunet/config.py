@@ -35,6 +35,7 @@ class NNUNetConfig:
     epochs: int = 1000                      # nnU-Net epochs (its default 1000)
     iterations_per_epoch: int = 250         # training iterations per epoch (nnU-Net: 250)
     val_iterations_per_epoch: int = 50      # pseudo-Dice validation batches per epoch (nnU-Net: 50)
+    steps: int | None = None                # stop after this many training iterations (None: epochs x iterations)
     budget_minutes: float | None = None     # wall time of the whole fit: planning, preprocessing, training
     fit_schedule_to_budget: bool = True     # poly lr over the epochs the budget allows (timed on the first)
     use_mirroring: bool = True              # nnU-Net's test-time mirroring (its default; segment --tta is the same)

@@ -5,7 +5,7 @@ with a deadline, the poly schedule fitted to it, and the best-on-validation weig
 deep-supervised Dice + CE loss, SGD with Nesterov momentum and poly learning rate, its EMA of the
 validation pseudo-Dice) and changes only what the budget needs:
 
-* the epoch loop checks the deadline before every iteration; after the first epoch, with
+* the epoch loop checks the deadline before every iteration; after the first iterations, with
   ``fit_schedule_to_budget``, the poly schedule runs over the epochs that fit what is left
   (nnU-Net's own ``num_epochs`` otherwise);
 * where nnU-Net writes ``checkpoint_best.pth`` (the best EMA pseudo-Dice), the weights are kept in
@@ -45,6 +45,25 @@ class TrainedNNUNet:
     iterations: int
     history: list[dict] = field(default_factory=list)
     mirror_axes: list[int] | None = None
+
+
+#: iterations timed before the poly schedule is fitted to the budget
+_TIMED_ITERATIONS = 3
+#: a validation batch costs about this share of a training iteration (a forward pass, no backward)
+_VAL_COST = 0.4
+
+
+def _fit_schedule(trainer: Any, cfg: NNUNetConfig, budget: Budget, per_iteration: float) -> None:
+    """Run the poly schedule over the epochs that fit what is left of ``budget`` at
+    ``per_iteration`` seconds per training iteration (validation batches counted)."""
+    per_epoch = per_iteration * (trainer.num_iterations_per_epoch + _VAL_COST * trainer.num_val_iterations_per_epoch)
+    left = max(0.0, budget.remaining_s()) + per_iteration * _TIMED_ITERATIONS
+    trainer.num_epochs = max(1, min(int(cfg.epochs), int(left // max(per_epoch, 1e-6))))
+    trainer.lr_scheduler.max_steps = trainer.num_epochs
+    if trainer.num_epochs < int(cfg.epochs):
+        status(f"nnunet: about {per_iteration:.2f} s per iteration: the poly schedule runs over "
+               f"{trainer.num_epochs} epochs of {trainer.num_iterations_per_epoch} iterations, which fit the "
+               f"{budget.remaining_s() / 60:.1f} minutes left, not {cfg.epochs}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -107,15 +126,18 @@ def _train(trainer_class: type, plans: dict, configuration: str, dataset_json: d
         trainer.on_train_start()
         epoch = 0
         t_first = time.perf_counter()
-        while epoch < trainer.num_epochs and not budget.expired():
+        while (epoch < trainer.num_epochs and not budget.expired()
+               and (cfg.steps is None or iterations < cfg.steps)):
             trainer.on_epoch_start()
             trainer.on_train_epoch_start()
             outs = []
-            for _ in range(trainer.num_iterations_per_epoch):
-                if budget.expired():
+            for it in range(trainer.num_iterations_per_epoch):
+                if budget.expired() or (cfg.steps is not None and iterations >= cfg.steps):
                     break
                 outs.append(trainer.train_step(next(trainer.dataloader_train)))
                 iterations += 1
+                if epoch == 0 and it == _TIMED_ITERATIONS - 1 and cfg.fit_schedule_to_budget and budget.limited:
+                    _fit_schedule(trainer, cfg, budget, (time.perf_counter() - t_first) / _TIMED_ITERATIONS)
             if not outs:
                 break
             trainer.on_train_epoch_end(outs)
@@ -134,15 +156,6 @@ def _train(trainer_class: type, plans: dict, configuration: str, dataset_json: d
             history.append(row)
             logger.write(row)
             logger.flush()
-            if epoch == 0 and cfg.fit_schedule_to_budget and budget.limited:
-                per_epoch = time.perf_counter() - t_first
-                fit = 1 + int(max(0.0, budget.remaining_s()) // max(per_epoch, 1e-6))
-                trainer.num_epochs = max(1, min(int(cfg.epochs), fit))
-                trainer.lr_scheduler.max_steps = trainer.num_epochs
-                if trainer.num_epochs < int(cfg.epochs):
-                    status(f"nnunet: about {per_epoch:.1f} s per epoch of {trainer.num_iterations_per_epoch} "
-                           f"iterations: the poly schedule runs over {trainer.num_epochs} epochs, which fit "
-                           f"the {budget.remaining_s() / 60:.1f} minutes left, not {cfg.epochs}")
             epoch += 1
         if trainer.kept is None:  # stopped before one validation: the last weights
             trainer.kept = {k: v.detach().to("cpu", copy=True) for k, v in trainer.net().state_dict().items()}
