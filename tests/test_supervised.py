@@ -268,7 +268,7 @@ def test_recipes_presets_and_data_defaults():
     assert SEGRESNET_RECIPE.default_preset(3) == "segresnet"
     assert set(UNET_RECIPE.presets) == {"unet-small", "unet-paper"} and set(SEGRESNET_RECIPE.presets) == {"segresnet"}
     two = UNET_RECIPE.make("unet-small", 2, {})
-    assert two == UNetConfig(channels=PRESETS["unet-small"]["channels"])
+    assert two == UNetConfig(channels=PRESETS["unet-small"]["channels"], mirror=True)
     three = UNET_RECIPE.make("unet-paper", 3, {"steps": 30})
     assert (three.batch_size, three.val_every, three.channels) == (2, 30, (32, 64, 128, 256, 512))
     assert UNET_RECIPE.make("unet-small", 3, {"batch_size": 5, "steps": 30, "val_every": 50}).val_every == 50
