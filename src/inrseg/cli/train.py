@@ -221,7 +221,8 @@ def train_model(method: str, data: Path, out: Path, *, budget_minutes: float | N
     with run_on(device) as dev:
         model = build_model(parse_spec(method), ds.spatial_ndim, ds.label_names, len(ds.channel_names), cfg,
                             device=dev)
-        status(f"{method}: {model.num_params / 1e6:.3f}M parameters on {dev}")
+        size = f"{model.num_params / 1e6:.3f}M parameters" if model.num_params else "network planned from the data"
+        status(f"{method}: {size}, on {dev}")
         fit_and_save(model, train, val, out, resume, budget, precision)
     chosen = ", ".join(f"{k} {v}" for k, v in model.chosen_settings().items()) or "the last state"
     status(f"saved {out} (chosen on validation: {chosen})")
