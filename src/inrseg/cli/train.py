@@ -316,3 +316,5 @@ def methods_cmd() -> None:
         print(f"{e.grammar}\n  {e.summary}\n  data: {', '.join({2: '2D', 3: '3D', 4: '3D+t'}[n] for n in e.cls.spatial_ndims)}"
               f"; presets: {', '.join(recipe.presets)} (default {' / '.join(defaults)})"
               f"\n  can: {', '.join(capabilities(e.cls))}")
+    print(f"\nAny method with a 2D model takes @{SLICEWISE_MODE} (unet@2d, morse:morse:unet@{SLICEWISE_MODE}, "
+          f"nisf@{SLICEWISE_MODE}): its 2D model on 3D volumes, slice by slice along the coarsest axis.")

@@ -117,7 +117,9 @@ def capabilities(cls: type) -> list[str]:
     caps = [("held-out slices", HeldOutSlices), ("planes", PlaneRendering), ("step curves", StepCurves),
             ("batched prediction", BatchPrediction), ("fit diagnostics", FitDiagnostics)]
     out = [name for name, proto in caps if all(callable(getattr(cls, m, None)) for m in _members(proto))]
-    if getattr(cls, "continuous_scale", False):
+    if getattr(cls, "input_grid_only", False):
+        out.append("labels on the input grid only (--scale 1)")
+    elif getattr(cls, "continuous_scale", False):
         out.append("--scale on the continuous field")
     else:
         out.append("--scale by interpolating logits")

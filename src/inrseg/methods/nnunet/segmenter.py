@@ -73,6 +73,8 @@ class NNUNet(Segmenter):
     method: ClassVar[str] = "nnunet"
     spatial_ndims: ClassVar[tuple[int, ...]] = (2, 3)
     config_class: ClassVar[type] = NNUNetConfig
+    #: nnU-Net predicts on the input grid (``scale`` must be 1)
+    input_grid_only: ClassVar[bool] = True
     saved_attributes: ClassVar[dict[str, Any]] = {"nnunet_plans": None, "nnunet_configuration": None,
                                                   "nnunet_dataset": None, "mirror_axes": None,
                                                   "epochs_trained": 0, "iterations_trained": 0}
