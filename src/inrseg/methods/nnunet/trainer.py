@@ -90,6 +90,7 @@ def train_nnunet(plans: dict, configuration: str, dataset_json: dict, cfg: NNUNe
             self.disable_checkpointing = True  # no pickles: the best weights stay in memory
             self.kept: dict[str, torch.Tensor] | None = None
             self.kept_epoch: int | None = None
+            self.kept_ema: float | None = None
 
         def print_to_log_file(self, *args: Any, also_print_to_console: bool = False, add_timestamp: bool = True) -> None:
             super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
@@ -102,11 +103,14 @@ def train_nnunet(plans: dict, configuration: str, dataset_json: dict, cfg: NNUNe
             return getattr(mod, "_orig_mod", mod)
 
         def on_epoch_end(self) -> None:
-            before = self._best_ema
             super().on_epoch_end()  # logs, the EMA pseudo-Dice, 'best' (its checkpoint write is disabled)
-            if self._best_ema is not None and (before is None or self._best_ema > before):
+            ema = float(self.logger.get_value("ema_fg_dice", step=-1))
+            # the best EMA pseudo-Dice as nnU-Net's checkpoint_best, but a tie goes to the later
+            # weights (nnU-Net keeps the earlier): a run whose pseudo-Dice is still 0 keeps its last
+            # weights, as nnU-Net's default checkpoint_final would, not its first epoch's
+            if self.kept_ema is None or ema >= self.kept_ema:
                 self.kept = {k: v.detach().to("cpu", copy=True) for k, v in self.net().state_dict().items()}
-                self.kept_epoch = self.current_epoch - 1
+                self.kept_epoch, self.kept_ema = self.current_epoch - 1, ema
 
     plans = dict(plans)
     plans["continue_training"] = False  # nnUNetTrainer pops it (2.8)
