@@ -21,7 +21,6 @@ Devices: ``--jobs N`` on a CPU gives each job ``threads`` (default 1) torch thre
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from inrseg.core.environ import environment
 from inrseg.core.errors import InputError
 
 __all__ = ["SCHEDULERS", "BenchJob", "JobOutput", "execute_job", "run_jobs"]
@@ -153,9 +153,7 @@ def _submitit(jobs: Sequence[BenchJob], n_jobs: int, scheduler: str, folder: Pat
                 params[f"slurm_{key}"] = slurm[key]
     executor.update_parameters(**params)
     env = {"OMP_NUM_THREADS": "1"} if all(j.threads in (None, 1) for j in jobs) else {}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         if scheduler == "local":  # submitit's local backend: at most n_jobs subprocesses at a time
             out: list[JobOutput] = []
             for start in range(0, len(jobs), max(1, n_jobs)):
@@ -163,9 +161,3 @@ def _submitit(jobs: Sequence[BenchJob], n_jobs: int, scheduler: str, folder: Pat
                 out += [b.result() for b in batch]
             return out
         return [j.result() for j in executor.map_array(execute_job, list(jobs))]
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from inrseg.core.environ import environment
 from inrseg.data.cases import Case
 from inrseg.data.nifti import save_image, save_labels
 from inrseg.data.volume import IGNORE, Volume, label_array
@@ -42,21 +43,13 @@ def nnunet_environment(data_workers: int) -> Iterator[Path]:
     """A temporary nnU-Net base folder (``raw``, ``preprocessed``, ``results``) named by the
     environment while the block runs (and ``nnUNet_n_proc_DA``, its augmentation processes);
     the variables are restored and the folder removed after, whatever happens."""
-    old = {k: os.environ.get(k) for k in _ENV}
     with tempfile.TemporaryDirectory(prefix="inrseg-nnunet-") as tmp:
         base = Path(tmp)
-        for key, sub in zip(_ENV[:3], ("raw", "preprocessed", "results")):
-            (base / sub).mkdir()
-            os.environ[key] = str(base / sub)
-        os.environ["nnUNet_n_proc_DA"] = str(int(data_workers))
-        try:
+        folders = {key: base / sub for key, sub in zip(_ENV[:3], ("raw", "preprocessed", "results"))}
+        for folder in folders.values():
+            folder.mkdir()
+        with environment({**{k: str(v) for k, v in folders.items()}, "nnUNet_n_proc_DA": str(int(data_workers))}):
             yield base
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def case_key(i: int) -> str:
