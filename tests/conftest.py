@@ -84,3 +84,11 @@ def write_blobs(root: Path, n: int = 6, shape=(32, 32), seed: int = 0, spacing=1
         "name": "blobs", "channel_names": {"0": "img"}, "labels": {"background": 0, "core": 1, "rim": 2},
         "file_ending": ".nii.gz", "numTraining": n}))
     return root
+
+
+def write_brain2d(root: Path, n: int = 6, n_test: int = 3, shape: str = "40,48") -> Path:
+    """A brain2d phantom dataset (``inrseg data phantom``) with ``n`` training and ``n_test``
+    test subjects at ``shape``."""
+    assert main(["-q", "data", "phantom", "--kind", "brain2d", "--n", str(n), "--n-test", str(n_test), "--shape",
+                 shape, "--out", str(root)]) == 0
+    return root

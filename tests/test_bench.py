@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import write_brain2d
 from scipy.stats import wilcoxon as scipy_wilcoxon
 
 import inrseg.eval.bench as bench
@@ -82,10 +84,7 @@ def _git_repo(root: Path, dirty: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench") / "ds"
-    assert main(["-q", "data", "phantom", "--kind", "brain2d", "--n", "6", "--n-test", "3", "--shape", "40,48",
-                 "--out", str(root)]) == 0
-    return root
+    return write_brain2d(tmp_path_factory.mktemp("bench") / "ds")
 
 
 @pytest.fixture(scope="module")

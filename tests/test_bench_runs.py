@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import write_brain2d
 from inrseg.cli import main
 from inrseg.core.errors import InputError
 from inrseg.data.cases import Case
@@ -38,10 +39,7 @@ def test_every_subject_is_held_out_exactly_once(n_subjects, per, k, seed):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runs") / "ds"
-    assert main(["-q", "data", "phantom", "--kind", "brain2d", "--n", "6", "--n-test", "2", "--shape", "32,40",
-                 "--out", str(root)]) == 0
-    return root
+    return write_brain2d(tmp_path_factory.mktemp("runs") / "ds", n_test=2, shape="32,40")
 
 
 def _bench(data: Path, out: Path, **kw) -> dict:
